@@ -1,0 +1,161 @@
+"""The ``qdefend`` command line. Heavy imports (torch, onnx, litert) happen inside each command so
+that ``qdefend --help`` is instant. User mistakes raise :class:`QdefendError`, printed on one line.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import QdefendError
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="qdefend: quantization-aware edge deployment toolkit for private split inference.",
+)
+
+LISTABLE = ("datasets", "models", "defenses")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def _resolve_config(config: Optional[Path], flags: dict, overrides: list[str]):
+    """defaults < --config file < command-line flags < --set KEY=VALUE."""
+    import tomllib
+
+    from .config import RunConfig, apply_overrides
+
+    d: dict = {}
+    if config is not None:
+        if not config.is_file():
+            raise QdefendError(f"--config {config}: no such file")
+        try:
+            d = tomllib.loads(config.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise QdefendError(f"--config {config} is not valid TOML: {e}") from None
+    for key, value in flags.items():
+        if value is not None:
+            section, name = key.split(".", 1)
+            d.setdefault(section, {})[name] = value
+    apply_overrides(d, overrides)
+    return RunConfig.from_dict(d)
+
+
+@app.command()
+def train(
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/MODEL-DATASET-DEFENSE-QAT)"),
+    qat: Optional[str] = typer.Option(None, "--qat", help="int8 (QAT, default) or none (float)"),
+    model: Optional[str] = typer.Option(None, "--model", help="split model (qdefend list models); default vgg11_bn"),
+    cut: Optional[int] = typer.Option(None, "--cut", help="cut position (model's reference cut by default)"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="dataset (qdefend list datasets); default fashion-mnist"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="folder holding the dataset files"),
+    defense: Optional[str] = typer.Option(None, "--defense", help="defense stack, e.g. noise or noise+nopeek"),
+    sigma: Optional[float] = typer.Option(None, "--sigma", help="noise sigma (shortcut for --set defense.params.noise.sigma=...)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (0 = default)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML config file (e.g. a run's config.toml)"),
+    from_run: Optional[Path] = typer.Option(None, "--from", help="initialise from this run's best checkpoint (e.g. QAT fine-tuning of a float run)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its latest checkpoint"),
+    set_: list[str] = typer.Option([], "--set", help="override any config key: --set train.lr=0.01"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+):
+    """Train a split network (edge encoder + cloud head), with int8 QAT and privacy defenses."""
+    from .config import RunConfig
+    from .train import Trainer
+
+    console = _console()
+    if resume:
+        if out is None:
+            raise QdefendError("--resume needs --out RUN_DIR naming the run to continue")
+        cfg = RunConfig.load(out / "config.toml")
+        if epochs is not None:
+            cfg.train.epochs = epochs
+    else:
+        flags = {
+            "quant.scheme": qat, "model.name": model, "model.cut": cut, "data.name": dataset,
+            "data.data_dir": data_dir, "defense.stack": defense, "train.epochs": epochs,
+            "train.seed": seed, "train.device": device, "train.num_threads": threads,
+            "init_from": None,
+        }
+        overrides = list(set_)
+        if sigma is not None:
+            overrides.insert(0, f"defense.params.noise.sigma={sigma}")
+        cfg = _resolve_config(config, flags, overrides)
+        if seed is not None:
+            cfg.data.seed = seed
+        if from_run is not None:
+            cfg.init_from = str(from_run)
+        if out is None:
+            out = Path("runs") / f"{cfg.model.name}-{cfg.data.name}-{cfg.defense.stack.replace('+', '_')}-{cfg.quant.scheme}"
+    console.print(f"[bold]qdefend train[/bold] -> {out}  ({cfg.model.name} on {cfg.data.name}, qat {cfg.quant.scheme}, defense {cfg.defense.stack})")
+    rec = Trainer(cfg, out, console=console, progress=not quiet).fit(resume=resume)
+    _print_test(console, rec)
+
+
+def _print_test(console, rec: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="test accuracy (best checkpoint, release transform applied)")
+    t.add_column("model")
+    t.add_column("accuracy", justify="right")
+    for k, label in (("test_acc_float", "float"), ("test_acc_fakequant", "float / fake-quant (QAT)"), ("test_acc_int8", "converted int8")):
+        if k in rec:
+            t.add_row(label, f"{100 * rec[k]:.2f}%")
+    console.print(t)
+    if "test_acc_int8" in rec and "test_acc_fakequant" in rec:
+        console.print(f"int8 - fake-quant: {100 * (rec['test_acc_int8'] - rec['test_acc_fakequant']):+.2f} points")
+
+
+def registry_for(what: str):
+    """The registry behind ``qdefend list WHAT``."""
+    if what == "datasets":
+        from .data import DATASETS as reg
+    elif what == "models":
+        from .models import MODELS as reg
+    elif what == "defenses":
+        from .defenses import DEFENSES as reg
+    else:
+        raise QdefendError(f"cannot list '{what}'. Valid: {', '.join(LISTABLE)}")
+    return reg
+
+
+@app.command("list")
+def list_(what: str = typer.Argument(..., help="datasets | models | defenses")):
+    """List the registered datasets, models or defenses."""
+    reg = registry_for(what)
+    for name in reg.names():
+        typer.echo(f"{name:16s} {reg.describe(name)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors print one line on stderr and exit 2, never a traceback."""
+    import click
+
+    try:
+        app(args=argv, standalone_mode=False, prog_name="qdefend")
+        return 0
+    except QdefendError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except click.exceptions.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch is checkpointed; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Privacy defenses, registered by name and composable with '+' (e.g. ``noise+nopeek``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import DefenseConfig, from_dict
+from ..errors import QdefendError
+from ..registry import Registry
+from .base import Defense, DefenseStack, EpochContext, StepContext
+from .noise import GaussianNoise
+
+DEFENSES: Registry[type[Defense]] = Registry("defense")
+DEFENSES.register("none", help="no defense: features are released as the encoder computes them")(Defense)
+DEFENSES.register("noise")(GaussianNoise)
+
+
+def parse_stack(stack: str) -> list[str]:
+    """``"noise+nopeek"`` -> ``["noise", "nopeek"]``; ``"none"`` or ``""`` -> ``[]``."""
+    names = [n.strip() for n in stack.split("+") if n.strip()]
+    if names == ["none"] or not names:
+        return []
+    for n in names:
+        DEFENSES.get(n)  # raises, listing the valid names
+        if n == "none":
+            raise QdefendError(f"'none' cannot be combined with other defenses in '{stack}'")
+    if len(set(names)) != len(names):
+        raise QdefendError(f"defense stack '{stack}' names a defense twice; write each once")
+    return names
+
+
+def build_defense(cfg: DefenseConfig) -> DefenseStack:
+    """Construct (and validate) every defense of ``cfg.stack`` with its parameters."""
+    names = parse_stack(cfg.stack)
+    extra = sorted(set(cfg.params) - set(names))
+    if extra:
+        raise QdefendError(
+            f"parameters given for defense '{extra[0]}' which is not in the stack '{cfg.stack}': "
+            f"add it to --defense or drop its parameters"
+        )
+    defenses = []
+    for n in names:
+        cls = DEFENSES.get(n)
+        conf = from_dict(cls.Config, dict(cfg.params.get(n, {})), where=f"defense.params.{n}")
+        defenses.append(cls(conf))
+    return DefenseStack(defenses)
+
+
+def resolved_params(stack: DefenseStack) -> dict[str, dict[str, Any]]:
+    """Every parameter of every defense in the stack, defaults included (for config.toml)."""
+    return {d.name: d.config_dict() for d in stack.defenses}
+
+
+__all__ = [
+    "DEFENSES", "Defense", "DefenseStack", "StepContext", "EpochContext",
+    "build_defense", "parse_stack", "resolved_params",
+]

@@ -1,0 +1,127 @@
+"""The defense contract used by the trainer, the exporter and the device runtime.
+
+A defense contributes up to four things:
+
+* ``release(z)``: the transform applied to the encoder's output before it leaves the device, at
+  training AND inference (noise, dropout, masks). ``release_spec()`` describes it for the manifest so
+  that ``qdefend.devices.runtime`` applies exactly the same transform on every artifact.
+* ``loss_terms(ctx)``: extra terms added to the task loss (NoPeek, ARL, ...).
+* ``encoder_loss_terms(ctx)``: terms whose gradient is taken first, w.r.t. the encoder alone, kept,
+  and added to the encoder's gradients after the task backward (the CEM optimisation order).
+* ``on_epoch_end(ctx)``: epoch hooks (cluster statistics, masks, ...).
+
+Defenses compose: ``noise+nopeek`` builds a :class:`DefenseStack` applying each in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepContext:
+    """What a defense sees in one training step."""
+
+    x: torch.Tensor  # normalised input batch
+    y: torch.Tensor  # labels
+    z: torch.Tensor  # encoder output before the release transform
+    z_released: torch.Tensor  # what crosses the wire
+    logits: torch.Tensor
+    epoch: int  # 0-based
+    step: int  # global step
+    encoder: nn.Module
+    head: nn.Module
+    normalization: Any = None  # qdefend.data.Normalization, to map x back to [0,1] pixels
+
+
+@dataclass
+class EpochContext:
+    """What a defense sees at the end of an epoch."""
+
+    epoch: int
+    encoder: nn.Module
+    head: nn.Module
+    features: Any  # callable(split) -> (z, y) over a data split, encoder in eval mode, no release
+    data: Any  # qdefend.data.SplitData
+
+
+class Defense:
+    """Base class: a defense that does nothing. Subclasses set ``name`` and ``Config``."""
+
+    name: ClassVar[str] = "none"
+    Config: ClassVar[type] = type("NoConfig", (), {})
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.Config()
+
+    def release(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return z
+
+    def release_spec(self) -> dict[str, Any] | None:
+        return None
+
+    def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {}
+
+    def encoder_loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {}
+
+    def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
+        return {}
+
+    def module(self) -> nn.Module | None:
+        """Trainable or stateful parts to checkpoint (e.g. a simulated attacker)."""
+        return None
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}
+
+
+class DefenseStack(Defense):
+    """Defenses applied in the order written (``noise+nopeek``)."""
+
+    name = "stack"
+
+    def __init__(self, defenses: list[Defense]):
+        super().__init__(None)
+        self.defenses = defenses
+        self._modules = nn.ModuleDict(
+            {d.name: d.module() for d in defenses if d.module() is not None}
+        )
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.defenses]
+
+    def release(self, z, generator=None):
+        for d in self.defenses:
+            z = d.release(z, generator)
+        return z
+
+    def release_spec(self) -> dict[str, Any] | None:
+        steps = [s for d in self.defenses if (s := d.release_spec()) is not None]
+        return {"steps": steps} if steps else {"steps": []}
+
+    def _merge(self, method: str, ctx) -> dict:
+        out = {}
+        for d in self.defenses:
+            for k, v in getattr(d, method)(ctx).items():
+                out[f"{d.name}/{k}"] = v
+        return out
+
+    def loss_terms(self, ctx):
+        return self._merge("loss_terms", ctx)
+
+    def encoder_loss_terms(self, ctx):
+        return self._merge("encoder_loss_terms", ctx)
+
+    def on_epoch_end(self, ctx):
+        return self._merge("on_epoch_end", ctx)
+
+    def module(self) -> nn.Module | None:
+        return self._modules if len(self._modules) else None

@@ -1,0 +1,346 @@
+"""Int8 quantization-aware training (QAT) and post-training calibration for edge encoders.
+
+Why pt2e: torchao's `QATConfig`/`quantize_` only swaps Linear/Embedding, and torch.ao eager QAT is
+deprecated, so conv nets go through `torchao.quantization.pt2e`: torch.export the float module with a
+dynamic batch dim, insert fake-quant modules (`prepare_qat_pt2e`), train, then `convert_pt2e` to a
+graph of real int8 weights plus quantize/dequantize ops that the ONNX and LiteRT exporters transcribe.
+
+One scheme is used for training and for every export (so the released features are the ones trained
+with): symmetric per-channel int8 weights in [-127, 127], asymmetric per-tensor int8 activations, and
+TFLite's fixed output grid for Sigmoid/Softmax (scale 1/256, zero point -128) so LiteRT keeps the
+encoder fully int8 up to its output. The annotators are torchao's XNNPACK ones (node-walk, handle
+conv-BN(-ReLU) folding in QAT, depthwise, residual add(-ReLU), shared-range max-pool/flatten); the
+fixed-grid Sigmoid annotator is added here. litert-torch's own `PT2EQuantizer(is_qat=True)` is not
+used: in 0.10.0 its conv-BN pattern fails ("Expected `mod` to be an instance of `torch.nn.Module`,
+got <class 'function'>"), it leaves residual add-ReLU float, and importing it pulls in jax.
+
+Typical use::
+
+    gm = prepare_qat(encoder, x[:2])           # a copy, in train mode; encoder is untouched
+    ...train gm like any module (outer.train() / outer.eval() switch BN and observers)...
+    save_file(qat_state_dict(gm), "ckpt.safetensors")
+    gm2 = prepare_qat(FreshEncoder(), x[:2]); load_qat_state_dict(gm2, load_file("ckpt.safetensors"))
+    int8 = convert(gm)                         # for ONNX; convert(gm, fold_quantize=False) for LiteRT
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # silences CUDA .so warnings
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .errors import QdefendError
+
+__all__ = [
+    "SCHEMES",
+    "QuantConfig",
+    "QATGraphModule",
+    "make_quantizer",
+    "prepare_qat",
+    "prepare_ptq",
+    "calibrate",
+    "set_train",
+    "freeze_observers",
+    "convert",
+    "qat_state_dict",
+    "load_qat_state_dict",
+    "int8_weight_report",
+]
+
+SCHEMES = ("int8", "none")
+SIGMOID_SCALE, SIGMOID_ZERO_POINT = 1.0 / 256.0, -128  # TFLite's int8 Logistic/Softmax output grid
+_FROZEN_ATTR = "_qdefend_observers_frozen"
+
+
+@dataclass
+class QuantConfig:
+    """How the edge encoder (and optionally the cloud head) is quantized during training.
+
+    scheme: "int8" trains with fake quantization (QAT) so exported int8 artifacts match training;
+    "none" trains in float. quantize_head: also fake-quantize the cloud head (it usually stays float).
+    """
+
+    scheme: str = "int8"
+    quantize_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise QdefendError(
+                f"unknown quantization scheme '{self.scheme}'. Valid schemes: {', '.join(SCHEMES)} "
+                f"(e.g. QuantConfig(scheme='int8'))."
+            )
+        if self.scheme == "none" and self.quantize_head:
+            raise QdefendError(
+                "quantize_head=True needs scheme='int8'; use QuantConfig(scheme='int8', "
+                "quantize_head=True) or QuantConfig(scheme='none', quantize_head=False)."
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.scheme != "none"
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizer
+
+
+def _annotate_fixed_qparams(gm: torch.fx.GraphModule, config) -> None:
+    """Give Sigmoid/Softmax outputs TFLite's fixed int8 grid (1/256, zp -128); input as usual."""
+    from torchao.quantization.pt2e.quantizer import (
+        FixedQParamsQuantizationSpec,
+        QuantizationAnnotation,
+    )
+
+    fixed = FixedQParamsQuantizationSpec(
+        dtype=torch.int8, scale=SIGMOID_SCALE, zero_point=SIGMOID_ZERO_POINT,
+        quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
+    )
+    targets = {torch.ops.aten.sigmoid.default, torch.ops.aten.softmax.int,
+               torch.ops.aten._softmax.default}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in targets:
+            continue
+        ann = node.meta.get("quantization_annotation")
+        if ann is not None and ann._annotated:
+            continue
+        node.meta["quantization_annotation"] = QuantizationAnnotation(
+            input_qspec_map={node.args[0]: config.input_activation},
+            output_qspec=fixed, _annotated=True,
+        )
+
+
+def make_quantizer(is_qat: bool):
+    """The project's one int8 scheme as a pt2e Quantizer (QAT fake-quant or PTQ observers).
+
+    Weights: int8 symmetric per output channel, [-127, 127]. Activations: int8 asymmetric per
+    tensor (moving-average min/max in QAT, histogram in PTQ). Sigmoid/Softmax: fixed 1/256, -128.
+    """
+    from torchao.quantization.pt2e.quantizer import Quantizer
+    from torchao.testing.pt2e import _xnnpack_quantizer_utils as xu
+    from torchao.testing.pt2e._xnnpack_quantizer import get_symmetric_quantization_config
+
+    config = get_symmetric_quantization_config(is_per_channel=True, is_qat=is_qat)
+    ops = (("conv_bn_relu", "conv_bn") if is_qat else ()) + (
+        "linear_relu", "linear", "conv_relu", "conv", "adaptive_avg_pool2d",
+        "add_relu", "add", "mul_relu", "mul", "cat",
+    )
+
+    class Int8Quantizer(Quantizer):
+        """XNNPACK annotators + TFLite fixed-grid Sigmoid; see the module docstring."""
+
+        def transform_for_annotation(self, model):
+            return xu._convert_scalars_to_attrs(model)
+
+        def annotate(self, model):
+            for op in ops:
+                xu.OP_TO_ANNOTATOR[op](model, config, None)
+            _annotate_fixed_qparams(model, config)
+            xu.propagate_annotation(model)
+            return model
+
+        def validate(self, model):
+            pass
+
+    q = Int8Quantizer()
+    q.is_qat, q.config = is_qat, config
+    return q
+
+
+# --------------------------------------------------------------------------------------------
+# Prepare / train-eval / convert
+
+
+class QATGraphModule(torch.fx.GraphModule):
+    """A prepared GraphModule whose .train()/.eval() switch BN, dropout and observers.
+
+    Exported graphs ignore module.train(); making it a method of the class (not an instance
+    attribute, as torchao's allow_exported_model_train_eval does) keeps it through deepcopy, so
+    `outer.eval()` on a trainer model holding this encoder does the right thing.
+    """
+
+    def train(self, mode: bool = True):  # type: ignore[override]
+        return set_train(self, mode)
+
+
+def _as_qat_module(gm: torch.fx.GraphModule) -> QATGraphModule:
+    class GraphModuleImpl(QATGraphModule):  # fx keeps one class per instance for its forward
+        pass
+
+    gm.__class__ = GraphModuleImpl
+    for name in ("train", "eval"):  # torchao installs instance methods that raise
+        gm.__dict__.pop(name, None)
+    gm.recompile()
+    return gm  # type: ignore[return-value]
+
+
+def _export(module: nn.Module, example: torch.Tensor, train: bool) -> torch.fx.GraphModule:
+    """torch.export a deep copy (export shares parameter storage) with a dynamic batch dim."""
+    if not isinstance(example, torch.Tensor) or example.dim() < 1:
+        raise QdefendError("prepare needs one example input tensor with a batch dim, e.g. x[:2].")
+    if example.shape[0] < 2:  # batch sizes 0/1 are specialised by torch.export
+        example = example[:1].expand(2, *example.shape[1:]).contiguous()
+    m = copy.deepcopy(module).train(train)
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(m, (example.detach(),), dynamic_shapes=({0: batch},))
+    return ep.module()
+
+
+def prepare_qat(module: nn.Module, example: torch.Tensor, quantizer=None) -> QATGraphModule:
+    """A fake-quantized copy of `module` for QAT, in train mode (BN batch stats, observers on).
+
+    The same float architecture and example shape always give the same state_dict keys, which
+    is what checkpoint resume relies on (see load_qat_state_dict).
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    gm = prepare_qat_pt2e(_export(module, example, train=True), quantizer or make_quantizer(True))
+    return set_train(_as_qat_module(gm), True)
+
+
+def prepare_ptq(module: nn.Module, example: torch.Tensor, quantizer=None) -> torch.fx.GraphModule:
+    """An observed copy of a float `module` for post-training calibration (BN folded, eval)."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    gm = prepare_pt2e(_export(module, example, train=False), quantizer or make_quantizer(False))
+    return gm
+
+
+@torch.no_grad()
+def calibrate(prepared: torch.fx.GraphModule, batches: Iterable) -> int:
+    """Run batches (tensors or (x, ...) tuples) through a PTQ-prepared module; returns #samples."""
+    n = 0
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        prepared(x)
+        n += x.shape[0]
+    if n == 0:
+        raise QdefendError("calibrate got no batches; pass a non-empty loader of inputs.")
+    return n
+
+
+def set_train(gm: torch.fx.GraphModule, mode: bool = True) -> torch.fx.GraphModule:
+    """Switch a prepared module between training and evaluation.
+
+    train: BN uses batch statistics and updates running stats, dropout on, observers update the
+    quantization ranges (unless freeze_observers was called). eval: BN uses running stats, dropout
+    off, observers frozen, so outputs are deterministic and match the converted int8 model.
+    """
+    from torchao.quantization.pt2e import (
+        disable_observer,
+        enable_observer,
+        move_exported_model_to_eval,
+        move_exported_model_to_train,
+    )
+
+    (move_exported_model_to_train if mode else move_exported_model_to_eval)(gm)
+    for m in gm.modules():
+        m.training = mode
+    observe = mode and not getattr(gm, _FROZEN_ATTR, False)
+    gm.apply(enable_observer if observe else disable_observer)
+    return gm
+
+
+def freeze_observers(gm: torch.fx.GraphModule, frozen: bool = True) -> torch.fx.GraphModule:
+    """Stop (or resume) range updates in train mode too, the usual last QAT epochs."""
+    setattr(gm, _FROZEN_ATTR, frozen)
+    return set_train(gm, gm.training)
+
+
+def convert(prepared: torch.fx.GraphModule, *, fold_quantize: bool = True) -> torch.fx.GraphModule:
+    """The int8 model of a prepared module, in eval mode; `prepared` is left as it is.
+
+    fold_quantize=True stores int8 weights (for ONNX export and size); LiteRT needs False (its
+    stablehlo lowering fails on folded int8 constants), so convert once per format.
+    """
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    m = copy.deepcopy(prepared)
+    move_exported_model_to_eval(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = convert_pt2e(m, fold_quantize=fold_quantize)
+    move_exported_model_to_eval(out)
+    for sub in out.modules():
+        sub.training = False
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def qat_state_dict(gm: nn.Module) -> dict[str, torch.Tensor]:
+    """A state_dict safe for safetensors.save_file: detached, contiguous, no shared storage."""
+    return {k: v.detach().clone().contiguous() for k, v in gm.state_dict().items()}
+
+
+def load_qat_state_dict(gm: torch.fx.GraphModule, state: dict[str, torch.Tensor]) -> None:
+    """Load a qat_state_dict into a freshly prepared module of the same architecture.
+
+    Observer and fake-quant buffers change shape during training (per-channel ranges start empty),
+    and the observer on/off flags are saved too; the modules' own _load_from_state_dict resize the
+    buffers, and the current train/eval mode is re-applied so a checkpoint written during
+    evaluation does not resume training with frozen observers. Keys must match exactly.
+    """
+    own = gm.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise QdefendError(
+            f"checkpoint does not fit this QAT model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); prepare the same architecture with the same example shape."
+        )
+    gm.load_state_dict(state, strict=True)
+    set_train(gm, gm.training)
+
+
+# --------------------------------------------------------------------------------------------
+# Inspection
+
+
+def int8_weight_report(converted: torch.fx.GraphModule) -> dict:
+    """Counts proving a converted graph holds int8 weights: int8 tensors, per-channel dequants,
+    quantize ops, and weights of conv/linear that are still plain float (should be 0)."""
+    qd = torch.ops.quantized_decomposed
+    ops = {"quantize_per_tensor": 0, "dequantize_per_tensor": 0, "quantize_per_channel": 0,
+           "dequantize_per_channel": 0}
+    int8_tensors, int8_elems, float_weights, quantized_outputs = 0, 0, 0, []
+    for node in converted.graph.nodes:
+        if node.op == "get_attr":
+            t = getattr(converted, node.target, None)  # type: ignore[arg-type]
+            if isinstance(t, torch.Tensor) and t.dtype == torch.int8:
+                int8_tensors += 1
+                int8_elems += t.numel()
+        if node.op != "call_function":
+            continue
+        for name in ops:
+            op = getattr(qd, name)
+            if node.target in (op.default, getattr(op, "tensor", None)):
+                ops[name] += 1
+        if node.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default,
+                           torch.ops.aten.conv1d.default, torch.ops.aten.convolution.default):
+            w = node.args[1]
+            if not (isinstance(w, torch.fx.Node) and w.op == "call_function"
+                    and "dequantize" in str(w.target)):
+                float_weights += 1
+    out = [n for n in converted.graph.nodes if n.op == "output"][0]
+    for arg in torch.fx.node.map_arg(out.args, lambda n: n) if out.args else ():
+        args = arg if isinstance(arg, (list, tuple)) else [arg]
+        quantized_outputs += ["dequantize" in str(a.target) for a in args if isinstance(a, torch.fx.Node)]
+    return {
+        "int8_weight_tensors": int8_tensors,
+        "int8_weight_elements": int8_elems,
+        "per_channel_weights": ops["dequantize_per_channel"],
+        "quantize_ops": ops["quantize_per_tensor"] + ops["quantize_per_channel"],
+        "dequantize_ops": ops["dequantize_per_tensor"] + ops["dequantize_per_channel"],
+        "float_weights": float_weights,
+        "output_quantized": bool(quantized_outputs) and all(quantized_outputs),
+    }

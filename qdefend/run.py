@@ -1,0 +1,162 @@
+"""The run directory is the unit of work: build a run's objects from its config, or load them back.
+
+``train`` writes a run; ``export`` and the attacks load it with :func:`load_run`, so every stage
+rebuilds exactly the same network from ``config.toml`` and the checkpoint's safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import quant
+from .checkpoint import has_checkpoint, load_checkpoint
+from .config import RunConfig
+from .data import SplitData, load_dataset
+from .defenses import DefenseStack, build_defense
+from .errors import QdefendError
+from .models import build_model, feature_shape
+
+
+class RunPaths:
+    """Where a run keeps its files (see DESIGN.md, 'The run directory')."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.config = self.root / "config.toml"
+        self.checkpoints = self.root / "checkpoints"
+        self.metrics = self.root / "metrics.jsonl"
+        self.artifacts = self.root / "artifacts"
+        self.manifest = self.root / "manifest.json"
+        self.attacks = self.root / "attacks"
+        self.report = self.root / "report"
+
+    def require_trained(self) -> None:
+        if not self.config.is_file():
+            raise QdefendError(
+                f"{self.root} is not a qdefend run (no config.toml): create it with "
+                f"`qdefend train --out {self.root}`"
+            )
+        if not has_checkpoint(self.checkpoints):
+            raise QdefendError(
+                f"{self.root} has no checkpoint yet: finish training with `qdefend train --out {self.root} --resume`"
+            )
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+
+class SplitNet(nn.Module):
+    """Edge encoder + cloud head; either part may be a QAT-prepared (fake-quant) graph module.
+
+    ``train()``/``eval()`` are routed through :func:`qdefend.quant.set_train` for prepared parts,
+    because exported graph modules do not support ``nn.Module.train``.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, *, q_encoder: bool, q_head: bool):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.q_encoder = q_encoder
+        self.q_head = q_head
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        for part, q in ((self.encoder, self.q_encoder), (self.head, self.q_head)):
+            if q:
+                quant.set_train(part, mode)
+            else:
+                part.train(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+@dataclass
+class Run:
+    """Everything built from one config."""
+
+    cfg: RunConfig
+    data: SplitData
+    net: SplitNet
+    defense: DefenseStack
+    z_shape: tuple[int, ...]
+    paths: RunPaths | None = None
+    state: dict[str, Any] | None = None  # checkpoint state.json when loaded
+
+    @property
+    def quantized(self) -> bool:
+        return self.cfg.quant.scheme == "int8"
+
+    def converted_encoder(self) -> nn.Module:
+        """The int8 encoder (torch reference kernels) of a QAT run, or the float encoder otherwise."""
+        if not self.quantized:
+            return self.net.encoder.eval()
+        return quant.convert(self.net.encoder)
+
+    def converted_head(self) -> nn.Module:
+        if self.net.q_head:
+            return quant.convert(self.net.head)
+        return self.net.head.eval()
+
+
+def build_run(cfg: RunConfig, *, data: SplitData | None = None, float_init: dict | None = None) -> Run:
+    """Build data, network (QAT-prepared when ``cfg.quant.scheme == 'int8'``) and defenses.
+
+    ``float_init`` holds float ``{"encoder": sd, "head": sd}`` weights loaded before QAT preparation
+    (fine-tuning a float checkpoint with ``--from``).
+    """
+    torch.manual_seed(cfg.train.seed)
+    data = data if data is not None else load_dataset(cfg.data)
+    defense = build_defense(cfg.defense)
+    model = build_model(cfg.model, data.shape, data.num_classes)
+    if float_init is not None:
+        model.encoder.load_state_dict(float_init["encoder"])
+        model.head.load_state_dict(float_init["head"])
+    z_shape = tuple(feature_shape(model, data.shape))
+    encoder, head = model.encoder, model.head
+    q = cfg.quant.scheme == "int8"
+    if q:
+        encoder = quant.prepare_qat(encoder, torch.randn(2, *data.shape))
+        if cfg.quant.quantize_head:
+            head = quant.prepare_qat(head, torch.rand(2, *z_shape))
+    net = SplitNet(encoder, head, q_encoder=q, q_head=q and cfg.quant.quantize_head)
+    return Run(cfg=cfg, data=data, net=net, defense=defense, z_shape=z_shape)
+
+
+def load_parts(run: Run, parts: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Load checkpoint tensors into a built run (strict: a mismatch means another architecture)."""
+    try:
+        run.net.encoder.load_state_dict(parts["encoder"])
+        run.net.head.load_state_dict(parts["head"])
+        mod = run.defense.module()
+        if mod is not None and "defense" in parts:
+            mod.load_state_dict(parts["defense"])
+    except (RuntimeError, KeyError) as e:
+        raise QdefendError(
+            f"checkpoint does not match the run's architecture ({str(e).splitlines()[0]}): "
+            "was config.toml edited after training?"
+        ) from None
+
+
+def load_run(root: Path | str, which: str = "best", *, data: SplitData | None = None) -> Run:
+    """Rebuild a trained run from its directory and load checkpoint ``which`` (best/latest/epoch-N)."""
+    paths = RunPaths(root)
+    paths.require_trained()
+    cfg = RunConfig.load(paths.config)
+    run = build_run(cfg, data=data)
+    if which == "best" and not (paths.checkpoints / "best.json").is_file():
+        which = "latest"
+    parts, _, state = load_checkpoint(paths.checkpoints, which, with_optimizer=False)
+    load_parts(run, parts)
+    run.net.eval()
+    run.paths, run.state = paths, state
+    return run

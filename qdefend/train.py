@@ -1,0 +1,298 @@
+"""Training of a split network with optional int8 QAT and privacy defenses.
+
+One epoch: the encoder (fake-quant under ``--qat int8``) computes z, the defense stack releases
+z~ = release(z), the head classifies z~. Loss = CE + the defenses' loss terms; terms a defense marks
+as encoder-only (CEM) are back-propagated first, their encoder gradients kept and added after the
+task backward. After every epoch: validation accuracy of the fake-quant model AND of the converted
+int8 model, an atomic checkpoint, and one line in metrics.jsonl. A NaN/Inf loss stops training and
+keeps the last good checkpoint; ``--resume`` continues from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import quant
+from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .data import Split, batches
+from .defenses import StepContext, EpochContext, resolved_params
+from .errors import NonFiniteLossError, QdefendError
+from .run import Run, RunPaths, build_run, load_parts
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise QdefendError("--device cuda asked for, but this torch build sees no CUDA GPU: use --device cpu")
+    return torch.device(name)
+
+
+def release_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """Seeded generator for the release transform, so noise is reproducible per (seed, epoch)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 100_003 + epoch)
+    return g
+
+
+@torch.no_grad()
+def predict(
+    encoder: Callable, head: Callable, split: Split, run: Run, *, device: torch.device,
+    release: bool = True, seed: int = 12345, batch_size: int = 512,
+) -> np.ndarray:
+    """Predicted labels over a split, with the defense's release transform applied (as deployed)."""
+    gen = release_generator(seed, 0, device)
+    preds = []
+    for xb, _ in batches(split, batch_size, shuffle=False):
+        x = torch.from_numpy(run.data.normalization.apply(xb)).to(device)
+        z = encoder(x)
+        if release:
+            z = run.defense.release(z, gen)
+        preds.append(head(z).argmax(1).cpu().numpy())
+    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
+def accuracy(encoder, head, split: Split, run: Run, *, device: torch.device, **kw) -> float:
+    return float((predict(encoder, head, split, run, device=device, **kw) == split.labels).mean())
+
+
+@torch.no_grad()
+def features(encoder: Callable, split: Split, run: Run, *, device: torch.device, batch_size: int = 512):
+    """Noise-free encoder outputs over a split: ``(z, y)`` as torch tensors (for epoch hooks)."""
+    zs = []
+    for xb, _ in batches(split, batch_size, shuffle=False):
+        zs.append(encoder(torch.from_numpy(run.data.normalization.apply(xb)).to(device)))
+    return torch.cat(zs), torch.from_numpy(split.labels).to(device)
+
+
+class Trainer:
+    """Trains one run directory; see the module docstring for the loop."""
+
+    def __init__(self, cfg: RunConfig, out: Path | str, *, console=None, progress: bool = True):
+        self.cfg = cfg
+        self.paths = RunPaths(out)
+        self.console = console
+        self.progress = progress
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _init_weights(self) -> dict | None:
+        src = self.cfg.init_from
+        if not src:
+            return None
+        spaths = RunPaths(src)
+        spaths.require_trained()
+        scfg = RunConfig.load(spaths.config)
+        if scfg.model != self.cfg.model:
+            raise QdefendError(f"--from {src}: its model config differs from this run's; use the same --model and cut")
+        parts, _, _ = load_checkpoint(spaths.checkpoints, "best" if (spaths.checkpoints / "best.json").exists() else "latest", with_optimizer=False)
+        if scfg.quant.scheme == "none":
+            return {"float": parts}
+        if scfg.quant.scheme == self.cfg.quant.scheme and scfg.quant.quantize_head == self.cfg.quant.quantize_head:
+            return {"same": parts}
+        raise QdefendError(
+            f"--from {src}: a {scfg.quant.scheme} run cannot initialise a {self.cfg.quant.scheme} run; "
+            "start from a float run (--qat none) instead"
+        )
+
+    def _optimizer(self, params) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        if t.optimizer == "adam":
+            return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=False)
+
+    def lr_at(self, step: int, epoch: int, steps_per_epoch: int) -> float:
+        """Learning rate, a pure function of progress so a resumed run continues the same curve."""
+        t = self.cfg.train
+        if t.schedule == "cosine":
+            total = max(1, t.epochs * steps_per_epoch)
+            return t.lr * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        if t.schedule == "step":
+            return t.lr * t.gamma ** sum(epoch >= m for m in t.milestones)
+        return t.lr
+
+    # -- main loop --------------------------------------------------------------------------
+    def fit(self, *, resume: bool = False) -> dict[str, Any]:
+        cfg, paths = self.cfg, self.paths
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        device = pick_device(cfg.train.device)
+        if has_checkpoint(paths.checkpoints) and not resume:
+            raise QdefendError(
+                f"{paths.root} already holds a run: pass --resume to continue it, or choose another --out"
+            )
+        if resume and not has_checkpoint(paths.checkpoints):
+            raise QdefendError(f"--resume: {paths.root} has no checkpoint to resume; drop --resume to start it")
+
+        init = None if resume else self._init_weights()
+        run = build_run(cfg, float_init=init.get("float") if init else None)
+        run.paths = paths
+        self._data = run.data
+        if init and "same" in init:
+            load_parts(run, init["same"])
+        cfg.defense.params = resolved_params(run.defense)
+        net = run.net.to(device)
+        dmod = run.defense.module()
+        if dmod is not None:
+            dmod.to(device)
+        opt = self._optimizer([p for p in net.parameters() if p.requires_grad])
+
+        start_epoch, step, best = 0, 0, -1.0
+        if resume:
+            parts, opt_state, state = load_checkpoint(paths.checkpoints, "latest")
+            load_parts(run, parts)
+            if opt_state is not None:
+                opt.load_state_dict(opt_state)
+            start_epoch, step, best = state["epoch"], state["step"], state.get("best_val", -1.0)
+            self._say(f"resuming {paths.root} after epoch {start_epoch} (step {step})")
+        else:
+            paths.root.mkdir(parents=True, exist_ok=True)
+            cfg.save(paths.config)
+            if paths.metrics.exists():
+                paths.metrics.unlink()
+            self._checkpoint(run, opt, 0, step, best, {}, is_best=False)
+
+        steps_per_epoch = math.ceil(len(run.data.train) / cfg.train.batch_size)
+        last: dict[str, Any] = {}
+        for epoch in range(start_epoch, cfg.train.epochs):
+            last = self._epoch(run, opt, epoch, step, steps_per_epoch, device)
+            step += steps_per_epoch
+            score = last.get("val_acc_int8", last["val_acc"])
+            is_best = score > best
+            best = max(best, score)
+            self._checkpoint(run, opt, epoch + 1, step, best, last, is_best=is_best)
+            self._log(last)
+        return self._final_eval(device)
+
+    def _epoch(self, run: Run, opt, epoch: int, step0: int, steps_per_epoch: int, device) -> dict:
+        cfg, net, defense = self.cfg, run.net, run.defense
+        torch.manual_seed(cfg.train.seed * 1000 + epoch)
+        gen = release_generator(cfg.train.seed, epoch + 1, device)
+        norm = run.data.normalization
+        net.train()
+        t0 = time.perf_counter()
+        tot_loss = tot_correct = seen = 0.0
+        extra: dict[str, float] = {}
+        it = batches(run.data.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, epoch=epoch)
+        bar = self._bar(f"epoch {epoch + 1}/{cfg.train.epochs}", steps_per_epoch)
+        enc_params = [p for p in net.encoder.parameters() if p.requires_grad]
+        for i, (xb, yb) in enumerate(it):
+            step = step0 + i
+            for g in opt.param_groups:
+                g["lr"] = self.lr_at(step, epoch, steps_per_epoch)
+            x = torch.from_numpy(norm.apply(xb)).to(device)
+            y = torch.from_numpy(yb).to(device)
+            z = net.encoder(x)
+            zr = defense.release(z, gen)
+            logits = net.head(zr)
+            task = F.cross_entropy(logits, y)
+            ctx = StepContext(x=x, y=y, z=z, z_released=zr, logits=logits, epoch=epoch, step=step,
+                              encoder=net.encoder, head=net.head, normalization=norm)
+            enc_terms = defense.encoder_loss_terms(ctx)
+            terms = defense.loss_terms(ctx)
+            loss = task + sum(terms.values(), torch.zeros((), device=device))
+            opt.zero_grad(set_to_none=True)
+            kept = None
+            if enc_terms:
+                sep = sum(enc_terms.values())
+                self._check_finite(sep, epoch, i)
+                kept = torch.autograd.grad(sep, enc_params, retain_graph=True, allow_unused=True)
+            self._check_finite(loss, epoch, i)
+            loss.backward()
+            if kept is not None:
+                for p, g in zip(enc_params, kept):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad + g
+            opt.step()
+            n = len(yb)
+            tot_loss += float(task) * n
+            tot_correct += float((logits.argmax(1) == y).sum())
+            seen += n
+            for k, v in {**terms, **enc_terms}.items():
+                extra[k] = extra.get(k, 0.0) + float(v) * n
+            if bar is not None:
+                bar[0].update(bar[1], advance=1, description=f"epoch {epoch + 1}/{cfg.train.epochs} loss {tot_loss / seen:.3f}")
+        if bar is not None:
+            bar[0].stop()
+        train_time = time.perf_counter() - t0
+        net.eval()
+        hook_ctx = EpochContext(
+            epoch=epoch, encoder=net.encoder, head=net.head, data=run.data,
+            features=lambda split: features(net.encoder, split, run, device=device),
+        )
+        hook_stats = defense.on_epoch_end(hook_ctx)
+        rec: dict[str, Any] = {
+            "event": "epoch", "epoch": epoch + 1, "train_loss": tot_loss / seen, "train_acc": tot_correct / seen,
+            "lr": opt.param_groups[0]["lr"], "train_time_s": round(train_time, 2),
+            **{f"train_{k}": v / seen for k, v in extra.items()}, **{f"hook_{k}": v for k, v in hook_stats.items()},
+        }
+        rec["val_acc"] = accuracy(net.encoder, net.head, run.data.val, run, device=device)
+        if run.quantized:
+            rec["val_acc_int8"] = accuracy(run.converted_encoder(), run.converted_head(), run.data.val, run, device=device)
+        rec["time_s"] = round(time.perf_counter() - t0, 2)
+        self._say(
+            f"epoch {epoch + 1}: loss {rec['train_loss']:.4f}  train acc {rec['train_acc']:.4f}  val acc "
+            + (f"fake-quant {rec['val_acc']:.4f} / int8 {rec['val_acc_int8']:.4f}" if run.quantized else f"{rec['val_acc']:.4f}")
+            + f"  ({rec['time_s']:.0f}s)"
+        )
+        return rec
+
+    def _final_eval(self, device) -> dict[str, Any]:
+        """Test accuracy of the best checkpoint: fake-quant/float and converted int8."""
+        from .run import load_run
+
+        run = load_run(self.paths.root, "best", data=self._data)
+        run.net.to(device)
+        rec: dict[str, Any] = {"event": "test", "checkpoint": run.state and f"epoch-{run.state['epoch']:04d}"}
+        key = "test_acc_fakequant" if run.quantized else "test_acc_float"
+        rec[key] = accuracy(run.net.encoder, run.net.head, run.data.test, run, device=device)
+        if run.quantized:
+            rec["test_acc_int8"] = accuracy(run.converted_encoder(), run.converted_head(), run.data.test, run, device=device)
+        self._log(rec)
+        return rec
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _check_finite(self, loss: torch.Tensor, epoch: int, i: int) -> None:
+        if not torch.isfinite(loss).all():
+            latest = json.loads((self.paths.checkpoints / "latest.json").read_text())["tag"]
+            raise NonFiniteLossError(
+                f"loss became {float(loss)} at epoch {epoch + 1}, batch {i}: training stopped, the last good "
+                f"checkpoint {self.paths.checkpoints / latest} is kept. Lower the learning rate "
+                f"(--set train.lr=...) or the defense weights, then run again with --resume"
+            )
+
+    def _checkpoint(self, run: Run, opt, epoch: int, step: int, best: float, rec: dict, *, is_best: bool) -> None:
+        parts = {"encoder": run.net.encoder.state_dict(), "head": run.net.head.state_dict()}
+        mod = run.defense.module()
+        if mod is not None:
+            parts["defense"] = mod.state_dict()
+        save_checkpoint(
+            self.paths.checkpoints, epoch, parts, opt.state_dict(),
+            {"step": step, "best_val": best, "metrics": rec},
+            is_best=is_best, keep=self.cfg.train.keep_checkpoints,
+        )
+
+    def _log(self, rec: dict) -> None:
+        with open(self.paths.metrics, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.flush()
+
+    def _say(self, msg: str) -> None:
+        if self.console is not None:
+            self.console.print(msg)
+
+    def _bar(self, desc: str, total: int):
+        if not self.progress or self.console is None:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                     console=self.console, transient=True)
+        p.start()
+        return p, p.add_task(desc, total=total)
