@@ -43,6 +43,7 @@ class DataConfig:
     aux_size: int = 5000  # attacker auxiliary split, disjoint from train/val/test
     seed: int = 0  # seeds the split permutation
     limit_train: int | None = None  # keep only this many train images (fast tests)
+    limit_test: int | None = None  # keep only the first this many test images (fast tests)
     image_size: int | None = None  # imagefolder only: resize every image to this square size
 
     def __post_init__(self):
@@ -53,7 +54,7 @@ class DataConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or v < 0:
                 raise QdefendError(f"data.{key} must be an integer >= 0, got {v!r}: e.g. --set data.{key}=0")
-        for key, example in (("limit_train", 1000), ("image_size", 32)):
+        for key, example in (("limit_train", 1000), ("limit_test", 1000), ("image_size", 32)):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise QdefendError(f"data.{key} must be >= 1 or unset, got {v!r}: e.g. --set data.{key}={example}")
@@ -225,11 +226,12 @@ def load_dataset(cfg: DataConfig) -> SplitData:
         )
     idx = split_indices(n, cfg.val_size, cfg.aux_size, cfg.seed, cfg.limit_train)
     splits = {k_: Split(raw.train_x[i], raw.train_y[i], i) for k_, i in idx.items()}
-    test_x = raw.test_x if raw.test_x.flags.writeable else raw.test_x.copy()  # frombuffer is read-only
+    test_x, test_y = raw.test_x[: cfg.limit_test], raw.test_y[: cfg.limit_test]
+    test_x = test_x if test_x.flags.writeable else test_x.copy()  # frombuffer is read-only
     return SplitData(
         name=cfg.name, num_classes=k, class_names=list(raw.class_names), shape=tuple(raw.train_x.shape[1:]),
         normalization=_channel_stats(splits["train"].images), **splits,
-        test=Split(test_x, raw.test_y, np.arange(len(test_x))), source=raw.source, seed=cfg.seed,
+        test=Split(test_x, test_y, np.arange(len(test_x))), source=raw.source, seed=cfg.seed,
     )
 
 

@@ -31,6 +31,7 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # silences CU
 
 import copy
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -155,6 +156,72 @@ def make_quantizer(is_qat: bool):
 
 
 # --------------------------------------------------------------------------------------------
+# Faster conv-BN pattern rewriting (torchao 0.18 re-exports ~130 pattern graphs per call)
+
+_PATTERN_CACHE: dict = {}
+_CONV_OPS = {  # conv_fn torchao passes to its conv-BN helpers -> the aten op it matches
+    "conv1d": "aten.conv1d.default", "conv2d": "aten.conv2d.default",
+    "conv_transpose1d": "aten.conv_transpose1d.default", "conv_transpose2d": "aten.conv_transpose2d.input",
+}
+
+
+def _pattern_key(pattern, example_inputs, is_cuda, kwargs):
+    def sig(v):
+        return (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v
+
+    fn = getattr(pattern, "fn", pattern)  # torchao wraps pattern functions in a WrapperModule
+    cells = tuple(c.cell_contents for c in (fn.__closure__ or ()))
+    key = (type(pattern), fn.__code__, cells, is_cuda, tuple(sig(x) for x in example_inputs),
+           tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
+    hash(key)  # TypeError for unhashable closures: those are not cached
+    return key
+
+
+def _install_pattern_cache() -> None:
+    """Make torchao's pattern rewrites fast: QAT conv-BN fuse (prepare), fold (convert), and the
+    BN/dropout train<->eval swaps done on every ``.train()``/``.eval()`` of a prepared graph.
+
+    Each builds its pattern variants (conv1d/2d/transpose x per-channel x bias x BN mode) by
+    torch.export-ing a tiny function, ~0.5 s each: ~60 s per convert and ~3 s per train/eval
+    switch on 2 cores. The graphs depend
+    only on the pattern code, its closure flags and the example shapes, so they are exported once
+    per process and deep-copied on reuse; variants for conv kinds absent from the model are skipped.
+    The rewriting itself is torchao's, unchanged.
+    """
+    from torchao.quantization.pt2e import qat_utils, utils
+
+    if getattr(qat_utils, "_qdefend_cached", False):
+        return
+    export_pattern = utils._get_aten_graph_module_for_pattern
+
+    def cached(pattern, example_inputs, is_cuda=False, **kwargs):
+        try:
+            key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        except (TypeError, AttributeError):
+            return export_pattern(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in _PATTERN_CACHE:
+            _PATTERN_CACHE[key] = export_pattern(pattern, example_inputs, is_cuda, **kwargs)
+        return copy.deepcopy(_PATTERN_CACHE[key])
+
+    def only_present(helper):
+        def run(m, conv_fn, example_inputs, is_cuda):
+            op = _CONV_OPS.get(getattr(conv_fn, "__name__", ""))
+            if op is not None and not any(
+                n.op == "call_function" and str(n.target) == op for n in m.graph.nodes
+            ):
+                return m
+            return helper(m, conv_fn, example_inputs, is_cuda=is_cuda)
+
+        return run
+
+    utils._get_aten_graph_module_for_pattern = cached  # export_utils imports it at call time
+    qat_utils._get_aten_graph_module_for_pattern = cached
+    qat_utils._fuse_conv_bn_qat_helper = only_present(qat_utils._fuse_conv_bn_qat_helper)
+    qat_utils._fold_conv_bn_qat_helper = only_present(qat_utils._fold_conv_bn_qat_helper)
+    qat_utils._qdefend_cached = True
+
+
+# --------------------------------------------------------------------------------------------
 # Prepare / train-eval / convert
 
 
@@ -201,6 +268,7 @@ def prepare_qat(module: nn.Module, example: torch.Tensor, quantizer=None) -> QAT
     """
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
+    _install_pattern_cache()
     gm = prepare_qat_pt2e(_export(module, example, train=True), quantizer or make_quantizer(True))
     return set_train(_as_qat_module(gm), True)
 
@@ -240,6 +308,7 @@ def set_train(gm: torch.fx.GraphModule, mode: bool = True) -> torch.fx.GraphModu
         move_exported_model_to_train,
     )
 
+    _install_pattern_cache()
     (move_exported_model_to_train if mode else move_exported_model_to_eval)(gm)
     for m in gm.modules():
         m.training = mode
@@ -263,6 +332,7 @@ def convert(prepared: torch.fx.GraphModule, *, fold_quantize: bool = True) -> to
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
+    _install_pattern_cache()
     m = copy.deepcopy(prepared)
     move_exported_model_to_eval(m)
     with warnings.catch_warnings():
@@ -298,6 +368,10 @@ def load_qat_state_dict(gm: torch.fx.GraphModule, state: dict[str, torch.Tensor]
             f"checkpoint does not fit this QAT model (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}); prepare the same architecture with the same example shape."
         )
+    # safetensors drops state_dict()._metadata; without the module versions torchao's observers
+    # treat the tensors as version 1 and reset their eps buffer to float32 eps (changing scales)
+    state = OrderedDict(state)
+    state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
     gm.load_state_dict(state, strict=True)
     set_train(gm, gm.training)
 

@@ -54,11 +54,8 @@ class RunPaths:
 
 
 class SplitNet(nn.Module):
-    """Edge encoder + cloud head; either part may be a QAT-prepared (fake-quant) graph module.
-
-    ``train()``/``eval()`` are routed through :func:`qdefend.quant.set_train` for prepared parts,
-    because exported graph modules do not support ``nn.Module.train``.
-    """
+    """Edge encoder + cloud head; either part may be a QAT-prepared (fake-quant) graph module,
+    whose ``train()``/``eval()`` switch BN and observers (see :class:`qdefend.quant.QATGraphModule`)."""
 
     def __init__(self, encoder: nn.Module, head: nn.Module, *, q_encoder: bool, q_head: bool):
         super().__init__()
@@ -66,15 +63,6 @@ class SplitNet(nn.Module):
         self.head = head
         self.q_encoder = q_encoder
         self.q_head = q_head
-
-    def train(self, mode: bool = True):
-        self.training = mode
-        for part, q in ((self.encoder, self.q_encoder), (self.head, self.q_head)):
-            if q:
-                quant.set_train(part, mode)
-            else:
-                part.train(mode)
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
@@ -135,11 +123,17 @@ def build_run(cfg: RunConfig, *, data: SplitData | None = None, float_init: dict
 def load_parts(run: Run, parts: dict[str, dict[str, torch.Tensor]]) -> None:
     """Load checkpoint tensors into a built run (strict: a mismatch means another architecture)."""
     try:
-        run.net.encoder.load_state_dict(parts["encoder"])
-        run.net.head.load_state_dict(parts["head"])
+        for name, quantized in (("encoder", run.net.q_encoder), ("head", run.net.q_head)):
+            part = getattr(run.net, name)
+            if quantized:
+                quant.load_qat_state_dict(part, parts[name])
+            else:
+                part.load_state_dict(parts[name])
         mod = run.defense.module()
         if mod is not None and "defense" in parts:
             mod.load_state_dict(parts["defense"])
+    except QdefendError as e:
+        raise QdefendError(f"{e} Was config.toml edited after training?") from None
     except (RuntimeError, KeyError) as e:
         raise QdefendError(
             f"checkpoint does not match the run's architecture ({str(e).splitlines()[0]}): "

@@ -211,11 +211,11 @@ class Trainer:
                         p.grad = g if p.grad is None else p.grad + g
             opt.step()
             n = len(yb)
-            tot_loss += float(task) * n
+            tot_loss += task.item() * n
             tot_correct += float((logits.argmax(1) == y).sum())
             seen += n
             for k, v in {**terms, **enc_terms}.items():
-                extra[k] = extra.get(k, 0.0) + float(v) * n
+                extra[k] = extra.get(k, 0.0) + v.item() * n
             if bar is not None:
                 bar[0].update(bar[1], advance=1, description=f"epoch {epoch + 1}/{cfg.train.epochs} loss {tot_loss / seen:.3f}")
         if bar is not None:
@@ -262,7 +262,7 @@ class Trainer:
         if not torch.isfinite(loss).all():
             latest = json.loads((self.paths.checkpoints / "latest.json").read_text())["tag"]
             raise NonFiniteLossError(
-                f"loss became {float(loss)} at epoch {epoch + 1}, batch {i}: training stopped, the last good "
+                f"loss became {loss.item()} at epoch {epoch + 1}, batch {i}: training stopped, the last good "
                 f"checkpoint {self.paths.checkpoints / latest} is kept. Lower the learning rate "
                 f"(--set train.lr=...) or the defense weights, then run again with --resume"
             )

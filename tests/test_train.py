@@ -16,7 +16,7 @@ TRAIN_N = 1024
 
 def tiny_cfg(epochs=1, **train):
     return RunConfig.from_dict({
-        "data": {"limit_train": TRAIN_N, "val_size": 500, "aux_size": 500},
+        "data": {"limit_train": TRAIN_N, "limit_test": 1000, "val_size": 500, "aux_size": 500},
         "model": {"width": 0.25, "head_width": 0.25},
         "train": {"epochs": epochs, "batch_size": 64, "lr": 0.05, **train},
         "defense": {"stack": "noise", "params": {"noise": {"sigma": 0.05}}},
@@ -68,8 +68,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert [r["epoch"] for r in _records(interrupted, "epoch")] == [1, 2]
     a, _, _ = load_checkpoint(straight / "checkpoints", "latest")
     b, _, _ = load_checkpoint(interrupted / "checkpoints", "latest")
-    for k in a["encoder"]:
-        torch.testing.assert_close(a["encoder"][k], b["encoder"][k], rtol=1e-5, atol=1e-6)
+    for part in ("encoder", "head"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
