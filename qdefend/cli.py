@@ -115,6 +115,36 @@ def _print_test(console, rec: dict) -> None:
         console.print(f"int8 - fake-quant: {100 * (rec['test_acc_int8'] - rec['test_acc_fakequant']):+.2f} points")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory of the demo"),
+    epochs: int = typer.Option(2, "--epochs"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+):
+    """The main job on the default data (Fashion-MNIST): QAT int8 training of the reference split.
+
+    Re-running continues where it stopped: an interrupted training resumes, finished stages are kept.
+    """
+    from .checkpoint import has_checkpoint
+    from .config import RunConfig
+    from .run import RunPaths
+    from .train import Trainer
+
+    console = _console()
+    paths = RunPaths(out)
+    done = [r for r in paths.read_metrics() if r.get("event") == "test"]
+    console.print(f"[bold]qdefend demo[/bold] -> {out}: train (int8 QAT, {epochs} epochs)")
+    if done:
+        console.print(f"training already finished in {out} (delete it to start over)")
+        rec = done[-1]
+    elif has_checkpoint(paths.checkpoints):
+        rec = Trainer(RunConfig.load(paths.config), out, console=console, progress=not quiet).fit(resume=True)
+    else:
+        cfg = RunConfig.from_dict({"train": {"epochs": epochs}})
+        rec = Trainer(cfg, out, console=console, progress=not quiet).fit()
+    _print_test(console, rec)
+
+
 def registry_for(what: str):
     """The registry behind ``qdefend list WHAT``."""
     if what == "datasets":
@@ -138,8 +168,12 @@ def list_(what: str = typer.Argument(..., help="datasets | models | defenses")):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line on stderr and exit 2, never a traceback."""
+    import warnings
+
     import click
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch/torchao internals, not the user's
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         app(args=argv, standalone_mode=False, prog_name="qdefend")
         return 0

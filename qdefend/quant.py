@@ -129,6 +129,19 @@ def make_quantizer(is_qat: bool):
     from torchao.testing.pt2e._xnnpack_quantizer import get_symmetric_quantization_config
 
     config = get_symmetric_quantization_config(is_per_channel=True, is_qat=is_qat)
+    if is_qat:
+        # The default fused weight fake-quant computes symmetric scales as max|w|/127.5 * 255/254,
+        # while convert uses the observer's max|w|/127: ~0.4% apart, so ~1/4 of the weights rounded
+        # differently in training than in the int8 artifact. A plain FakeQuantize shares one rule.
+        import dataclasses
+
+        from torchao.quantization.pt2e import FakeQuantize, MovingAveragePerChannelMinMaxObserver
+
+        config = dataclasses.replace(config, weight=dataclasses.replace(
+            config.weight,
+            observer_or_fake_quant_ctr=FakeQuantize.with_args(
+                observer=MovingAveragePerChannelMinMaxObserver, eps=2**-12),
+        ))
     ops = (("conv_bn_relu", "conv_bn") if is_qat else ()) + (
         "linear_relu", "linear", "conv_relu", "conv", "adaptive_avg_pool2d",
         "add_relu", "add", "mul_relu", "mul", "cat",
@@ -372,7 +385,14 @@ def load_qat_state_dict(gm: torch.fx.GraphModule, state: dict[str, torch.Tensor]
     # treat the tensors as version 1 and reset their eps buffer to float32 eps (changing scales)
     state = OrderedDict(state)
     state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
-    gm.load_state_dict(state, strict=True)
+    try:
+        gm.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # same keys, other shapes: another width or input size
+        lines = str(e).splitlines()
+        raise QdefendError(
+            f"checkpoint does not fit this QAT model ({(lines[1] if len(lines) > 1 else lines[0]).strip()}); "
+            "prepare the same architecture with the same example shape."
+        ) from None
     set_train(gm, gm.training)
 
 
