@@ -172,12 +172,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import click
 
+    from .devices.manifest import ArtifactError
+
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch/torchao internals, not the user's
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         app(args=argv, standalone_mode=False, prog_name="qdefend")
         return 0
-    except QdefendError as e:
+    except (QdefendError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except click.exceptions.ClickException as e:
