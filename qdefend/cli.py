@@ -115,6 +115,58 @@ def _print_test(console, rec: dict) -> None:
         console.print(f"int8 - fake-quant: {100 * (rec['test_acc_int8'] - rec['test_acc_fakequant']):+.2f} points")
 
 
+@app.command("export")
+def export_(
+    run: Path = typer.Argument(..., help="trained run directory, e.g. runs/demo"),
+    format_: str = typer.Option("onnx,tflite", "--format", help="int8 encoder formats: onnx, tflite or both"),
+    calibrate: Optional[int] = typer.Option(None, "--calibrate", help="runs trained without QAT: post-training calibration on N aux images"),
+    verify_images: Optional[int] = typer.Option(None, "--verify-images", help="verify on the first N test images (default: all)"),
+):
+    """Export a run's int8 encoder (ONNX, TFLite) and cloud head, verify them, write manifest.json."""
+    from .export.pipeline import export_run
+
+    console = _console()
+    m = export_run(run, format_.split(","), calibrate=calibrate, verify_images=verify_images,
+                   progress=lambda line: console.print(f"  {line}"))
+    _print_export(console, run, m)
+
+
+def _print_export(console, run: Path, m: dict) -> None:
+    from rich.table import Table
+
+    v = m.get("verification", {}).get("artifacts", {})
+    t = Table(title=f"{run}/artifacts (verified on the test split, release off for parity)")
+    for col in ("artifact", "size KiB", "test acc", "top-1 agree", "max LSB", "cosine"):
+        t.add_column(col, justify="left" if col == "artifact" else "right")
+    for name, e in m["artifacts"].items():
+        a = v.get(name, {})
+        p = a.get("parity", {})
+        t.add_row(name, f"{e['size_bytes'] / 1024:.1f}", f"{100 * a['test_acc']:.2f}%" if "test_acc" in a else "-",
+                  f"{100 * a['top1_agreement']:.2f}%" if "top1_agreement" in a else "-",
+                  str(p.get("max_abs_lsb", "-")), f"{p['cosine']:.6f}" if "cosine" in p else "-")
+    console.print(t)
+    for w in m.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+    acc = m.get("verification", {}).get("acceptance", {})
+    if acc:
+        console.print(f"acceptance: {'passed' if acc.get('passed') else '[bold red]FAILED[/]'} ({acc.get('note', '')})")
+
+
+@app.command("inspect")
+def inspect_(artifact: Path = typer.Argument(..., help="an exported file, e.g. runs/demo/artifacts/encoder.int8.tflite"),
+             json_: bool = typer.Option(False, "--json", help="print JSON instead of tables")):
+    """Show what an artifact holds: op dtypes (int8 or not), size, I/O quantization, parity figures."""
+    from .export.inspect import inspect_artifact, render
+
+    info = inspect_artifact(artifact)
+    if json_:
+        import json
+
+        typer.echo(json.dumps(info, indent=2, default=str))
+    else:
+        render(info, _console())
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory of the demo"),
