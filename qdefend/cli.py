@@ -173,7 +173,8 @@ def demo(
     epochs: int = typer.Option(2, "--epochs"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ):
-    """The main job on the default data (Fashion-MNIST): QAT int8 training of the reference split.
+    """The main job on the default data (Fashion-MNIST): QAT int8 training of the reference split,
+    then int8 export to ONNX and TFLite with verification.
 
     Re-running continues where it stopped: an interrupted training resumes, finished stages are kept.
     """
@@ -195,6 +196,19 @@ def demo(
         cfg = RunConfig.from_dict({"train": {"epochs": epochs}})
         rec = Trainer(cfg, out, console=console, progress=not quiet).fit()
     _print_test(console, rec)
+
+    from .devices.manifest import ArtifactError, load_manifest, verify_artifact
+    from .export.pipeline import export_run
+
+    console.print(f"[bold]qdefend demo[/bold] -> {out}: export (int8 ONNX + TFLite, verified)")
+    try:
+        m = load_manifest(out)
+        for name in m["artifacts"]:
+            verify_artifact(out, m, name)
+        console.print(f"artifacts already exported and intact in {out}/artifacts")
+    except ArtifactError:
+        m = export_run(out, progress=lambda line: console.print(f"  {line}"))
+    _print_export(console, out, m)
 
 
 def registry_for(what: str):

@@ -1,0 +1,240 @@
+"""ONNX export of a float module or an int8 pt2e graph, and what onnxruntime makes of it.
+
+An int8 model is exported from ``quant.convert(prepared, fold_quantize=True)``: the dynamo
+exporter (``torch.onnx.export(..., dynamo=True)``) writes it as QDQ (QuantizeLinear /
+DequantizeLinear around float ops, int8 per-channel weights stored as int8 initializers), which
+onnxruntime fuses into integer kernels (QLinearConv, QLinearSigmoid, ...). The legacy
+TorchScript exporter cannot translate the quantized_decomposed ops. Inputs and outputs stay
+float32: the graph quantises its input onto the first activation grid and dequantises its output,
+and :func:`io_quant` reads those grids back so the manifest can record them.
+
+The written file is post-processed: the exporter's per-node metadata (stack traces with local
+paths; a quarter of a small encoder's bytes) is dropped, and every weight gets its own
+scale/zero-point initializers (see :func:`_unshare_weight_qparams`).
+
+onnxruntime's default int8 conv on x86 CPUs with AVX2 but without VNNI sums u8 x s8 pairs in 16
+bits, which saturate: on such a CPU the fused graph of a trained encoder was off by up to 164
+output steps. ``session.x64quantprecision=1`` switches to its saturation-free path (weights
+rewritten to u8) at no measured speed cost, and changes nothing on VNNI or ARM CPUs; every
+session made here sets it, as ``devices/runtime.py`` does.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qdefend import quant  # noqa: F401  (sets TORCHAO_FORCE_SKIP_LOADING_SO_FILES before torchao loads)
+from qdefend.errors import QdefendError
+
+__all__ = [
+    "ORT_SESSION_CONFIG", "graph_kind", "export_onnx", "check_onnx", "io_quant", "op_counts",
+    "ort_session", "ort_op_counts",
+]
+
+ORT_SESSION_CONFIG = {"session.x64quantprecision": "1"}  # exact int8 kernels on AVX2-only x86
+_QD = "quantized_decomposed"
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8"}
+
+
+def graph_kind(module: nn.Module) -> str:
+    """"prepared" (fake-quant/observers inserted), "converted" (int8 pt2e graph) or "float"."""
+    from torchao.quantization.pt2e import FakeQuantizeBase, ObserverBase
+
+    if any(isinstance(m, (FakeQuantizeBase, ObserverBase)) for m in module.modules()):
+        return "prepared"
+    graph = getattr(module, "graph", None)
+    if graph is not None and any(_QD in str(n.target) for n in graph.nodes if n.op == "call_function"):
+        return "converted"
+    return "float"
+
+
+def _batch_example(example: torch.Tensor) -> torch.Tensor:
+    """torch.export specialises batch sizes 0 and 1: give the exporter at least 2 rows."""
+    if example.shape[0] >= 2:
+        return example.detach()
+    return example[:1].detach().expand(2, *example.shape[1:]).contiguous()
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
+                dynamic_batch: bool = True, input_name: str = "input",
+                output_name: str = "output") -> dict[str, Any]:
+    """Write `module` (float, or an int8 graph from ``quant.convert(..., fold_quantize=True)``)
+    to `path` as one self-contained ONNX file; returns {"opset", "op_counts", "input", "output"}.
+
+    input/output are manifest tensor specs; for an int8 graph their "quant" is the grid the graph
+    quantises its float input onto / its output lies on (see :func:`io_quant`).
+    """
+    kind = graph_kind(module)
+    if kind == "prepared":
+        raise QdefendError("export_onnx got a QAT/PTQ-prepared graph: convert it first with "
+                           "qdefend.quant.convert(prepared, fold_quantize=True)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = _batch_example(example) if dynamic_batch else example.detach()
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    if kind == "float":
+        module.eval()  # converted graphs are in eval mode already and refuse .eval()
+    # the exporter prints progress lines and warns that torchvision ops are not registered
+    with contextlib.redirect_stdout(io.StringIO()), _quiet_logger("torch.onnx._internal.exporter"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pytree LeafSpec deprecation inside torch
+        torch.onnx.export(module, (x,), str(path), dynamo=True, dynamic_shapes=shapes,
+                          input_names=[input_name], output_names=[output_name],
+                          external_data=False, verbose=False)
+    import onnx
+
+    model = onnx.load(str(path))
+    _unshare_weight_qparams(model)
+    _strip_metadata(model)
+    onnx.save(model, str(path))
+    in_q, out_q = io_quant(model)
+    return {
+        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "op_counts": op_counts(model),
+        "input": _spec(model.graph.input[0], in_q, dynamic_batch),
+        "output": _spec(model.graph.output[0], out_q, dynamic_batch),
+    }
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _strip_metadata(model) -> None:
+    """Drop the exporter's per-node metadata (FX node text, module path, Python stack trace with
+    local file paths): a quarter of a small encoder's file, and nothing a runtime reads."""
+    g = model.graph
+    for item in (*g.node, *g.input, *g.output, *g.value_info, *g.initializer):
+        del item.metadata_props[:]
+    for node in g.node:
+        node.doc_string = ""
+
+
+def _unshare_weight_qparams(model) -> int:
+    """Give every weight DequantizeLinear its own scale/zero-point initializers; returns #copies.
+
+    The exporter's optimiser merges equal constants, so two convs with the same channel count
+    share one all-zero zero-point tensor; onnxruntime's exact-AVX2 pass
+    (session.x64quantprecision) rewrites each weight's zero point in place and then fails with
+    "AddInitializedOrtValue Attempt to replace the existing tensor" on the shared one.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    users = collections.Counter(i for n in model.graph.node for i in n.input)
+    copies = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        for k in range(1, len(node.input)):
+            name = node.input[k]
+            if name in inits and users[name] > 1:
+                t = type(inits[name])()
+                t.CopyFrom(inits[name])
+                t.name = f"{node.input[0]}_{'scale' if k == 1 else 'zero_point'}"
+                model.graph.initializer.append(t)
+                users[name] -= 1
+                node.input[k] = t.name
+                copies += 1
+    return copies
+
+
+def _spec(value_info, grid: dict | None, dynamic_batch: bool) -> dict[str, Any]:
+    t = value_info.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    if dynamic_batch:
+        dims[0] = None
+    return {"name": value_info.name, "shape": dims, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)),
+            "quant": grid}
+
+
+def op_counts(model) -> dict[str, int]:
+    """Node counts by op type ("domain:Op" outside the default domain), sorted by name."""
+    c = collections.Counter(f"{n.domain}:{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+                            for n in model.graph.node)
+    return dict(sorted(c.items()))
+
+
+def io_quant(model) -> tuple[dict | None, dict | None]:
+    """Grids of a QDQ graph's boundary: the QuantizeLinear fed by the graph input and the
+    DequantizeLinear producing the graph output, as {"scale", "zero_point"} (None if absent)."""
+    from onnx import numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:  # Constant nodes hold scalars in some exporter versions
+        if n.op_type == "Constant" and n.attribute:
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+
+    def grid(node) -> dict | None:
+        scale, zp = (consts.get(name) for name in node.input[1:3])
+        if scale is None or zp is None or np.size(scale) != 1:
+            return None
+        return {"scale": float(np.asarray(scale).item()), "zero_point": int(np.asarray(zp).item())}
+
+    inp, out = model.graph.input[0].name, model.graph.output[0].name
+    in_q = next((grid(n) for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == inp), None)
+    out_q = next((grid(n) for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == out), None)
+    return in_q, out_q
+
+
+def check_onnx(path: str | os.PathLike) -> dict[str, Any]:
+    """onnx.checker with full_check (shape inference included); {"ok": True} or the error text."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        return {"ok": True}
+    except Exception as e:  # checker raises ValidationError / InferenceError
+        return {"ok": False, "error": str(e).splitlines()[0][:300]}
+
+
+def ort_session(path: str | os.PathLike, *, threads: int | None = 1, level: str = "all",
+                optimized_path: str | os.PathLike | None = None):
+    """An onnxruntime CPU session with the settings qdefend uses (see the module docstring)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    so.log_severity_level = 3  # the ENABLE_ALL "hardware specific optimized model" notice
+    for k, v in ORT_SESSION_CONFIG.items():
+        so.add_session_config_entry(k, v)
+    if threads:
+        so.intra_op_num_threads = threads
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ort_op_counts(path: str | os.PathLike, *, level: str = "all") -> dict[str, int]:
+    """Op counts of the graph onnxruntime actually runs (its optimised model, CPU provider).
+
+    At "all" (what the runtime uses) int8 convs appear as com.microsoft:QLinearConv (NHWC); a
+    float Conv or a DequantizeLinear feeding one means a conv was left unfused (float).
+    """
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        ort_session(path, level=level, optimized_path=opt)
+        return op_counts(onnx.load(str(opt)))

@@ -1,0 +1,281 @@
+"""Tests for qdefend.export: int8 ONNX / TFLite artifacts of a QAT encoder trained on real
+Fashion-MNIST images, their kernels and dtypes, parity with torch, sizes, and export_run.
+
+The module fixture QAT-trains the reference encoder (VGG11-BN cut 2, bottleneck 8 + Sigmoid, full
+width so the size ratio is meaningful) for a few steps on 256 real images and exports it once.
+Parity is counted in int8 steps (LSB). Behind the Sigmoid one step of the bottleneck conv is up
+to ~13 output steps, so the encoder is held to 1 pre-activation step and to >= 99% of output values
+within 2 output steps; a head (no Sigmoid) is held to 2 output steps directly.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qdefend import quant
+from qdefend.config import RunConfig
+from qdefend.data import DataConfig, load_dataset
+from qdefend.errors import QdefendError
+from qdefend.export import verify as V
+from qdefend.export.onnx import check_onnx, export_onnx, ort_op_counts, ort_session
+from qdefend.export.tflite import export_tflite
+from qdefend.models import ModelConfig, build_model
+
+N_TRAIN, N_TEST = 256, 256
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset(DataConfig(limit_train=N_TRAIN, limit_test=N_TEST, val_size=100, aux_size=100))
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    """A QAT encoder + float head trained 8 steps on real images: (prepared, head, x_test)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=1.0, head_width=0.25), data.shape, data.num_classes)
+    norm = data.normalization
+    x = torch.from_numpy(norm.apply(data.train.floats()))
+    y = torch.from_numpy(data.train.labels)
+    enc = quant.prepare_qat(model.encoder, x[:2])
+    head = model.head.train()
+    opt = torch.optim.SGD([*enc.parameters(), *head.parameters()], lr=0.05, momentum=0.9)
+    for step in range(8):
+        i = slice(32 * step, 32 * step + 32)
+        loss = F.cross_entropy(head(enc(x[i])), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    enc.eval()
+    head.eval()
+    return enc, head, torch.from_numpy(norm.apply(data.test.floats()))
+
+
+@pytest.fixture(scope="module")
+def onnx_files(trained, tmp_path_factory):
+    enc, head, x = trained
+    root = tmp_path_factory.mktemp("onnx")
+    conv = quant.convert(enc)
+    int8 = export_onnx(conv, x[:2], root / "enc.int8.onnx", output_name="features")
+    twin = build_model(ModelConfig(width=1.0, head_width=0.25), (1, 28, 28), 10).encoder
+    twin.load_state_dict({k: v for k, v in enc.state_dict().items() if k in twin.state_dict()})
+    flt = export_onnx(twin.eval(), x[:2], root / "enc.float.onnx", output_name="features")
+    return root, conv, int8, flt
+
+
+def test_onnx_int8_encoder_is_qdq_with_int8_kernels(onnx_files):
+    root, conv, info, _ = onnx_files
+    assert info["opset"] >= 17
+    assert info["op_counts"]["Conv"] == 3 and info["op_counts"]["QuantizeLinear"] >= 4
+    assert info["input"]["shape"] == [None, 1, 28, 28] and info["output"]["shape"] == [None, 8, 7, 7]
+    assert info["output"]["quant"] == {"scale": 1 / 256, "zero_point": -128}  # TFLite sigmoid grid
+    assert check_onnx(root / "enc.int8.onnx") == {"ok": True}
+    ops = ort_op_counts(root / "enc.int8.onnx")
+    assert ops["com.microsoft:QLinearConv"] == 3 and ops["com.microsoft:QLinearSigmoid"] == 1
+    assert not any(k.split(":")[-1] in V.FLOAT_MAC_OPS for k in ops)
+    checks = V.static_checks(root / "enc.int8.onnx", "onnx", "int8")
+    assert checks["int8_kernels"] is True
+    assert V.static_checks(root / "enc.float.onnx", "onnx", "float")["ort_op_counts"]  # float: no verdict
+
+
+def test_onnx_int8_encoder_matches_torch_within_one_pre_activation_step(onnx_files, trained):
+    root, conv, info, _ = onnx_files
+    x = trained[2].numpy()
+    with torch.no_grad():
+        ref = conv(trained[2]).numpy()
+    got = ort_session(root / "enc.int8.onnx").run(None, {"input": x})[0]
+    grid, pre = V.output_grids(conv)
+    assert grid == info["output"]["quant"] and pre is not None
+    p = V.lsb_parity(ref, got, grid)
+    p.update(V.pre_activation_lsb(ref, got, grid, pre))
+    assert p["max_pre_activation_lsb"] <= 1
+    assert p["frac_values_within_2lsb"] >= 0.99
+    assert p["cosine"] > 0.9999
+
+
+def test_int8_onnx_is_under_0_3_of_the_float_onnx(onnx_files):
+    root = onnx_files[0]
+    ratio = (root / "enc.int8.onnx").stat().st_size / (root / "enc.float.onnx").stat().st_size
+    assert 0.2 < ratio <= 0.3
+
+
+def test_tflite_encoder_is_fully_int8_and_matches_torch(trained, onnx_files, tmp_path):
+    enc, _, x = trained
+    rep = export_tflite(enc, x[:2], tmp_path / "enc.tflite")
+    assert rep["int8_convs"] is True and len(rep["convs"]) == 3
+    assert rep["input"]["dtype"] == "int8" and rep["output"]["dtype"] == "int8"
+    assert rep["input"]["shape"] == [None, 1, 28, 28]
+    assert rep["output"]["quant"] == {"scale": 1 / 256, "zero_point": -128}
+    assert (tmp_path / "enc.tflite").stat().st_size <= 0.3 * (onnx_files[0] / "enc.float.onnx").stat().st_size
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(tmp_path / "enc.tflite"), num_threads=1)
+    (i,), (o,) = it.get_input_details(), it.get_output_details()
+    it.resize_tensor_input(i["index"], [len(x), 1, 28, 28])
+    it.allocate_tensors()
+    s, zp = i["quantization"]
+    it.set_tensor(i["index"], np.clip(np.rint(x.numpy() / s) + zp, -128, 127).astype(np.int8))
+    it.invoke()
+    got = (it.get_tensor(o["index"]).astype(np.float32) + 128) / 256
+    conv = onnx_files[1]
+    with torch.no_grad():
+        ref = conv(x).numpy()
+    grid, pre = V.output_grids(conv)
+    assert V.pre_activation_lsb(ref, got, grid, pre)["max_pre_activation_lsb"] <= 1
+    assert V.lsb_parity(ref, got, grid)["frac_values_within_2lsb"] >= 0.99
+
+
+def test_int8_head_with_repeated_channel_counts_runs_exact_in_onnxruntime(trained, tmp_path):
+    """The head has several 32-channel convs: their shared weight zero points used to make
+    onnxruntime's exact-AVX2 mode fail at load ("Attempt to replace the existing tensor")."""
+    enc, head, x = trained
+    with torch.no_grad():
+        z = quant.convert(enc)(x)
+    prepared = quant.prepare_ptq(head, z[:2])
+    quant.calibrate(prepared, [z[:128], z[128:]])
+    conv = quant.convert(prepared)
+    info = export_onnx(conv, z[:2], tmp_path / "head.onnx", output_name="logits")
+    ops = ort_op_counts(tmp_path / "head.onnx")
+    assert ops["com.microsoft:QLinearConv"] == info["op_counts"]["Conv"] >= 3
+    assert ops["com.microsoft:QGemm"] == 1
+    with torch.no_grad():
+        ref = conv(z).numpy()
+    got = ort_session(tmp_path / "head.onnx").run(None, {"input": z.numpy()})[0]
+    grid, pre = V.output_grids(conv)
+    assert pre is None
+    assert V.lsb_parity(ref, got, grid)["max_abs_lsb"] <= 2
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.99
+
+
+def test_pre_activation_lsb_counts_steps_behind_a_sigmoid():
+    out, pre = {"scale": 1 / 256, "zero_point": -128}, {"scale": 0.2, "zero_point": 0}
+    k = np.array([0, 0, 0, 40])  # pre-activation codes; 40 * 0.2 = 8: sigmoid saturated
+
+    def y(codes):
+        return (np.rint(256 / (1 + np.exp(-np.asarray(codes) * 0.2))).clip(0, 255)) / 256
+
+    ref = y(k)
+    got = y([0, 1, 3, 45])
+    r = V.pre_activation_lsb(ref, got, out, pre)
+    assert r["max_pre_activation_lsb"] == 3
+    assert V.lsb_parity(ref[None], got[None], out)["max_abs_lsb"] == 37  # 3 steps at the steep middle
+    assert V.pre_activation_lsb(ref, ref, out, pre)["max_pre_activation_lsb"] == 0
+
+
+def test_lsb_parity_reports_steps_and_cosine():
+    grid = {"scale": 0.5, "zero_point": 0}
+    ref = np.zeros((4, 3), np.float32)
+    got = ref.copy()
+    got[0, 0], got[1, 1] = 0.5, 1.5
+    p = V.lsb_parity(ref + 1, got + 1, grid)
+    assert p["max_abs_lsb"] == 3 and p["frac_values_within_2lsb"] == 11 / 12
+    assert p["frac_samples_within_2lsb"] == 0.75 and p["max_abs_error"] == 1.5
+    assert 0.9 < p["cosine"] < 1
+
+
+def test_exporters_refuse_the_wrong_graph(trained, tmp_path):
+    enc, head, x = trained
+    with pytest.raises(QdefendError, match="fold_quantize=True"):
+        export_onnx(enc, x[:2], tmp_path / "a.onnx")  # prepared, not converted
+    with pytest.raises(QdefendError, match="fold_quantize=False"):
+        export_tflite(quant.convert(enc, fold_quantize=True), x[:2], tmp_path / "a.tflite")
+    with pytest.raises(QdefendError, match="int8=False"):
+        export_tflite(head, torch.rand(2, 8, 7, 7), tmp_path / "b.tflite")
+
+
+# ------------------------------------------------------------------ export_run on tiny real runs
+
+
+def _tiny_cfg(qat: str):
+    return RunConfig.from_dict({
+        "data": {"limit_train": 256, "limit_test": 300, "val_size": 200, "aux_size": 300},
+        "model": {"width": 1.0, "head_width": 0.25},  # the reference encoder: real size ratio
+        "quant": {"scheme": qat},
+        "train": {"epochs": 1, "batch_size": 64, "lr": 0.05},
+        "defense": {"stack": "noise", "params": {"noise": {"sigma": 0.05}}},
+    })
+
+
+@pytest.fixture(scope="module")
+def float_run(tmp_path_factory):
+    from qdefend.train import Trainer
+
+    root = tmp_path_factory.mktemp("runs") / "float"
+    Trainer(_tiny_cfg("none"), root, progress=False).fit()
+    return root
+
+
+def test_run_without_qat_is_refused_with_the_choice(float_run):
+    from qdefend.export import export_run
+
+    with pytest.raises(QdefendError, match=r"no QAT: retrain with --qat int8, or pass --calibrate N"):
+        export_run(float_run)
+    with pytest.raises(QdefendError, match="--calibrate 0 is out of range"):
+        export_run(float_run, calibrate=0)
+    with pytest.raises(QdefendError, match="unknown export format"):
+        export_run(float_run, formats=("onnx", "coreml"), calibrate=8)
+    assert not (float_run / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_calibrate_exports_a_run_without_qat_and_warns(float_run):
+    from qdefend.devices.manifest import load_manifest
+    from qdefend.export import export_run
+
+    m = export_run(float_run, formats=("tflite",), calibrate=200)
+    assert m["model"]["quant"]["encoder_int8"] == "ptq"
+    assert any("post-training int8 calibration on 200 aux images" in w for w in m["warnings"])
+    assert set(m["artifacts"]) == {"encoder.int8.tflite", "encoder.float.onnx", "head.float.onnx", "head.int8.onnx"}
+    assert load_manifest(float_run)["warnings"] == m["warnings"]
+    v = m["verification"]["artifacts"]["encoder.int8.tflite"]
+    assert v["top1_agreement"] >= 0.97 and m["artifacts"]["encoder.int8.tflite"]["checks"]["int8_kernels"]
+
+
+@pytest.mark.slow
+def test_export_run_writes_verified_artifacts_and_manifest(tmp_path):
+    from qdefend.devices.manifest import load_manifest, sha256_file
+    from qdefend.devices.runtime import Runtime
+    from qdefend.export import export_run
+    from qdefend.train import Trainer
+
+    root = tmp_path / "qat"
+    Trainer(_tiny_cfg("int8"), root, progress=False).fit()
+    lines = []
+    m = export_run(root, progress=lines.append)
+    assert lines and load_manifest(root) == json.loads((root / "manifest.json").read_text())
+    assert set(m["artifacts"]) == {"encoder.int8.onnx", "encoder.int8.tflite", "encoder.float.onnx",
+                                   "head.float.onnx", "head.int8.onnx"}
+    for name, e in m["artifacts"].items():
+        assert sha256_file(root / e["path"]) == e["sha256"]
+        if e["precision"] == "int8":
+            assert e["checks"]["int8_kernels"] is True, name
+    assert m["artifacts"]["encoder.int8.tflite"]["input"]["dtype"] == "int8"
+    assert m["release"] == {"steps": [{"type": "gaussian_noise", "sigma": 0.05}]}
+    assert m["features"]["shape"] == [8, 7, 7] and m["features"]["wire"]["dtype"] == "int8"
+    assert m["input"]["normalization"]["std"][0] > 0 and m["tools"]["onnxruntime"] == "1.31.1"
+    v = m["verification"]
+    assert v["test_split"]["images"] == 300 and v["release_off_for_parity"]
+    for name in ("encoder.int8.onnx", "encoder.int8.tflite"):
+        a = v["artifacts"][name]
+        assert a["parity"]["max_pre_activation_lsb"] <= 1, name
+        assert a["top1_agreement"] >= 0.99, name
+        assert abs(a["test_acc"] - v["torch"]["test_acc_int8"]) <= 0.01
+        assert "test_acc_release" in a
+        assert v["size_ratio"][name] <= 0.3
+    assert v["acceptance"]["passed"] is True
+    assert v["artifacts"]["head.int8.onnx"]["parity"]["max_abs_lsb"] <= 2
+    assert v["artifacts"]["encoder.float.onnx"]["parity"]["max_abs_error"] < 1e-4
+    feats = Runtime.open(root, "encoder.int8.tflite").encode(np.zeros((2, 1, 28, 28), np.uint8), seed=0)
+    assert feats.shape == (2, 8, 7, 7)
