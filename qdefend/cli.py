@@ -17,7 +17,7 @@ app = typer.Typer(
     help="qdefend: quantization-aware edge deployment toolkit for private split inference.",
 )
 
-LISTABLE = ("datasets", "models", "defenses")
+LISTABLE = ("datasets", "models", "defenses", "attacks")
 
 
 def _console():
@@ -168,13 +168,81 @@ def inspect_(artifact: Path = typer.Argument(..., help="an exported file, e.g. r
 
 
 @app.command()
+def attack(
+    run: Path = typer.Argument(..., help="trained (and exported) run directory, e.g. runs/demo"),
+    artifact: str = typer.Option("encoder.int8.tflite", "--artifact", help="target: an exported encoder "
+                                 "(encoder.int8.tflite, encoder.int8.onnx, encoder.float.onnx), torch-float, "
+                                 "torch-int8, or service:ENCODER"),
+    attack_: str = typer.Option("decoder", "--attack", help="attack name (qdefend list attacks)"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="queries the attacker may spend (extraction: a list, e.g. 1000,10000)"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="named settings, e.g. quick"),
+    seed: int = typer.Option(0, "--seed"),
+    output: str = typer.Option("probabilities", "--output", help="what a service answers: probabilities or labels"),
+    overrides: list[str] = typer.Option([], "--set", help="attack parameter KEY=VALUE (repeatable), e.g. --set epochs=10"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress lines"),
+):
+    """Run one attack on one target of a run; writes runs/NAME/attacks/ATTACK-TARGET.json (+ .png grid)."""
+    from .attacks.runner import attack_run, parse_params
+
+    console = _console()
+    res, path = attack_run(run, artifact, attack_, preset=preset, params=parse_params(overrides), budget=budget,
+                           seed=seed, output=output, progress=None if quiet else (lambda m: console.print(f"  {m}")))
+    _print_attack(console, res, path)
+
+
+def _print_attack(console, res, path: Path) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{res.attack} on {res.target} (seed {res.seed})")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in res.metrics.items():
+        if "@" in k or k.endswith(("_lo", "_hi")):
+            continue
+        lo, hi = res.metrics.get(f"{k}_lo"), res.metrics.get(f"{k}_hi")
+        t.add_row(k, f"{v:.4f}" + (f"  [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else ""))
+    console.print(t)
+    for n in res.notes:
+        console.print(f"note: {n}")
+    console.print(f"wrote {path}" + (f" and {path.with_suffix('.png')}" if res.reconstructions is not None else ""))
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="run directories (trained and exported)"),
+    attacks: str = typer.Option("decoder,clone_rmle,knockoff", "--attacks", help="comma-separated attack names"),
+    artifacts: str = typer.Option("encoder.float.onnx,encoder.int8.tflite", "--artifacts",
+                                  help="comma-separated targets to compare (float first)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="report folder (default RUN/report for one run, report/ for several)"),
+    quick: bool = typer.Option(False, "--quick", help="the attacks' quick presets (smoke runs, tests)"),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="re-run attacks whose results already exist"),
+    jobs: int = typer.Option(0, "--jobs", help="worker processes, one target each (0 = one per CPU)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress lines"),
+):
+    """Float vs int8: run the attacks on each run's artifacts; write report.md, report.json, figures."""
+    from .attacks.report import CompareConfig, compare as run_compare
+
+    console = _console()
+    cfg = CompareConfig(attacks=[a for a in attacks.split(",") if a], artifacts=[a for a in artifacts.split(",") if a],
+                        quick=quick, seed=seed, force=force, jobs=jobs)
+    rep = run_compare(runs, cfg, out, progress=None if quiet else (lambda m: console.print(m)))
+    for entry in rep["runs"]:
+        for v in entry["verdicts"]:
+            console.print(f"{entry['name']} {v['attack']}: {v['text']}")
+    console.print(f"report: {rep['out']}/report.md")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory of the demo"),
     epochs: int = typer.Option(2, "--epochs"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    quick_attacks: bool = typer.Option(False, "--quick-attacks", help="the attacks' quick presets (a smoke run)"),
 ):
     """The main job on the default data (Fashion-MNIST): QAT int8 training of the reference split,
-    then int8 export to ONNX and TFLite with verification.
+    int8 export to ONNX and TFLite with verification, then the float-vs-int8 attack comparison
+    (decoder, extract-then-invert, KnockoffNets) written to RUN/report/report.md.
 
     Re-running continues where it stopped: an interrupted training resumes, finished stages are kept.
     """
@@ -210,6 +278,15 @@ def demo(
         m = export_run(out, progress=lambda line: console.print(f"  {line}"))
     _print_export(console, out, m)
 
+    from .attacks.report import CompareConfig, compare as run_compare
+
+    console.print(f"[bold]qdefend demo[/bold] -> {out}: compare float vs int8 under attack "
+                  f"(decoder, clone_rmle, knockoff{'; quick presets' if quick_attacks else ''})")
+    rep = run_compare([out], CompareConfig(quick=quick_attacks), progress=None if quiet else console.print)
+    for v in rep["runs"][0]["verdicts"]:
+        console.print(f"{v['attack']}: {v['text']}")
+    console.print(f"report: {rep['out']}/report.md")
+
 
 def registry_for(what: str):
     """The registry behind ``qdefend list WHAT``."""
@@ -219,14 +296,16 @@ def registry_for(what: str):
         from .models import MODELS as reg
     elif what == "defenses":
         from .defenses import DEFENSES as reg
+    elif what == "attacks":
+        from .attacks import ATTACKS as reg
     else:
         raise QdefendError(f"cannot list '{what}'. Valid: {', '.join(LISTABLE)}")
     return reg
 
 
 @app.command("list")
-def list_(what: str = typer.Argument(..., help="datasets | models | defenses")):
-    """List the registered datasets, models or defenses."""
+def list_(what: str = typer.Argument(..., help="datasets | models | defenses | attacks")):
+    """List the registered datasets, models, defenses or attacks."""
     reg = registry_for(what)
     for name in reg.names():
         typer.echo(f"{name:16s} {reg.describe(name)}")

@@ -9,7 +9,7 @@ from qdefend.cli import main
 
 
 def test_list_commands(capsys):
-    for what, name in (("datasets", "fashion-mnist"), ("models", "vgg11_bn"), ("defenses", "noise")):
+    for what, name in (("datasets", "fashion-mnist"), ("models", "vgg11_bn"), ("defenses", "noise"), ("attacks", "decoder")):
         assert main(["list", what]) == 0
         assert name in capsys.readouterr().out
 
@@ -17,7 +17,7 @@ def test_list_commands(capsys):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["list", "gizmos"], "Valid: datasets, models, defenses"),
+        (["list", "gizmos"], "Valid: datasets, models, defenses, attacks"),
         (["train", "--model", "vgg99", "--out", "{tmp}/r"], "Valid models:"),
         (["train", "--dataset", "svhn", "--out", "{tmp}/r"], "Valid datasets:"),
         (["train", "--defense", "noise+magic", "--out", "{tmp}/r"], "Valid defenses:"),
@@ -26,6 +26,12 @@ def test_list_commands(capsys):
         (["train", "--resume", "--out", "{tmp}/nothing"], "no config"),
         (["train", "--sigma", "-1", "--defense", "noise", "--out", "{tmp}/r"], "sigma must be >= 0"),
         (["train", "--device", "cuda", "--out", "{tmp}/r", "--set", "data.limit_train=64"], "--device cpu"),
+        (["attack", "{tmp}/nothing", "--attack", "decoder"], "not a qdefend run"),
+        (["attack", "{tmp}/nothing", "--attack", "invert-all"], "Valid attacks:"),
+        (["attack", "{tmp}/nothing", "--attack", "decoder", "--set", "epochs"], "KEY=VALUE"),
+        (["attack", "{tmp}/nothing", "--attack", "decoder", "--set", "epochs=-2"], "--set epochs="),
+        (["compare", "{tmp}/nothing", "--attacks", "decoder,zap"], "Valid attacks:"),
+        (["compare", "{tmp}/nothing"], "not a qdefend run"),
     ],
 )
 def test_user_mistakes_get_one_line(argv, needle, tmp_path, capsys):

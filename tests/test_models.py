@@ -21,13 +21,7 @@ SMALL = dict(width=0.25, head_width=0.25)
 ALL_CUTS = [(name, cut) for name in MODELS.names() for cut in valid_cuts(name)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs run fastest on one thread (no OpenMP hand-offs on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(name="vgg11_bn", in_shape=(1, 28, 28), num_classes=10, seed=0, **cfg):

@@ -1,0 +1,383 @@
+"""Does privacy survive quantization? ``qdefend compare``: the same attacks on the float and the int8
+artifacts of each run, side by side, with a verdict per metric.
+
+For every run and every artifact (default: ``encoder.float.onnx``, the float twin, and
+``encoder.int8.tflite``, what a phone runs) each chosen attack runs through
+:func:`qdefend.attacks.runner.attack_run` (results land in ``runs/NAME/attacks/`` and are re-used
+when a later compare asks for the same attack, config and seed: an interrupted compare resumes).
+Then ``report.md``, ``report.json`` and ``figures/*.png`` are written:
+
+* a table per run: each artifact's test accuracy (from the manifest's verification), MSE / PSNR /
+  SSIM of each inversion attack with 95% bootstrap intervals over the test images and the
+  mean-image floor, and clone accuracy / fidelity of each extraction attack;
+* reconstruction grids: private images, then each inversion attack on each artifact;
+* a verdict per metric. Inversion metrics are paired (the same test images for every artifact):
+  the 95% percentile-bootstrap interval of the per-image difference int8 - float decides between
+  "int8 keeps privacy" (no significant change, or harder to invert), and "int8 leaks more".
+  Extraction fidelity uses the normal interval of a difference of two proportions. Each verdict
+  also says whether the float model was private to begin with (how far the attack beats the
+  mean-image floor), so "keeps" is never read as "has".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .base import ATTACKS, AttackError, AttackResult
+from .grid import save_grid
+from .metrics import bootstrap_ci
+
+__all__ = ["CompareConfig", "DEFAULT_ATTACKS", "DEFAULT_ARTIFACTS", "compare", "paired_verdict", "fidelity_verdict"]
+
+DEFAULT_ATTACKS = ("decoder", "clone_rmle", "knockoff")
+DEFAULT_ARTIFACTS = ("encoder.float.onnx", "encoder.int8.tflite")
+REPORT_VERSION = 1
+# metric -> +1 when a larger value means more privacy (the attack did worse), -1 otherwise
+PRIVACY_SIGN = {"mse": 1, "psnr": -1, "ssim": -1, "fidelity": -1, "clone_acc": -1}
+
+
+@dataclass
+class CompareConfig:
+    attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
+    artifacts: list[str] = field(default_factory=lambda: list(DEFAULT_ARTIFACTS))
+    quick: bool = False  # the attacks' quick presets (tests, smoke runs)
+    seed: int = 0
+    force: bool = False  # re-run attacks whose results are already in runs/NAME/attacks
+    jobs: int = 0  # worker processes (one target each); 0 = one per CPU
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per attack --set overrides
+
+    def __post_init__(self):
+        for a in self.attacks:
+            ATTACKS.get(a)  # unknown names list the valid ones
+        if not self.attacks or not self.artifacts:
+            raise AttackError("compare needs at least one attack and one artifact: e.g. --attacks decoder "
+                              "--artifacts encoder.float.onnx,encoder.int8.tflite")
+
+
+# ---------------------------------------------------------------------------------------- verdicts
+
+
+def _fmt(v: float | None, metric: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if metric == "psnr":
+        return f"{v:.2f}"
+    if metric in ("fidelity", "clone_acc", "acc"):
+        return f"{100 * v:.2f}%"
+    return f"{v:.4f}"
+
+
+NEGLIGIBLE = 0.01  # a significant difference under 1% of the float value is reported as negligible
+
+
+def _judge(metric: str, lo: float, hi: float, diff: float, ref: float, verb: str) -> tuple[str, bool]:
+    """The verdict words for a 95% interval [lo, hi] of int8 - float on ``metric`` (mean ``diff``,
+    float value ``ref``), and whether int8 keeps the float model's privacy."""
+    sign = PRIVACY_SIGN[metric]
+    gain_lo, gain_hi = sorted((sign * lo, sign * hi))  # change in privacy, int8 - float
+    if gain_lo <= 0 <= gain_hi:
+        return "int8 keeps float's privacy level (no significant difference)", True
+    if abs(diff) < NEGLIGIBLE * abs(ref):
+        return "int8 keeps float's privacy level (a significant but negligible difference, under 1%)", True
+    if gain_hi < 0:
+        return "int8 leaks more than float", False
+    return f"int8 keeps privacy and more (harder to {verb} than float)", True
+
+
+def paired_verdict(metric: str, float_vals, int8_vals, *, floor: float | None = None, seed: int = 0) -> dict:
+    """Verdict on an inversion metric from per-image values of the same images on both artifacts."""
+    f, q = np.asarray(float_vals, np.float64), np.asarray(int8_vals, np.float64)
+    if f.shape != q.shape or f.size == 0:
+        raise ValueError(f"paired_verdict: per-image values differ in shape {f.shape} vs {q.shape}")
+    d = q - f
+    lo, hi = bootstrap_ci(d, n=2000, seed=seed)
+    word, keeps = _judge(metric, lo, hi, float(d.mean()), float(f.mean()), "invert")
+    text = (f"{word}: {metric.upper()} {_fmt(q.mean(), metric)} int8 vs {_fmt(f.mean(), metric)} float, "
+            f"difference {d.mean():+.3g}, 95% interval [{lo:+.3g}, {hi:+.3g}] over {f.size} test images")
+    out = {"metric": metric, "int8": float(q.mean()), "float": float(f.mean()), "diff": float(d.mean()),
+           "ci": [lo, hi], "keeps_privacy": keeps, "n": int(f.size)}
+    if metric == "mse" and floor:
+        ratio = floor / max(f.mean(), 1e-12)
+        out["float_leak_ratio"] = float(ratio)
+        text += (f"; the float model {'leaks' if ratio > 1.5 else 'is near the floor'}: the attack's MSE is "
+                 f"{1 / ratio:.2f}x the mean-image floor {floor:.4f}")
+    out["text"] = text
+    return out
+
+
+def fidelity_verdict(metric: str, p_float: float, p_int8: float, n: int) -> dict:
+    """Verdict on an extraction proportion (fidelity, clone accuracy) of two independent clones."""
+    d = p_int8 - p_float
+    se = math.sqrt(max(p_float * (1 - p_float), 0) / n + max(p_int8 * (1 - p_int8), 0) / n)
+    lo, hi = d - 1.96 * se, d + 1.96 * se
+    word, keeps = _judge(metric, lo, hi, d, p_float, "extract")
+    text = (f"{word}: {metric} {_fmt(p_int8, metric)} int8 vs {_fmt(p_float, metric)} float, difference "
+            f"{100 * d:+.2f} points, 95% interval [{100 * lo:+.2f}, {100 * hi:+.2f}] over {n} test images")
+    return {"metric": metric, "int8": p_int8, "float": p_float, "diff": d, "ci": [lo, hi], "keeps_privacy": keeps,
+            "n": n, "text": text}
+
+
+# ---------------------------------------------------------------------------------------- compare
+
+
+def _precision(artifact: str) -> str:
+    return "int8" if "int8" in artifact else "float"
+
+
+def _cached(path: Path, attack: Any, seed: int, preset: str) -> AttackResult | None:
+    if not path.is_file():
+        return None
+    try:
+        r = AttackResult.load(path)
+    except (OSError, ValueError, KeyError):
+        return None
+    same = r.seed == seed and r.extra.get("preset") == preset and r.config == json.loads(json.dumps(attack.config_dict()))
+    return r if same else None
+
+
+def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str | Path | None = None,
+            progress: Callable[[str], None] | None = None) -> dict:
+    """Attack every artifact of every run, write the report; returns report.json's content."""
+    from qdefend.devices.manifest import load_manifest
+    from qdefend.run import RunPaths
+
+    cfg = cfg or CompareConfig()
+    say = progress or (lambda m: None)
+    runs = [Path(r) for r in runs]
+    if not runs:
+        raise AttackError("compare needs at least one run directory, e.g. qdefend compare runs/demo")
+    for r in runs:
+        RunPaths(r).require_trained()
+        if not RunPaths(r).manifest.is_file():
+            raise AttackError(f"{r} has no exported artifacts: run `qdefend export {r}` first")
+        arts = load_manifest(r)["artifacts"]
+        missing = [a for a in cfg.artifacts if a not in arts]
+        if missing:
+            raise AttackError(f"{r} has no artifact {missing[0]}. Exported: {', '.join(sorted(arts))} "
+                              f"(re-export with `qdefend export {r}`)")
+    out = Path(out) if out is not None else (runs[0] / "report" if len(runs) == 1 else Path("report"))
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    preset = "quick" if cfg.quick else "default"
+    report: dict[str, Any] = {"version": REPORT_VERSION, "config": asdict(cfg), "runs": []}
+    t_all = time.perf_counter()
+    jobs = [(r, art) for r in runs for art in cfg.artifacts]
+    todo = [(r, art) for r, art in jobs if cfg.force or any(_cached(*_where(r, art, a, cfg), cfg.seed, preset) is None
+                                                            for a in cfg.attacks)]
+    workers = max(1, min(cfg.jobs or _cpus(), len(todo)))
+    if todo:
+        say(f"compare: {len(todo)} target(s) to attack with {', '.join(cfg.attacks)} "
+            f"({workers} worker process{'es' if workers > 1 else ''}, {max(1, _cpus() // workers)} thread(s) each)")
+    if workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futs = [pool.submit(_attack_target, str(r), art, asdict(cfg), max(1, _cpus() // workers), True)
+                    for r, art in todo]
+            for f in futs:
+                f.result()  # re-raises a worker's error
+    else:
+        for r, art in todo:
+            _attack_target(str(r), art, asdict(cfg), None, False, say)
+    for r in runs:
+        manifest = load_manifest(r)
+        ver = manifest.get("verification", {}).get("artifacts", {})
+        entry: dict[str, Any] = {"run": str(r), "name": r.name, "defense": manifest.get("release", {}),
+                                 "artifacts": {}, "verdicts": [], "figures": []}
+        results: dict[tuple[str, str], AttackResult] = {}
+        for attack in cfg.attacks:
+            for art in cfg.artifacts:
+                path, atk = _where(r, art, attack, cfg)
+                res = _cached(path, atk, cfg.seed, preset)
+                if res is None:
+                    raise AttackError(f"compare: {attack} on {art} of {r} left no result at {path}")
+                results[(attack, art)] = res
+                a = entry["artifacts"].setdefault(art, {"precision": _precision(art),
+                                                        "test_acc": ver.get(art, {}).get("test_acc"),
+                                                        "attacks": {}})
+                a["attacks"][attack] = {"metrics": res.metrics, "timings": res.timings, "json": str(path),
+                                        "notes": res.notes}
+        entry["verdicts"] = _verdicts(cfg, results, seed=cfg.seed)
+        entry["figures"] = _figures(cfg, results, out / "figures", r.name)
+        report["runs"].append(entry)
+    report["timings"] = {"total_s": round(time.perf_counter() - t_all, 1)}
+    (out / "report.json").write_text(json.dumps(_plain(report), indent=2) + "\n")
+    (out / "report.md").write_text(render_markdown(report, out))
+    say(f"compare: wrote {out / 'report.md'} ({report['timings']['total_s']:.0f} s)")
+    report["out"] = str(out)
+    return report
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _where(run_dir: Path, art: str, attack: str, cfg: CompareConfig):
+    """(result path, attack object) of ``attack`` on ``art`` as compare runs it."""
+    from .base import build_attack
+    from .runner import resolve_spec, result_path
+
+    atk = build_attack(attack, preset="quick" if cfg.quick else None, **cfg.params.get(attack, {}))
+    spec, _ = resolve_spec(atk, art)
+    return result_path(run_dir, attack, spec), atk
+
+
+def _attack_target(run_dir: str, art: str, cfg_dict: dict, threads: int | None, prefix: bool,
+                   say: Callable[[str], None] | None = None) -> None:
+    """Run every attack of the compare on one target (in a worker process when ``prefix``)."""
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch/torchao internals, as in the CLI
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+    from qdefend.run import load_run
+
+    from .runner import attack_run
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = CompareConfig(**cfg_dict)
+    preset = "quick" if cfg.quick else "default"
+    tag = f"[{Path(run_dir).name} {art}] "
+    say = say or (lambda m: print(tag + m, flush=True))
+    run = None
+    for attack in cfg.attacks:
+        path, atk = _where(Path(run_dir), art, attack, cfg)
+        if not cfg.force and _cached(path, atk, cfg.seed, preset) is not None:
+            say(f"{attack}: re-using {path}")
+            continue
+        run = run if run is not None else load_run(run_dir)
+        t0 = time.perf_counter()
+        say(f"{attack} on {art}")
+        res, path = attack_run(run_dir, art, attack, preset="quick" if cfg.quick else None,
+                               params=cfg.params.get(attack), seed=cfg.seed, run=run, progress=lambda m: say(f"  {m}"))
+        say(f"{attack} on {art}: done in {time.perf_counter() - t0:.0f} s -> {path}")
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _pairs(cfg: CompareConfig) -> list[tuple[str, str]]:
+    """(float artifact, int8 artifact) pairs to judge: every int8 artifact against the first float one."""
+    floats = [a for a in cfg.artifacts if _precision(a) == "float"]
+    return [(floats[0], a) for a in cfg.artifacts if _precision(a) == "int8"] if floats else []
+
+
+def _verdicts(cfg: CompareConfig, results: dict, seed: int) -> list[dict]:
+    out = []
+    for fa, qa in _pairs(cfg):
+        for attack in cfg.attacks:
+            f, q = results.get((attack, fa)), results.get((attack, qa))
+            if f is None or q is None:
+                continue
+            fam = ATTACKS.get(attack).family
+            if fam == "inversion":
+                pf, pq = f.extra.get("per_image", {}), q.extra.get("per_image", {})
+                if f.extra.get("test_indices") != q.extra.get("test_indices"):
+                    continue
+                for m in ("mse", "psnr", "ssim"):
+                    if m in pf and m in pq:
+                        v = paired_verdict(m, pf[m], pq[m], floor=f.metrics.get("baseline_mse") if m == "mse" else None,
+                                           seed=seed)
+                        out.append({"attack": attack, "float_artifact": fa, "int8_artifact": qa, **v})
+            elif fam == "extraction":
+                n = int(f.extra.get("evaluation_queries") or 0)
+                for m in ("fidelity", "clone_acc"):
+                    if n and m in f.metrics and m in q.metrics:
+                        v = fidelity_verdict(m, f.metrics[m], q.metrics[m], n)
+                        out.append({"attack": attack, "float_artifact": fa, "int8_artifact": qa, **v})
+    return out
+
+
+def _figures(cfg: CompareConfig, results: dict, fig_dir: Path, name: str) -> list[str]:
+    rows, origs = [], None
+    for attack in cfg.attacks:
+        for art in cfg.artifacts:
+            r = results.get((attack, art))
+            if r is not None and r.reconstructions is not None:
+                origs = r.originals if origs is None else origs
+                rows.append((f"{attack} / {art}", r.reconstructions))
+    if not rows:
+        return []
+    path = save_grid([("private test images", origs), *rows], fig_dir / f"{name}-reconstructions.png", n=12)
+    return [str(path)]
+
+
+# ---------------------------------------------------------------------------------------- markdown
+
+
+def _ci(m: dict, key: str) -> str:
+    lo, hi = m.get(f"{key}_lo"), m.get(f"{key}_hi")
+    return f" [{_fmt(lo, key)}, {_fmt(hi, key)}]" if lo is not None and hi is not None else ""
+
+
+def render_markdown(report: dict, out: Path) -> str:
+    lines = ["# qdefend compare: does privacy survive int8 quantization?", ""]
+    cfg = report["config"]
+    lines += [f"Attacks: {', '.join(cfg['attacks'])} ({'quick presets' if cfg['quick'] else 'default settings'}, "
+              f"seed {cfg['seed']}). Artifacts: {', '.join(cfg['artifacts'])}. Every number is on the private "
+              "test images; inversion figures are means with 95% bootstrap intervals, next to the mean-image "
+              "floor (an attack that does not beat it learned nothing about the individual image).", ""]
+    for entry in report["runs"]:
+        lines += [f"## {entry['run']}", ""]
+        steps = entry.get("defense", {}).get("steps", [])
+        lines += [f"Release transform: {', '.join(json.dumps(s) for s in steps) if steps else 'none (undefended)'}", ""]
+        lines += ["| artifact | test acc | attack | MSE | PSNR | SSIM | floor MSE | clone acc | fidelity | time s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for art, a in entry["artifacts"].items():
+            for attack, r in a["attacks"].items():
+                m = r["metrics"]
+                lines.append("| " + " | ".join([
+                    f"`{art}`", _fmt(a.get("test_acc"), "acc"), attack,
+                    _fmt(m.get("mse"), "mse") + _ci(m, "mse") if "mse" in m else "-",
+                    _fmt(m.get("psnr"), "psnr") if "psnr" in m else "-",
+                    _fmt(m.get("ssim"), "ssim") + _ci(m, "ssim") if "ssim" in m else "-",
+                    _fmt(m.get("baseline_mse"), "mse") if "baseline_mse" in m else "-",
+                    _fmt(m.get("clone_acc"), "clone_acc") if "clone_acc" in m else "-",
+                    _fmt(m.get("fidelity"), "fidelity") if "fidelity" in m else "-",
+                    f"{r['timings'].get('total_s', 0):.0f}"]) + " |")
+        lines.append("")
+        curves = [(art, attack, r) for art, a in entry["artifacts"].items() for attack, r in a["attacks"].items()
+                  if any(k.startswith("fidelity@") for k in r["metrics"])]
+        if curves:
+            budgets = sorted({int(k.split("@")[1]) for _, _, r in curves for k in r["metrics"] if k.startswith("fidelity@")})
+            lines += ["Extraction fidelity per query budget:", "",
+                      "| artifact | attack | " + " | ".join(str(b) for b in budgets) + " |",
+                      "|---|---|" + "---|" * len(budgets)]
+            for art, attack, r in curves:
+                lines.append(f"| `{art}` | {attack} | " + " | ".join(
+                    _fmt(r["metrics"].get(f"fidelity@{b}"), "fidelity") for b in budgets) + " |")
+            lines.append("")
+        if entry["verdicts"]:
+            lines += ["Verdicts (int8 vs float, same attack and test images):", ""]
+            lines += [f"- **{v['attack']}**, `{v['int8_artifact']}` vs `{v['float_artifact']}`: {v['text']}"
+                      for v in entry["verdicts"]]
+            lines.append("")
+        for fig in entry["figures"]:
+            rel = Path(fig).relative_to(out) if Path(fig).is_relative_to(out) else Path(fig)
+            lines += [f"![reconstructions]({rel.as_posix()})", ""]
+        notes = sorted({n for a in entry["artifacts"].values() for r in a["attacks"].values() for n in r["notes"]})
+        if notes:
+            lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    lines.append(f"Total time {report['timings']['total_s']:.0f} s.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,286 @@
+"""Input repurposing probe: can fresh classifiers use the released features for other purposes?
+
+A defense like Guo et al.'s variational bottleneck wants the released features to serve one
+designated (frozen) classifier and nothing else. The adversary here holds the released features
+of its own images (the aux split, release transform on, exactly what the cloud receives) and
+trains *fresh* classifiers on them: three architectures (a linear probe, an MLP, a small CNN on
+the feature map) for several tasks:
+
+* ``designated``: the victim's own task (its class labels);
+* class groupings derived from the labels (Fashion-MNIST: ``footwear`` = sandal/sneaker/ankle
+  boot vs the rest, ``upper_body`` = T-shirt/pullover/coat/shirt vs the rest; MNIST: ``odd``,
+  ``large`` (>= 5); CIFAR-10: ``vehicle``; any other data set: class-index ``parity`` and
+  ``upper_half``), replaced by ``groups`` (name -> positive classes, "footwear=5,7,9;bags=8")
+  and/or ``mappings`` (name -> one new label per class) when given;
+* with ``attributes``: ``bright``, whether an image's mean pixel is above the median of the
+  attacker's own images, a property of the input rather than of its class.
+
+Probes are scored on the released features of the first ``eval_limit`` test images.
+
+Designated accuracy: the accuracy of the *designated* classifier, the run's frozen cloud head on
+the released features, when the target exposes it (``Target.head()``); otherwise the best fresh
+probe on the designated task. Unintended classifiers: every probe on another task, plus the
+fresh probes on the designated task when the designated accuracy is the head's (re-using the
+features by *another architecture* is repurposing too, as in the paper).
+
+Suppression ratio (the paper's definition) = designated accuracy / best unintended accuracy.
+Raw accuracies mix tasks of different chance levels (a binary task starts at 50% or more), so
+the result also reports each probe's *advantage* over chance, (acc - chance) / (1 - chance)
+with chance the test set's majority-class rate, and ``suppression_ratio_adv`` = designated
+advantage / max(best unintended advantage, 0.01): above 1 means the features serve the
+designated task better than any repurposing; the 0.01 floor caps it at 100 when nothing leaks.
+
+Paper: Guo et al., "Variational bottleneck with dynamic mask against input repurposing"
+(arXiv 2604.06644); probes follow the linear/MLP probing practice of Alain & Bengio, 2016.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import ATTACKS, Attack, AttackError, check_positive
+
+__all__ = ["RepurposeConfig", "RepurposeAttack", "PROBES", "default_groups", "derive_tasks", "suppression",
+           "build_probe", "ADV_FLOOR"]
+
+PROBES = ("linear", "mlp", "cnn")
+ADV_FLOOR = 0.01
+_GROUPS = {
+    "fashion-mnist": {"footwear": [5, 7, 9], "upper_body": [0, 2, 4, 6]},
+    "mnist": {"odd": [1, 3, 5, 7, 9], "large": [5, 6, 7, 8, 9]},
+    "cifar10": {"vehicle": [0, 1, 8, 9]},
+}
+
+
+@dataclass
+class RepurposeConfig:
+    """Input-repurposing probe settings (see the module docstring)."""
+
+    attack_name: ClassVar[str] = "repurpose"
+    probes: list[str] = field(default_factory=lambda: list(PROBES))
+    groups: Any = None  # {name: [positive classes]} or "name=1,2;other=3"; None = the data set's defaults
+    mappings: Any = None  # {name: [new label of class 0, of class 1, ...]}
+    attributes: bool = True  # add the input-attribute task "bright"
+    n_train: int = 0  # aux images to train on; 0 = the whole aux split
+    eval_limit: int = 5000  # test images to score on; 0 = the whole test split
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 1e-3
+    hidden: int = 256  # MLP hidden units; the CNN has 32 and 64 channels
+
+    def __post_init__(self):
+        if isinstance(self.probes, str):
+            self.probes = [p.strip() for p in self.probes.split(",") if p.strip()]
+        bad = [p for p in self.probes if p not in PROBES]
+        if bad or not self.probes:
+            raise AttackError(f"repurpose.probes must be some of {', '.join(PROBES)}, got {self.probes!r}: "
+                              "e.g. --set probes=linear,mlp,cnn")
+        self.groups = _parse_groups(self.groups)
+        if self.mappings is not None and not isinstance(self.mappings, dict):
+            raise AttackError("repurpose.mappings must map a task name to one label per class, e.g. "
+                              "{'coarse': [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]}")
+        for name in ("epochs", "batch_size", "hidden"):
+            check_positive(self, name, integer=True)
+        for name in ("n_train", "eval_limit"):
+            check_positive(self, name, integer=True, allow_zero=True)
+        check_positive(self, "lr")
+
+
+def _parse_groups(value: Any) -> dict[str, list[int]] | None:
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        out = {}
+        for part in str(value).split(";"):
+            if part.strip():
+                name, classes = part.split("=")
+                out[name.strip()] = [int(c) for c in classes.split(",")]
+        return out
+    except ValueError:
+        raise AttackError(f"repurpose.groups {value!r} is not 'name=classes;...': "
+                          "e.g. --set groups='footwear=5,7,9;upper_body=0,2,4,6'") from None
+
+
+def default_groups(dataset: str, num_classes: int) -> dict[str, list[int]]:
+    """Class groupings used as unintended tasks when none are configured."""
+    if dataset in _GROUPS:
+        return {k: list(v) for k, v in _GROUPS[dataset].items()}
+    return {"parity": list(range(1, num_classes, 2)), "upper_half": list(range(num_classes // 2, num_classes))}
+
+
+def derive_tasks(cfg: RepurposeConfig, dataset: str, num_classes: int) -> dict[str, np.ndarray]:
+    """Task name -> class-to-label lookup table (length num_classes); "designated" is the identity."""
+    tasks = {"designated": np.arange(num_classes)}
+    groups = cfg.groups if (cfg.groups is not None or cfg.mappings is not None) else default_groups(dataset, num_classes)
+    for name, pos in (groups or {}).items():
+        bad = [c for c in pos if not 0 <= int(c) < num_classes]
+        if bad:
+            raise AttackError(f"repurpose group '{name}' names classes {bad} outside 0..{num_classes - 1}")
+        tasks[name] = np.isin(np.arange(num_classes), pos).astype(np.int64)
+    for name, table in (cfg.mappings or {}).items():
+        table = np.asarray(table, np.int64)
+        if table.shape != (num_classes,) or table.min() < 0:
+            raise AttackError(f"repurpose mapping '{name}' needs {num_classes} labels >= 0 (one per class), "
+                              f"got {table.tolist()}")
+        tasks[name] = np.unique(table, return_inverse=True)[1]
+    for name, table in tasks.items():
+        if name != "designated" and len(np.unique(table)) < 2:
+            raise AttackError(f"repurpose task '{name}' gives every class the same label: it cannot be learned; "
+                              "name a proper subset of the classes")
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------- probes
+
+
+def build_probe(kind: str, feature_shape: tuple[int, ...], n_out: int, hidden: int = 256) -> nn.Module:
+    d = int(np.prod(feature_shape))
+    if kind == "linear":
+        return nn.Sequential(nn.Flatten(1), nn.Linear(d, n_out))
+    if kind == "mlp":
+        return nn.Sequential(nn.Flatten(1), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                             nn.Linear(hidden, n_out))
+    c = feature_shape[0]
+    return nn.Sequential(nn.Conv2d(c, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(1), nn.Linear(256, n_out))
+
+
+def _fit_probe(net: nn.Module, z: torch.Tensor, y: torch.Tensor, cfg: RepurposeConfig, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    steps_per_epoch = -(-len(z) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    net.train()
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(z), generator=g)
+        for i in range(0, len(z), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            loss = F.cross_entropy(net(z[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def _predict(net, z: torch.Tensor, batch: int = 1000) -> np.ndarray:
+    return torch.cat([net(z[i:i + batch]).argmax(1) for i in range(0, len(z), batch)]).numpy()
+
+
+def _advantage(acc: float, chance: float) -> float:
+    return (acc - chance) / (1.0 - chance) if chance < 1 else 0.0
+
+
+def suppression(designated_acc: float, designated_chance: float,
+                unintended: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Suppression ratios from the designated accuracy and {name: (accuracy, chance)} of the
+    unintended classifiers (see the module docstring for the definitions)."""
+    if not unintended:
+        raise AttackError("the suppression ratio needs at least one unintended classifier: add a task "
+                          "(--set groups=...) or a probe")
+    best = max(unintended, key=lambda k: unintended[k][0])
+    best_adv = max(unintended, key=lambda k: _advantage(*unintended[k]))
+    adv_d = _advantage(designated_acc, designated_chance)
+    adv_u = _advantage(*unintended[best_adv])
+    return {"best_unintended": best, "best_unintended_acc": unintended[best][0],
+            "suppression_ratio": designated_acc / max(unintended[best][0], 1e-12),
+            "best_unintended_adv_name": best_adv, "designated_adv": adv_d, "best_unintended_adv": adv_u,
+            "suppression_ratio_adv": adv_d / max(adv_u, ADV_FLOOR)}
+
+
+# ---------------------------------------------------------------------------------------- attack
+
+
+class RepurposeAttack(Attack):
+    """Input repurposing: fresh classifiers on released features, for the designated and other tasks."""
+
+    name = "repurpose"
+    family = "repurposing"
+    requires = frozenset({"features"})
+    config_cls = RepurposeConfig
+    alternative = None
+    presets = {"quick": {"n_train": 1000, "eval_limit": 500, "epochs": 5, "probes": ["linear", "mlp"]}}
+
+    def _run(self, target, data, seed, say):
+        cfg = self.config
+        timings: dict[str, float] = {}
+        tasks = derive_tasks(cfg, data.name, data.num_classes)
+        n_train = min(cfg.n_train or len(data.aux), len(data.aux))
+        n_eval = min(cfg.eval_limit or len(data.test), len(data.test))
+        x_tr, c_tr = data.aux.floats(slice(0, n_train)), data.aux.labels[:n_train]
+        x_ev, c_ev = data.test.floats(slice(0, n_eval)), data.test.labels[:n_eval]
+
+        t0 = time.perf_counter()
+        say(f"repurpose: released features of {n_train} aux and {n_eval} test images from {target.name}")
+        z_tr = target.features(x_tr, release=True, seed=seed * 1000 + 1)
+        z_ev = target.features(x_ev, release=True, seed=seed * 1000 + 2)
+        timings["features_s"] = round(time.perf_counter() - t0, 3)
+        labels = {k: (t[c_tr], t[c_ev]) for k, t in tasks.items()}
+        if cfg.attributes:
+            cut = float(np.median(x_tr.mean(axis=(1, 2, 3))))
+            labels["bright"] = ((x_tr.mean(axis=(1, 2, 3)) > cut).astype(np.int64),
+                                (x_ev.mean(axis=(1, 2, 3)) > cut).astype(np.int64))
+
+        mu, sd = z_tr.mean(axis=0, keepdims=True), z_tr.std(axis=0, keepdims=True) + 1e-6
+        zt_tr, zt_ev = torch.from_numpy((z_tr - mu) / sd), torch.from_numpy((z_ev - mu) / sd)
+        probes = [p for p in cfg.probes if p != "cnn" or z_tr.ndim == 4]
+        notes = [] if probes == list(cfg.probes) else ["cnn probe skipped: the released features are not a 2-D map"]
+
+        t0 = time.perf_counter()
+        metrics: dict[str, float] = {}
+        chance: dict[str, float] = {}
+        acc: dict[tuple[str, str], float] = {}
+        for task, (y_tr, y_ev) in labels.items():
+            k = int(max(y_tr.max(), y_ev.max())) + 1
+            chance[task] = float(np.bincount(y_ev, minlength=k).max() / len(y_ev))
+            metrics[f"chance_{task}"] = chance[task]
+            for i, kind in enumerate(probes):
+                with torch.random.fork_rng():
+                    torch.manual_seed(seed * 100 + i)
+                    net = build_probe(kind, z_tr.shape[1:], k, cfg.hidden)
+                net = _fit_probe(net, zt_tr, torch.from_numpy(y_tr), cfg, seed)
+                acc[(task, kind)] = float((_predict(net, zt_ev) == y_ev).mean())
+                metrics[f"acc_{task}_{kind}"] = acc[(task, kind)]
+                say(f"repurpose: {kind} probe on '{task}': {acc[(task, kind)]:.4f} (chance {chance[task]:.4f})")
+        timings["probes_s"] = round(time.perf_counter() - t0, 3)
+
+        head = target.head()
+        if head is not None:
+            with torch.no_grad():
+                zh = torch.from_numpy(np.ascontiguousarray(z_ev, np.float32))
+                pred = torch.cat([head(zh[i:i + 1000]).argmax(1) for i in range(0, len(zh), 1000)]).numpy()
+            designated, source = float((pred == c_ev).mean()), "the run's frozen cloud head on the released features"
+            unintended = {f"{t}/{p}": (a, chance[t]) for (t, p), a in acc.items()}
+        else:
+            best = max(probes, key=lambda p: acc[("designated", p)])
+            designated, source = acc[("designated", best)], f"the best fresh probe ({best}) on the designated task"
+            unintended = {f"{t}/{p}": (a, chance[t]) for (t, p), a in acc.items() if t != "designated"}
+        s = suppression(designated, chance["designated"], unintended)
+        metrics.update({"designated_acc": designated, "best_unintended_acc": s["best_unintended_acc"],
+                        "suppression_ratio": s["suppression_ratio"], "designated_adv": s["designated_adv"],
+                        "best_unintended_adv": s["best_unintended_adv"],
+                        "suppression_ratio_adv": s["suppression_ratio_adv"]})
+        extra = {"designated_source": source, "best_unintended": s["best_unintended"],
+                 "best_unintended_adv_name": s["best_unintended_adv_name"], "probes": probes,
+                 "tasks": {k: v.tolist() for k, v in tasks.items()}, "n_train": n_train,
+                 "evaluation_images": n_eval, "notes": notes + [
+                     "suppression_ratio = designated accuracy / best unintended accuracy; suppression_ratio_adv "
+                     f"uses accuracy above chance, (acc - chance) / (1 - chance), floored at {ADV_FLOOR}"]}
+        if cfg.attributes:
+            extra["tasks"]["bright"] = f"mean pixel > {cut:.4f} (median of the attacker's aux images)"
+        return self.result(target, seed, metrics, timings=timings, extra=extra)
+
+
+ATTACKS.register("repurpose", help="input repurposing: fresh probes on released features, suppression ratio")(
+    RepurposeAttack)

@@ -1,0 +1,92 @@
+"""Run one attack on one target of a run and keep what it found: what ``qdefend attack`` does.
+
+:func:`attack_run` opens the run and the target (an artifact through qdefend.devices.runtime, a
+torch encoder, or a service), builds the attack from its name, preset and ``--set`` parameters,
+runs it and writes ``runs/NAME/attacks/ATTACK-TARGET.json`` (config, seed, metrics, timings,
+notes) and, for inversion attacks, ``ATTACK-TARGET.png`` (originals above reconstructions) and
+``.npz`` (the arrays). Extraction attacks read a service's answers: given an encoder artifact
+they attack ``service:ARTIFACT`` (that encoder + the exported cloud head) and say so.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+from .base import ATTACKS, Attack, AttackError, AttackResult, build_attack
+from .grid import save_grid
+
+__all__ = ["attack_run", "parse_params", "result_path", "resolve_spec", "BUDGET_PARAMS"]
+
+# what --budget sets, per attack family / name (queries the attacker may spend)
+BUDGET_PARAMS = {"extraction": "budgets", "decoder": "n_train", "repurpose": "n_train", "clone_rmle": "budget"}
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """``["epochs=5", "budgets=1000,5000", "through_twin=true"]`` -> typed dict (TOML values,
+    else the raw string)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise AttackError(f"--set expects KEY=VALUE, got {item!r}: e.g. --set epochs=10")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def budget_param(attack_cls: type[Attack]) -> str | None:
+    return BUDGET_PARAMS.get(attack_cls.name) or BUDGET_PARAMS.get(attack_cls.family)
+
+
+def resolve_spec(attack: Attack, spec: str) -> tuple[str, list[str]]:
+    """The target spec the attack really needs: an attack that reads answers (probabilities,
+    labels) aimed at an encoder goes to ``service:ENCODER``."""
+    if attack.requires & {"probabilities", "labels"} and not spec.startswith("service:"):
+        return f"service:{spec}", [f"{attack.name} reads the service's answers: attacked service:{spec} "
+                                   "(that encoder + the exported cloud head)"]
+    return spec, []
+
+
+def result_path(run_dir: str | Path, attack: str, spec: str) -> Path:
+    return Path(run_dir) / "attacks" / f"{attack}-{spec.replace(':', '_').replace('/', '_')}.json"
+
+
+def attack_run(run_dir: str | Path, spec: str, attack: str, *, preset: str | None = None,
+               params: dict[str, Any] | None = None, budget: str | None = None, seed: int = 0,
+               run: Any = None, output: str = "probabilities", threads: int | None = None,
+               progress: Callable[[str], None] | None = None, save: bool = True) -> tuple[AttackResult, Path]:
+    """Attack target ``spec`` of the run at ``run_dir`` with attack ``attack``; returns the result
+    and the path of its JSON (written when ``save``)."""
+    from qdefend.run import RunPaths, load_run
+
+    params = dict(params or {})
+    cls = ATTACKS.get(attack)
+    if budget is not None:
+        key = budget_param(cls)
+        if key is None:
+            raise AttackError(f"attack '{attack}' has no query budget; set its parameters with --set KEY=VALUE")
+        params[key] = budget if key == "budgets" else int(budget)
+    atk = build_attack(attack, preset=preset, **params)
+    spec, notes = resolve_spec(atk, spec)
+    RunPaths(run_dir).require_trained()
+    if run is None:
+        run = load_run(run_dir)
+    from .targets import open_target
+
+    target = open_target(run_dir, spec, run=run, output=output, threads=threads)
+    result = atk.run(target, run.data, seed=seed, progress=progress)
+    if notes:
+        result.extra["notes"] = notes + result.notes
+    result.extra.setdefault("run", str(run_dir))
+    result.extra["preset"] = preset or "default"
+    path = result_path(run_dir, attack, spec)
+    if save:
+        result.save(path)
+        if result.reconstructions is not None:
+            save_grid([("private test images", result.originals),
+                       (f"{attack} on {spec}", result.reconstructions)], path.with_suffix(".png"))
+    return result, path

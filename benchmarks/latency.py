@@ -1,0 +1,439 @@
+"""Encoder latency on this CPU: int8 vs float for ONNX Runtime and LiteRT, and torch eager float.
+
+    python benchmarks/latency.py RUN_DIR [--batches 1,64] [--threads 1,2] [--repeats N]
+                                 [--warmup N] [--out FILE] [--ort-default] [--profile]
+
+RUN_DIR is an exported run (``qdefend export RUN``). Every artifact is timed through
+``qdefend.devices.runtime.Runtime.open(...).run(x)``, what a device runs (for ONNX Runtime that
+includes ``session.x64quantprecision=1``, needed for exact int8 on x86 without VNNI). The run has
+no float .tflite, so one is exported here from the run's float twin into a temporary directory
+with a one-artifact manifest, so LiteRT float goes through the same Runtime code (verification,
+batch resize, set_tensor/invoke) as LiteRT int8. The torch baseline is the same float twin in
+eager mode (eval, no_grad, ``torch.set_num_threads(threads)``): what a user would run without
+qdefend. Inputs are the first images of the run's test split, normalised as the encoder expects.
+
+Timing: every configuration is warmed up, then sampled with ``time.perf_counter`` round-robin
+(one sample of each configuration per round, in a shuffled order), so CPU contention from other
+processes hits every configuration alike; a sample averages enough back-to-back calls to last
+>= 5 ms. Medians with p10/p90 are reported, and ratios are taken within this one run. Output: a
+JSON file (machine, load average at start and end, per-configuration stats, int8-vs-float and
+vs-torch ratios, the 2x goal) and a printed table. ``--profile`` adds ONNX Runtime per-node times
+(int8 and float, largest batch, 1 thread) and the GEMM throughput of this CPU (float MatMul vs
+int8 MatMulInteger), which say where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+GOAL = 2.0  # the issue: int8 at least 2x faster than float at the largest batch, per engine
+MIN_SAMPLE_S = 0.005  # a sample lasts at least this long (several calls at batch 1)
+ORT_DEFAULT = "onnxruntime-default"
+ORT_DEFAULT_NOTE = "ORT default x64quantprecision: incorrect results on AVX2 without VNNI"
+PACKAGES = ("numpy", "torch", "onnxruntime", "ai-edge-litert", "litert-torch", "qdefend")
+
+
+@dataclass
+class Config:
+    """One timed configuration: `call` runs one batch; `before` runs before each sample."""
+
+    engine: str
+    precision: str
+    batch: int
+    threads: int
+    call: Callable[[], object]
+    before: Callable[[], None] = lambda: None
+    note: str = ""
+    number: int = 1  # calls per sample, set during warm-up
+
+    @property
+    def key(self) -> tuple:
+        return self.engine, self.precision, self.batch, self.threads
+
+
+# ----------------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict:
+    """CPU model, the SIMD flags that decide int8 speed, cores, OS and package versions."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first CPU's block
+            key, _, val = line.partition(":")
+            info.setdefault(key.strip(), val.strip())
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    versions = {pkg: _version(pkg) for pkg in PACKAGES}
+    return {
+        "cpu": info.get("model name") or platform.processor() or "unknown",
+        "cpu_family_model": [info.get("cpu family"), info.get("model")],  # AMD 23/1: Zen 1 (Naples)
+        "flags": {"avx2": "avx2" in flags, "fma": "fma" in flags, "avx512f": "avx512f" in flags,
+                  "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
+                  "amx_int8": "amx_int8" in flags},
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------- engines
+
+
+def float_tflite(run, example, root: Path) -> Path:
+    """root/ with artifacts/encoder.float.tflite (the float twin, dynamic batch) and a manifest
+    holding only that artifact (the run's manifest otherwise), so Runtime.open can load it."""
+    from qdefend.devices.manifest import artifact_entry, load_manifest, write_manifest
+    from qdefend.export.pipeline import float_twin
+    from qdefend.export.tflite import export_tflite
+
+    name = "encoder.float.tflite"
+    rep = export_tflite(float_twin(run, "encoder"), example, root / "artifacts" / name, int8=False)
+    manifest = load_manifest(run.paths.root)
+    manifest["artifacts"] = {name: artifact_entry(root, f"artifacts/{name}", format="tflite", role="encoder",
+                                                  precision="float", input=rep["input"], output=rep["output"],
+                                                  source="float twin (benchmark)")}
+    manifest["verification"] = {"status": "benchmark only"}
+    write_manifest(root, manifest)
+    return root
+
+
+def build_configs(run_dir: Path, run, x: np.ndarray, batches: list[int], threads: list[int],
+                  tflite_root: Path, ort_default: bool) -> list[Config]:
+    """Every (engine, precision, batch, threads) configuration, each with its own interpreter."""
+    import torch
+
+    from qdefend.devices.runtime import Runtime
+    from qdefend.export.pipeline import float_twin
+
+    enc = float_twin(run, "encoder").eval()
+    artifacts = [("onnxruntime", "int8", run_dir, "encoder.int8.onnx"),
+                 ("onnxruntime", "float", run_dir, "encoder.float.onnx"),
+                 ("litert", "int8", run_dir, "encoder.int8.tflite"),
+                 ("litert", "float", tflite_root, "encoder.float.tflite")]
+    configs = []
+    for b in batches:
+        xb = np.ascontiguousarray(x[:b])
+        xt = torch.from_numpy(xb)
+        for t in threads:
+            for engine, prec, root, name in artifacts:
+                rt = Runtime.open(root, name, interpreter=engine, threads=t)
+                configs.append(Config(engine, prec, b, t, lambda rt=rt, xb=xb: rt.run(xb)))
+            if ort_default:
+                sess = _ort_session(run_dir / "artifacts" / "encoder.int8.onnx", t, x64quantprecision=None)
+                feed = {sess.get_inputs()[0].name: xb}
+                configs.append(Config(ORT_DEFAULT, "int8", b, t, lambda s=sess, f=feed: s.run(None, f),
+                                      note=ORT_DEFAULT_NOTE))
+
+            def eager(xt=xt):
+                with torch.no_grad():
+                    return enc(xt)
+            configs.append(Config("torch-eager", "float", b, t, eager,
+                                  before=lambda t=t: torch.set_num_threads(t)))
+    return configs
+
+
+def _ort_session(model: Path | bytes, threads: int, *, x64quantprecision: str | None = "1",
+                 profile: str | None = None):
+    """An onnxruntime session as the device runtime makes it (optionally without its precision
+    setting, or profiling into `profile`*.json)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    if x64quantprecision is not None:
+        so.add_session_config_entry("session.x64quantprecision", x64quantprecision)
+    if profile:
+        so.enable_profiling, so.profile_file_prefix = True, profile
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                                providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------------- timing
+
+
+def _sample(c: Config) -> float:
+    """Seconds per call, averaged over c.number back-to-back calls."""
+    c.before()
+    t0 = time.perf_counter()
+    for _ in range(c.number):
+        c.call()
+    return (time.perf_counter() - t0) / c.number
+
+
+def measure(configs: list[Config], repeats: int, warmup: int, seed: int = 0,
+            say: Callable[[str], None] = print) -> dict[tuple, list[float]]:
+    """Per-call seconds, `repeats` samples per config, taken round-robin in a shuffled order."""
+    for c in configs:  # first call (allocation, resize), then calls per sample from its time
+        c.before()
+        c.call()
+        c.number = max(1, int(np.ceil(MIN_SAMPLE_S / max(_sample(c), 1e-9))))
+    order, rng = list(configs), random.Random(seed)
+    samples: dict[tuple, list[float]] = {c.key: [] for c in configs}
+    for r in range(warmup + repeats):
+        rng.shuffle(order)
+        for c in order:
+            s = _sample(c)
+            if r >= warmup:
+                samples[c.key].append(s)
+        if r == warmup - 1 or (r >= warmup and (r - warmup + 1) % 10 == 0):
+            say(f"  round {r + 1}/{warmup + repeats}")
+    return samples
+
+
+def summarise(configs: list[Config], samples: dict[tuple, list[float]]) -> list[dict]:
+    rows = []
+    for c in configs:
+        ms = np.asarray(samples[c.key]) * 1e3
+        p10, med, p90 = np.percentile(ms, [10, 50, 90])
+        row = {"engine": c.engine, "precision": c.precision, "batch": c.batch, "threads": c.threads,
+               "median_ms": round(float(med), 4), "p10_ms": round(float(p10), 4),
+               "p90_ms": round(float(p90), 4), "min_ms": round(float(ms.min()), 4),
+               "repeats": len(ms), "calls_per_sample": c.number,
+               "per_image_us": round(float(med) * 1e3 / c.batch, 2)}
+        if c.note:
+            row["note"] = c.note
+        rows.append(row)
+    return rows
+
+
+def ratios(rows: list[dict], samples: dict[tuple, list[float]] | None = None) -> dict:
+    """int8 speedup (float median / int8 median) per engine, batch, threads; speedup of every
+    config over torch eager float at the same batch and threads; the 2x goal at the largest batch.
+
+    With `samples` (aligned by round), also the median over rounds of float/int8 within a round:
+    samples taken moments apart share the machine's load, so this one drifts less with it."""
+    med = {(r["engine"], r["precision"], r["batch"], r["threads"]): r["median_ms"] for r in rows}
+    int8 = []
+    for (engine, prec, b, t), ms in med.items():
+        fkey = ("onnxruntime" if engine == ORT_DEFAULT else engine, "float", b, t)
+        if prec == "int8" and fkey in med:
+            row = {"engine": engine, "batch": b, "threads": t, "int8_ms": ms, "float_ms": med[fkey],
+                   "int8_speedup": round(med[fkey] / ms, 3)}
+            if samples is not None:
+                pairs = np.asarray(samples[fkey]) / np.asarray(samples[(engine, prec, b, t)])
+                row["int8_speedup_paired"] = round(float(np.median(pairs)), 3)
+            int8.append(row)
+    torch_ = [{"engine": e, "precision": p, "batch": b, "threads": t,
+               "speedup_vs_torch_eager": round(med[("torch-eager", "float", b, t)] / ms, 3)}
+              for (e, p, b, t), ms in med.items()
+              if e != "torch-eager" and ("torch-eager", "float", b, t) in med]
+    top = max(r["batch"] for r in rows)
+    goal = {"target_int8_speedup": GOAL, "batch": top, "per_engine": {}}
+    for e in ("onnxruntime", "litert"):
+        got = {f"threads={r['threads']}": r["int8_speedup"] for r in int8 if r["engine"] == e and r["batch"] == top}
+        if got:
+            goal["per_engine"][e] = {"speedup": got, "met": all(v >= GOAL for v in got.values())}
+    goal["met"] = bool(goal["per_engine"]) and all(v["met"] for v in goal["per_engine"].values())
+    return {"int8_vs_float": int8, "vs_torch_eager": torch_, "goal": goal}
+
+
+# ----------------------------------------------------------------------------------- profile
+
+
+def ort_node_profile(path: Path, x: np.ndarray, runs: int = 10) -> list[dict]:
+    """Median time per graph node of one onnxruntime session (1 thread) over `runs` calls."""
+    prefix = tempfile.mkdtemp(prefix="qdefend-ortprof-")
+    sess = _ort_session(path, 1, profile=os.path.join(prefix, "p"))
+    feed = {sess.get_inputs()[0].name: x}
+    for _ in range(runs + 2):
+        sess.run(None, feed)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    shutil.rmtree(prefix, ignore_errors=True)
+    times: dict[tuple, list[int]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            times.setdefault((e["name"][:-len("_kernel_time")], e["args"]["op_name"]), []).append(e["dur"])
+    nodes = [{"node": n, "op": op, "median_ms": round(float(np.median(v[2:] or v)) / 1e3, 3)}
+             for (n, op), v in times.items()]
+    total = sum(n["median_ms"] for n in nodes) or 1.0
+    for n in nodes:
+        n["share"] = round(n["median_ms"] / total, 3)
+    return sorted(nodes, key=lambda n: -n["median_ms"])
+
+
+def gemm_throughput(m: int = 12544, k: int = 576, n: int = 128, repeats: int = 9) -> dict:
+    """GMAC/s of onnxruntime (1 thread) for float MatMul and uint8 x int8 / uint8 x uint8
+    MatMulInteger (with x64quantprecision 1 and the default), interleaved, median. The default
+    shape is the 64->128 3x3 conv on 14x14 at batch 64 as an im2col GEMM."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    rng = np.random.default_rng(0)
+    a8 = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    kinds = {"float32": (T.FLOAT, rng.random((k, n), dtype=np.float32), rng.random((m, k), dtype=np.float32)),
+             "u8s8": (T.INT8, rng.integers(-128, 128, (k, n), dtype=np.int8), a8),
+             "u8u8": (T.UINT8, rng.integers(0, 256, (k, n), dtype=np.uint8), a8)}
+    sessions = {}
+    for kind, (wtype, w, a) in kinds.items():
+        fl = kind == "float32"
+        g = h.make_graph([h.make_node("MatMul" if fl else "MatMulInteger", ["a", "w"], ["y"])], "gemm",
+                         [h.make_tensor_value_info("a", T.FLOAT if fl else T.UINT8, [m, k])],
+                         [h.make_tensor_value_info("y", T.FLOAT if fl else T.INT32, [m, n])],
+                         [h.make_tensor("w", wtype, [k, n], w.tobytes(), raw=True)])
+        blob = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=9).SerializeToString()
+        for prec in ("1",) if fl else ("1", "default"):
+            key = kind if fl else f"{kind} (x64quantprecision={prec})"
+            sessions[key] = _ort_session(blob, 1, x64quantprecision=None if prec == "default" else prec), a
+    secs: dict[str, list[float]] = {key: [] for key in sessions}
+    for r in range(repeats + 1):
+        for key, (s, a) in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, {"a": a})
+            if r:
+                secs[key].append(time.perf_counter() - t0)
+    return {"shape_mkn": [m, k, n],
+            "gmac_per_s": {key: round(m * k * n / float(np.median(v)) / 1e9, 2) for key, v in secs.items()}}
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def table(rows: list[dict], rat: dict) -> str:
+    """The medians and ratios as aligned text."""
+    sp = {(r["engine"], r["batch"], r["threads"]): r for r in rat["int8_vs_float"]}
+    vt = {(r["engine"], r["precision"], r["batch"], r["threads"]): r["speedup_vs_torch_eager"]
+          for r in rat["vs_torch_eager"]}
+    head = (f"{'engine':20s} {'prec':5s} {'batch':>5s} {'thr':>3s} {'median ms':>10s} {'p10':>9s} "
+            f"{'p90':>9s} {'us/img':>9s} {'int8 x':>7s} {'paired':>7s} {'vs torch':>8s}")
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["batch"], r["threads"], r["engine"], r["precision"])):
+        k = (r["engine"], r["batch"], r["threads"])
+        s = sp.get(k, {}) if r["precision"] == "int8" else {}
+        x, xp = s.get("int8_speedup"), s.get("int8_speedup_paired")
+        v = vt.get((r["engine"], r["precision"], r["batch"], r["threads"]))
+        lines.append(f"{r['engine']:20s} {r['precision']:5s} {r['batch']:5d} {r['threads']:3d} "
+                     f"{r['median_ms']:10.3f} {r['p10_ms']:9.3f} {r['p90_ms']:9.3f} {r['per_image_us']:9.1f} "
+                     f"{'' if x is None else f'{x:.2f}':>7s} {'' if xp is None else f'{xp:.2f}':>7s} "
+                     f"{'' if v is None else f'{v:.2f}':>8s}")
+    g = rat["goal"]
+    lines.append(f"goal int8 >= {g['target_int8_speedup']}x float at batch {g['batch']}: "
+                 + ", ".join(f"{e} {v['speedup']} {'met' if v['met'] else 'MISSED'}"
+                             for e, v in g["per_engine"].items()))
+    return "\n".join(lines)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,64, got {text!r}")
+    return sorted(set(vals))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path, help="an exported run (qdefend export RUN)")
+    p.add_argument("--batches", type=_ints, default=[1, 64], help="comma-separated (default 1,64)")
+    p.add_argument("--threads", type=_ints, default=[1, 2], help="comma-separated (default 1,2)")
+    p.add_argument("--repeats", type=int, default=25, help="timed samples per configuration (default 25)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latency.json")
+    p.add_argument("--ort-default", action="store_true",
+                   help=f"also time int8 ONNX with ORT's default precision ({ORT_DEFAULT_NOTE})")
+    p.add_argument("--profile", action="store_true",
+                   help="add ONNX Runtime per-node times and this CPU's float/int8 GEMM throughput")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from qdefend.devices.manifest import ArtifactError
+    from qdefend.errors import QdefendError
+    from qdefend.run import load_run
+
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    started, load_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), _loadavg()
+    torch.set_num_threads(max(args.threads))
+    tmp = Path(tempfile.mkdtemp(prefix="qdefend-bench-"))
+    try:
+        say(f"loading {args.run_dir}")
+        run = load_run(args.run_dir)
+        n = max(args.batches)
+        test = run.data.test
+        x = run.data.normalization.apply(test.floats(slice(0, min(n, len(test))))).astype(np.float32)
+        x = np.ascontiguousarray(np.resize(x, (n, *x.shape[1:])))  # repeat images if the split is small
+        say("exporting the float twin to .tflite (LiteRT float)")
+        float_tflite(run, torch.from_numpy(x[:2]), tmp)
+        configs = build_configs(Path(args.run_dir), run, x, args.batches, args.threads, tmp, args.ort_default)
+        say(f"timing {len(configs)} configurations: {args.warmup} warm-up + {args.repeats} rounds")
+        t0 = time.perf_counter()
+        samples = measure(configs, args.repeats, args.warmup, say=say)
+        rows = summarise(configs, samples)
+        timing_s = time.perf_counter() - t0
+        profile = None
+        if args.profile:
+            say("profiling onnxruntime nodes and GEMM throughput")
+            profile = {"batch": n, "threads": 1, "x64quantprecision": "1", "ort_nodes": {
+                name: ort_node_profile(Path(args.run_dir) / "artifacts" / name, x)
+                for name in ("encoder.int8.onnx", "encoder.float.onnx")}, "gemm": gemm_throughput()}
+    except (QdefendError, ArtifactError) as e:
+        say(f"error: {e}")
+        return 2
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rat = ratios(rows, samples)
+    result = {"benchmark": "qdefend.latency", "schema_version": 1, "started": started,
+              "command": " ".join(["python", "benchmarks/latency.py", *(argv if argv is not None else sys.argv[1:])]),
+              "run": {"dir": str(args.run_dir), "name": run.paths.root.resolve().name,
+                      "input_shape": list(x.shape[1:]), "input": "test split, normalised"},
+              "machine": machine_info(), "load_average": {"start": load_start, "end": _loadavg()},
+              "settings": {"batches": args.batches, "threads": args.threads, "repeats": args.repeats,
+                           "warmup": args.warmup, "min_sample_s": MIN_SAMPLE_S, "timing_s": round(timing_s, 1),
+                           "order": "round-robin over configurations, shuffled per round"},
+              "results": rows, "ratios": rat}
+    if profile is not None:
+        result["profile"] = profile
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(rows, rat))
+    print(f"load average start {load_start} end {result['load_average']['end']}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

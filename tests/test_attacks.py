@@ -1,0 +1,208 @@
+"""Tests for qdefend.attacks: the attack contract (requirements, refusals, configs), metrics and
+verdicts on hand-computable inputs, and the attacks themselves on a small real QAT run exported to
+ONNX and TFLite.
+
+The leak tests are the point: on an undefended run the decoder attack must reconstruct
+recognisably (SSIM >= 0.6 and MSE at most a third of the mean-image floor) through the int8 TFLite
+artifact, so a weakened attack fails CI. They train for a minute and carry the ``slow`` marker
+(CI runs them); the fast tests use the ``quick`` presets.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from qdefend.attacks import ATTACKS, AttackError, AttackResult, build_attack, open_target
+from qdefend.attacks.grid import save_grid
+from qdefend.attacks.metrics import bootstrap_ci, image_metrics, mean_image_baseline
+from qdefend.attacks.report import fidelity_verdict, paired_verdict
+from qdefend.attacks.runner import attack_run, parse_params
+from qdefend.config import RunConfig
+from qdefend.errors import QdefendError
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------ contract, metrics, verdicts
+
+
+def test_registry_lists_every_attack_family():
+    names = set(ATTACKS.names())
+    assert {"decoder", "rmle", "shadow", "clone_rmle", "knockoff", "copycat", "jbda", "repurpose"} <= names
+    with pytest.raises(QdefendError, match="decoder"):
+        build_attack("no-such-attack")
+
+
+def test_bad_parameters_say_what_to_write():
+    with pytest.raises(AttackError, match=r"decoder.epochs must be an integer > 0.*--set epochs="):
+        build_attack("decoder", epochs=0)
+    with pytest.raises(AttackError, match="has no parameter 'epoch'. Valid parameters: .*epochs"):
+        build_attack("decoder", epoch=3)
+    with pytest.raises(AttackError, match="budgets must be positive"):
+        build_attack("knockoff", budgets="10,-3")
+    with pytest.raises(AttackError, match="arch must be one of victim, generic"):
+        build_attack("clone_rmle", arch="vgg")
+    assert parse_params(["epochs=5", "budgets=1000,5000", "through_twin=true", "clone=cnn"]) == {
+        "epochs": 5, "budgets": "1000,5000", "through_twin": True, "clone": "cnn"}
+    with pytest.raises(AttackError, match="KEY=VALUE"):
+        parse_params(["epochs"])
+
+
+def test_image_metrics_and_floor_on_known_images():
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 1, 28, 28), dtype=np.float32)
+    same = image_metrics(x, x)
+    assert same["mse"] == 0 and same["ssim"] == pytest.approx(1.0) and same["psnr"] == pytest.approx(100.0)
+    half = image_metrics(np.zeros_like(x), np.full_like(x, 0.5))
+    assert half["mse"] == pytest.approx(0.25) and half["psnr"] == pytest.approx(10 * np.log10(4))
+    base = mean_image_baseline(np.stack([np.zeros((1, 28, 28)), np.ones((1, 28, 28))]).astype(np.float32),
+                               np.zeros((2, 1, 28, 28), np.float32))
+    assert base["mse"] == pytest.approx(0.25)  # the mean image is 0.5 everywhere
+    lo, hi = bootstrap_ci(np.r_[np.zeros(50), np.ones(50)], seed=0)
+    assert lo < 0.5 < hi and hi - lo < 0.3
+
+
+def test_paired_verdict_directions():
+    rng = np.random.default_rng(1)
+    f = rng.random(200) * 0.02 + 0.01
+    same = paired_verdict("mse", f, f + rng.normal(0, 1e-4, 200), floor=0.1)
+    assert same["keeps_privacy"] and "no significant difference" in same["text"] and "0.20x the mean-image" in same["text"]
+    worse = paired_verdict("mse", f, f * 0.5)  # int8 reconstructions closer: leaks more
+    assert not worse["keeps_privacy"] and worse["text"].startswith("int8 leaks more than float")
+    better = paired_verdict("ssim", f + 0.5, f + 0.2)  # lower SSIM on int8: harder to invert
+    assert better["keeps_privacy"] and "harder to invert" in better["text"]
+    tiny = paired_verdict("psnr", f + 20, f + 20 - 0.005)  # significant, but 0.005 dB of 20
+    assert tiny["keeps_privacy"] and "negligible" in tiny["text"]
+    fid = fidelity_verdict("fidelity", 0.90, 0.95, 5000)
+    assert not fid["keeps_privacy"] and fid["ci"][0] > 0
+
+
+def test_result_round_trip_and_grid(tmp_path):
+    x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    r = AttackResult(attack="decoder", target="t", metrics={"mse": np.float32(0.5), "bad": float("nan")},
+                     config={"epochs": 1}, seed=3, originals=x, reconstructions=x[::-1].copy(),
+                     extra={"per_image": {"mse": [0.1, 0.2, 0.3]}})
+    p = r.save(tmp_path / "a.json")
+    back = AttackResult.load(p)
+    assert json.loads(p.read_text())["metrics"] == {"mse": 0.5, "bad": None}
+    assert back.seed == 3 and np.array_equal(back.reconstructions, x[::-1])
+    png = save_grid([("a", x), ("b", x)], tmp_path / "g.png", n=3, scale=2)
+    from PIL import Image
+
+    assert Image.open(png).size == (3 * (16 + 2) + 2, 2 * (14 + 16 + 2) + 2)
+
+
+# ------------------------------------------------------------------ a small real run, exported
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """Undefended QAT int8 reference split: 1 epoch on 2,000 real images, the attacker's 5,000 aux
+    images (the default aux size), 1,000 test images; exported to ONNX and TFLite."""
+    from qdefend.export import export_run
+    from qdefend.run import load_run
+    from qdefend.train import Trainer
+
+    root = tmp_path_factory.mktemp("runs") / "small"
+    cfg = RunConfig.from_dict({
+        "data": {"limit_train": 2000, "limit_test": 1000, "val_size": 200, "aux_size": 5000},
+        "quant": {"scheme": "int8"},
+        "train": {"epochs": 1, "batch_size": 64, "lr": 0.05},
+    })
+    Trainer(cfg, root, progress=False).fit()
+    export_run(root, verify_images=200)
+    return root, load_run(root)
+
+
+def test_targets_state_what_they_offer_and_agree(small_run):
+    root, run = small_run
+    x = run.data.test.floats(slice(0, 16))
+    t_f = open_target(root, "torch-float", run=run)
+    t_q = open_target(root, "torch-int8", run=run)
+    t_o = open_target(root, "encoder.int8.onnx", run=run)
+    t_l = open_target(root, "encoder.int8.tflite", run=run)
+    assert t_f.offers == {"features", "gradients"} and t_l.offers == {"features"} and t_l.kind == "litert"
+    zs = [t.features(x, seed=0) for t in (t_f, t_q, t_o, t_l)]
+    for z in zs[1:]:  # the same wire grid: int8 numerics agree to a few steps
+        assert z.shape == zs[0].shape and np.abs(z - zs[0]).max() <= 0.1
+    assert np.abs(zs[2] - zs[3]).mean() < 2e-3
+    svc = open_target(root, "service:encoder.int8.tflite", run=run)
+    p = svc.predict_proba(x)
+    assert p.shape == (16, 10) and np.allclose(p.sum(1), 1, atol=1e-5)
+    with pytest.raises(AttackError, match="offers features, not probabilities"):
+        t_l.predict_proba(x)
+    with pytest.raises(AttackError, match="has no artifact 'encoder.int4.tflite'. Valid targets: .*encoder.int8.tflite"):
+        open_target(root, "encoder.int4.tflite", run=run)
+
+
+def test_rmle_refuses_an_int8_artifact_and_names_the_alternative(small_run):
+    root, run = small_run
+    t = open_target(root, "encoder.int8.tflite", run=run)
+    with pytest.raises(AttackError, match=r"needs gradients; .*offers features\. Use --attack clone_rmle"):
+        build_attack("rmle", preset="quick").run(t, run.data)
+    r = build_attack("rmle", preset="quick", through_twin=True).run(t, run.data)
+    assert "attacked through the fake-quant twin" in " ".join(r.notes) and r.extra["gradients_from"] == "torch-float"
+
+
+@pytest.mark.parametrize("spec", ["torch-float", "torch-int8", "encoder.int8.onnx", "encoder.int8.tflite"])
+def test_the_same_decoder_code_runs_on_all_four_encoder_targets(small_run, spec):
+    root, run = small_run
+    res, _ = attack_run(root, spec, "decoder", preset="quick", run=run, save=False)
+    m = res.metrics
+    assert res.target == spec and m["mse"] < m["baseline_mse"] and m["ssim_lo"] <= m["ssim"] <= m["ssim_hi"]
+
+
+@pytest.mark.parametrize("attack", ["decoder", "rmle", "shadow", "clone_rmle", "knockoff", "copycat", "jbda",
+                                    "repurpose"])
+def test_every_attack_runs_quick_and_writes_its_result(small_run, attack):
+    root, run = small_run
+    art = "torch-float" if attack == "rmle" else "encoder.int8.tflite"
+    res, path = attack_run(root, art, attack, preset="quick", run=run)
+    d = json.loads(path.read_text())
+    assert d["attack"] == attack and d["seed"] == 0 and d["timings"]["total_s"] > 0
+    assert all(v is None or np.isfinite(v) for v in d["metrics"].values())
+    if ATTACKS.get(attack).family == "inversion":
+        assert path.with_suffix(".png").is_file() and res.reconstructions.shape[1:] == (1, 28, 28)
+        assert 0 < d["metrics"]["mse"] and d["metrics"]["baseline_mse"] > 0
+    if ATTACKS.get(attack).family == "extraction":
+        assert d["target"] == "service:encoder.int8.tflite" and 0 <= d["metrics"]["fidelity"] <= 1
+
+
+def test_compare_quick_writes_report_with_verdicts(small_run, tmp_path):
+    from qdefend.attacks.report import CompareConfig, compare
+
+    root, _ = small_run
+    rep = compare([root], CompareConfig(attacks=["decoder", "knockoff"], quick=True), tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "`encoder.float.onnx`" in md and "`encoder.int8.tflite`" in md and "![reconstructions]" in md
+    verdicts = rep["runs"][0]["verdicts"]
+    assert {v["metric"] for v in verdicts} == {"mse", "psnr", "ssim", "fidelity", "clone_acc"}
+    assert all("95% interval" in v["text"] for v in verdicts)
+    assert (tmp_path / "rep" / "figures" / "small-reconstructions.png").is_file()
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["runs"][0]["name"] == "small"
+
+
+# ------------------------------------------------------------------ the undefended model leaks
+
+
+@pytest.mark.slow
+def test_undefended_int8_artifact_leaks_to_the_decoder(small_run):
+    root, run = small_run
+    res, _ = attack_run(root, "encoder.int8.tflite", "decoder", params={"epochs": 15, "n_eval": 300,
+                                                                       "oracle_epochs": 0}, run=run)
+    m = res.metrics
+    assert m["ssim"] >= 0.6, m
+    assert m["mse"] <= m["baseline_mse"] / 3, m
+
+
+@pytest.mark.slow
+def test_undefended_int8_artifact_leaks_to_extract_then_invert(small_run):
+    root, run = small_run
+    res, _ = attack_run(root, "encoder.int8.tflite", "clone_rmle",
+                        params={"budget": 5000, "epochs": 5, "iterations": 600, "n_eval": 32, "oracle_epochs": 0},
+                        run=run)
+    m = res.metrics
+    assert m["clone_feature_r2"] >= 0.8, m
+    assert m["mse"] <= m["baseline_mse"] / 2, m

@@ -1,0 +1,126 @@
+"""Tests for benchmarks/latency.py: the ratio and goal arithmetic on fixed numbers, and a smoke
+run of the script on a tiny exported run (2 repeats, batch 1, 1 thread) that checks the JSON it
+writes. No timing is asserted: speed is measured by the benchmark, not by tests.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "latency.py"
+ENGINES = {("onnxruntime", "int8"), ("onnxruntime", "float"), ("litert", "int8"), ("litert", "float"),
+           ("torch-eager", "float")}
+
+
+@pytest.fixture(scope="module")
+def latency():
+    spec = importlib.util.spec_from_file_location("qdefend_bench_latency", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _row(engine, precision, batch, threads, ms):
+    return {"engine": engine, "precision": precision, "batch": batch, "threads": threads, "median_ms": ms,
+            "p10_ms": ms, "p90_ms": ms, "per_image_us": ms * 1e3 / batch}
+
+
+def test_ratios_goal_and_table_from_fixed_medians(latency):
+    rows = [_row("onnxruntime", "int8", 64, 1, 4.0), _row("onnxruntime", "float", 64, 1, 10.0),
+            _row("litert", "int8", 64, 1, 6.0), _row("litert", "float", 64, 1, 9.0),
+            _row("torch-eager", "float", 64, 1, 30.0), _row("onnxruntime", "int8", 1, 1, 1.0),
+            _row("onnxruntime", "float", 1, 1, 1.5), _row("onnxruntime-default", "int8", 64, 1, 5.0)]
+    samples = {("onnxruntime", "int8", 64, 1): [0.004, 0.002], ("onnxruntime", "float", 64, 1): [0.010, 0.010]}
+    samples.update({(r["engine"], r["precision"], r["batch"], r["threads"]): [r["median_ms"] / 1e3] * 2
+                    for r in rows if (r["engine"], r["precision"], r["batch"], r["threads"]) not in samples})
+    rat = latency.ratios(rows, samples)
+    sp = {(r["engine"], r["batch"]): r for r in rat["int8_vs_float"]}
+    assert sp[("onnxruntime", 64)]["int8_speedup"] == 2.5
+    assert sp[("onnxruntime", 64)]["int8_speedup_paired"] == 3.75  # median of 10/4 and 10/2
+    assert sp[("litert", 64)]["int8_speedup"] == 1.5 and sp[("onnxruntime", 1)]["int8_speedup"] == 1.5
+    assert sp[("onnxruntime-default", 64)]["float_ms"] == 10.0  # compared with the ORT float artifact
+    vt = {(r["engine"], r["precision"]): r["speedup_vs_torch_eager"] for r in rat["vs_torch_eager"] if r["batch"] == 64}
+    assert vt == {("onnxruntime", "int8"): 7.5, ("onnxruntime", "float"): 3.0, ("litert", "int8"): 5.0,
+                  ("litert", "float"): 3.333, ("onnxruntime-default", "int8"): 6.0}
+    goal = rat["goal"]
+    assert goal["batch"] == 64 and goal["target_int8_speedup"] == 2.0
+    assert goal["per_engine"]["onnxruntime"] == {"speedup": {"threads=1": 2.5}, "met": True}
+    assert goal["per_engine"]["litert"]["met"] is False and goal["met"] is False
+    text = latency.table(rows, rat)
+    assert "litert {'threads=1': 1.5} MISSED" in text and "onnxruntime {'threads=1': 2.5} met" in text
+
+
+def test_cli_lists_are_checked(latency):
+    args = latency.parse_args(["run", "--batches", "64,1,64", "--threads", "2"])
+    assert args.batches == [1, 64] and args.threads == [2] and args.repeats >= 1
+    with pytest.raises(SystemExit):
+        latency.parse_args(["run", "--batches", "0,1"])
+    with pytest.raises(SystemExit):
+        latency.parse_args(["run", "--repeats", "0"])
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory):
+    """A tiny QAT run (quarter-width encoder, 256 images, 1 epoch), exported with both int8 formats."""
+    import torch
+
+    from qdefend.config import RunConfig
+    from qdefend.export import export_run
+    from qdefend.train import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("bench") / "tiny"
+    cfg = RunConfig.from_dict({
+        "data": {"limit_train": 256, "limit_test": 64, "val_size": 64, "aux_size": 64},
+        "model": {"width": 0.25, "head_width": 0.125},
+        "quant": {"scheme": "int8"},
+        "train": {"epochs": 1, "batch_size": 64, "lr": 0.05},
+    })
+    try:
+        Trainer(cfg, root, progress=False).fit()
+        export_run(root, verify_images=32)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_the_json_schema(exported_run, tmp_path):
+    out = tmp_path / "latency.json"
+    cmd = [sys.executable, str(SCRIPT), str(exported_run), "--repeats", "2", "--warmup", "1",
+           "--batches", "1", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "median ms" in proc.stdout and "goal int8 >= 2.0x float at batch 1" in proc.stdout
+    d = json.loads(out.read_text())
+    assert d["benchmark"] == "qdefend.latency" and d["schema_version"] == 1
+    m = d["machine"]
+    assert isinstance(m["cpu"], str) and m["logical_cpus"] >= 1
+    assert set(m["flags"]) >= {"avx2", "avx512f", "avx512_vnni"} and all(isinstance(v, bool) for v in m["flags"].values())
+    assert m["versions"]["onnxruntime"] and m["versions"]["ai-edge-litert"] and m["versions"]["torch"]
+    assert len(d["load_average"]["start"]) == 3 and len(d["load_average"]["end"]) == 3
+    assert d["settings"]["repeats"] == 2 and d["settings"]["batches"] == [1] and d["settings"]["threads"] == [1]
+    rows = d["results"]
+    assert {(r["engine"], r["precision"]) for r in rows} == ENGINES and len(rows) == len(ENGINES)
+    for r in rows:
+        assert r["batch"] == 1 and r["threads"] == 1 and r["repeats"] == 2 and r["calls_per_sample"] >= 1
+        assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert r["per_image_us"] == pytest.approx(r["median_ms"] * 1e3, rel=1e-3)
+    rat = d["ratios"]
+    assert {r["engine"] for r in rat["int8_vs_float"]} == {"onnxruntime", "litert"}
+    for r in rat["int8_vs_float"]:
+        assert r["int8_speedup"] == pytest.approx(r["float_ms"] / r["int8_ms"], rel=1e-3)
+        assert r["int8_speedup_paired"] > 0
+    assert len(rat["vs_torch_eager"]) == 4
+    assert set(rat["goal"]["per_engine"]) == {"onnxruntime", "litert"} and isinstance(rat["goal"]["met"], bool)
+    assert "profile" not in d
