@@ -65,9 +65,13 @@ def torch_release(z, steps: list[dict], generator=None):
             if k:
                 idx = flat.abs().topk(k, dim=1, largest=False).indices
                 z = flat.scatter(1, idx, 0.0).reshape(z.shape)
+        elif kind == "additive_noise":
+            bank = torch.tensor(step["tensors"], dtype=z.dtype)
+            idx = torch.randint(len(bank), (len(z),), generator=generator)
+            z = z + bank[idx].reshape(z.shape)
         else:
             raise AttackError(f"release step {kind!r} has no torch version; known: gaussian_noise, "
-                              "laplace_noise, dropout, topk_prune (upgrade qdefend)")
+                              "laplace_noise, dropout, topk_prune, additive_noise (upgrade qdefend)")
     return z
 
 

@@ -56,6 +56,7 @@ RELEASE_STEP_PARAMS = {
     "laplace_noise": ("scale", 0.0, math.inf),
     "dropout": ("p", 0.0, 1.0),
     "topk_prune": ("ratio", 0.0, 1.0),
+    "additive_noise": ("tensors", None, None),  # K equal-length lists of floats (Shredder)
 }
 _REQUIRED = ("run", "created", "model", "dataset", "input", "features", "release", "artifacts",
              "tools", "warnings", "verification")
@@ -181,6 +182,12 @@ def _check_steps(steps: Any, key: str) -> None:
             _fail(f"{k}.type", f"must be one of {', '.join(RELEASE_STEP_PARAMS)}, got {kind!r}")
         param, lo, hi = RELEASE_STEP_PARAMS[kind]
         v = step.get(param)
+        if kind == "additive_noise":
+            ok = isinstance(v, list) and v and all(isinstance(t, list) and t and len(t) == len(v[0]) and
+                                                   all(_is_num(x) and math.isfinite(x) for x in t) for t in v)
+            if not ok:
+                _fail(f"{k}.tensors", "must be a non-empty list of equal-length lists of finite numbers")
+            continue
         if not (_is_num(v) and lo <= v <= hi):
             _fail(f"{k}.{param}", f"must be a number in [{lo}, {hi}] for {kind}, got {v!r}")
 
@@ -388,4 +395,8 @@ def wire_quant_params(out_quant: dict | None, steps: list, value_range: list | t
     else:
         raise ArtifactError("wire_quant_params needs the encoder output range: pass value_range=[low, "
                             "high] (e.g. the observed min/max) or the output quant params")
+    for s in steps:  # a learned additive tensor shifts the range by its extremes
+        if s["type"] == "additive_noise":
+            low += min(0.0, min(min(t) for t in s["tensors"]))
+            high += max(0.0, max(max(t) for t in s["tensors"]))
     return int8_params(low - WIRE_SIGMAS * std, high + WIRE_SIGMAS * std)

@@ -79,11 +79,21 @@ def _topk_prune(z, step, rng):
     return out.reshape(z.shape)
 
 
+def _additive_noise(z, step, rng):
+    """Add one of the step's K learned tensors (Shredder) to each sample, drawn uniformly."""
+    bank = np.asarray(step["tensors"], np.float32)
+    if bank.ndim != 2 or bank.shape[1] != int(np.prod(z.shape[1:])):
+        raise ArtifactError(f"additive_noise tensors {bank.shape} do not match features {z.shape}: re-export the run")
+    idx = rng.integers(len(bank), size=len(z)) if len(bank) > 1 else np.zeros(len(z), np.int64)
+    return (z + bank[idx].reshape(z.shape)).astype(np.float32)
+
+
 RELEASE_STEPS: dict[str, Callable[[np.ndarray, dict, np.random.Generator], np.ndarray]] = {
     "gaussian_noise": _gaussian_noise,
     "laplace_noise": _laplace_noise,
     "dropout": _dropout,
     "topk_prune": _topk_prune,
+    "additive_noise": _additive_noise,
 }
 
 

@@ -197,7 +197,7 @@ class Trainer:
             logits = net.head(zr)
             task = F.cross_entropy(logits, y)
             ctx = StepContext(x=x, y=y, z=z, z_released=zr, logits=logits, epoch=epoch, step=step,
-                              encoder=net.encoder, head=net.head, normalization=norm)
+                              encoder=net.encoder, head=net.head, normalization=norm, lr=opt.param_groups[0]["lr"])
             enc_terms = defense.encoder_loss_terms(ctx)
             terms = defense.loss_terms(ctx)
             loss = task + sum(terms.values(), torch.zeros((), device=device))

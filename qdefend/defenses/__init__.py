@@ -1,4 +1,10 @@
-"""Privacy defenses, registered by name and composable with '+' (e.g. ``noise+nopeek``)."""
+"""Privacy defenses, registered by name and composable with '+' (e.g. ``noise+nopeek``).
+
+Release transforms (train and inference, applied on the device): ``noise`` (Gaussian), ``laplace``,
+``ldp`` (Laplace/Gaussian calibrated to a local-DP epsilon), ``dropout``, ``topk``, ``shredder``
+(learned additive noise). Training losses: ``nopeek`` (distance correlation), ``arl`` (SSIM hinge
+against a simulated decoder attacker), ``cem`` (conditional entropy maximisation, wraps a noise).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,25 @@ from ..config import DefenseConfig, from_dict
 from ..errors import QdefendError
 from ..registry import Registry
 from .base import Defense, DefenseStack, EpochContext, StepContext
-from .noise import GaussianNoise
+from .arl import ARL
+from .cem import CEM
+from .dropout import FeatureDropout
+from .noise import GaussianNoise, LaplaceNoise, LocalDPNoise
+from .nopeek import NoPeek, distance_correlation
+from .shredder import Shredder
+from .topk import TopkPrune
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
 DEFENSES.register("none", help="no defense: features are released as the encoder computes them")(Defense)
 DEFENSES.register("noise")(GaussianNoise)
+DEFENSES.register("laplace")(LaplaceNoise)
+DEFENSES.register("ldp")(LocalDPNoise)
+DEFENSES.register("dropout")(FeatureDropout)
+DEFENSES.register("topk")(TopkPrune)
+DEFENSES.register("nopeek")(NoPeek)
+DEFENSES.register("arl")(ARL)
+DEFENSES.register("shredder")(Shredder)
+DEFENSES.register("cem", help="CEM: per-class cluster variances of z pushed under the noise floor (needs noise)")(CEM)
 
 
 def parse_stack(stack: str) -> list[str]:
@@ -43,6 +63,9 @@ def build_defense(cfg: DefenseConfig) -> DefenseStack:
         cls = DEFENSES.get(n)
         conf = from_dict(cls.Config, dict(cfg.params.get(n, {})), where=f"defense.params.{n}")
         defenses.append(cls(conf))
+    for d in defenses:  # defenses that read their neighbours (CEM takes sigma from the noise)
+        if hasattr(d, "bind_stack"):
+            d.bind_stack(defenses)
     return DefenseStack(defenses)
 
 
@@ -53,5 +76,6 @@ def resolved_params(stack: DefenseStack) -> dict[str, dict[str, Any]]:
 
 __all__ = [
     "DEFENSES", "Defense", "DefenseStack", "StepContext", "EpochContext",
-    "build_defense", "parse_stack", "resolved_params",
+    "build_defense", "parse_stack", "resolved_params", "distance_correlation",
+    "CEM", "GaussianNoise", "LaplaceNoise", "LocalDPNoise", "FeatureDropout", "TopkPrune", "NoPeek", "ARL", "Shredder",
 ]

@@ -37,6 +37,7 @@ class StepContext:
     encoder: nn.Module
     head: nn.Module
     normalization: Any = None  # qdefend.data.Normalization, to map x back to [0,1] pixels
+    lr: float | None = None  # the learning rate of this step (CEM couples its lambda to it)
 
 
 @dataclass

@@ -1,0 +1,54 @@
+"""Feature dropout at the cut: zero each element of z with probability p, without rescaling.
+
+Applied at training AND inference (it is a release transform, not a regulariser): the cloud never
+sees the dropped elements. Unlike ``nn.Dropout`` the kept elements are not scaled by 1/(1-p), as
+in the CEM/ResSFL code, so the head learns on exactly what a device sends. The release_spec is
+the device runtime's ``dropout`` step (keep an element when a uniform draw is >= p).
+
+Paper: Li et al., "ResSFL: A Resistance Transfer Framework for Defending Model Inversion Attack
+in Split Federated Learning", CVPR 2022 (dropout baseline); Xia et al., CEM, CVPR 2025
+(arXiv 2503.00383), Sec. 5 baselines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import QdefendError
+from .base import Defense
+
+__all__ = ["DropoutConfig", "FeatureDropout", "feature_dropout"]
+
+
+def feature_dropout(z: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z with each element zeroed with probability p (kept where U[0,1) >= p), no rescaling."""
+    if p == 0:
+        return z
+    keep = torch.rand(z.shape, generator=generator, device=z.device, dtype=z.dtype) >= p
+    return z * keep.to(z.dtype)
+
+
+@dataclass
+class DropoutConfig:
+    p: float = 0.2  # probability of zeroing each released element
+
+    def __post_init__(self):
+        if not (0 <= self.p < 1):
+            raise QdefendError(
+                f"dropout p must be in [0, 1), got {self.p}: e.g. --set defense.params.dropout.p=0.2"
+            )
+
+
+class FeatureDropout(Defense):
+    """Zero each released feature element with probability p, no rescaling (train and inference)."""
+
+    name = "dropout"
+    Config = DropoutConfig
+
+    def release(self, z, generator=None):
+        return feature_dropout(z, self.config.p, generator)
+
+    def release_spec(self):
+        return {"type": "dropout", "p": float(self.config.p)}

@@ -1,0 +1,146 @@
+"""Shredder: learned additive noise at the cut (the paper learns it with the network frozen).
+
+Shredder casts the noise as trainable parameters: a bank of K noise tensors n_1..n_K of the
+feature shape, initialised from Laplace(0, init_scale). Each released sample gets one tensor of
+the bank, drawn uniformly (z~ = z + n_k, at training and inference: sampling from the learned
+noise distribution), and the bank is trained to keep the task loss low while growing the noise:
+
+    loss += -alpha * mean |n|        (|n| clamped to max_abs after every step)
+
+so alpha is the privacy/accuracy knob. The bank has its own Adam (``lr``), because the trainer's
+optimizer only holds the network's parameters: the trainer's backward fills the bank's gradient
+(task loss and every loss term, this one included) and the Shredder applies it in its next
+``release`` of the same run (or at the epoch end). Steps only happen after ``loss_terms`` was
+called, i.e. only inside ``qdefend train``; an attack that back-propagates through ``release``
+never changes the bank.
+
+The paper trains the noise with the network frozen. The trainer cannot freeze parts yet (and
+refuses ``train.lr=0``), so a plain ``--defense shredder`` run trains network and noise together;
+the closest to the paper today is to start from a trained run with a negligible network learning
+rate: ``qdefend train --from runs/base --defense shredder --set train.lr=1e-6`` (BatchNorm running
+statistics still adapt to the noisy features).
+
+Release on a device: a step ``{"type": "additive_noise", "tensors": [[...], ...]}`` (K flattened
+tensors; each sample adds one drawn uniformly), which :func:`apply_additive_noise` implements in
+numpy for ``devices/runtime.py``.
+
+Paper: Mireshghallah et al., "Shredder: Learning Noise Distributions to Protect Inference
+Privacy", ASPLOS 2020 (arXiv 1905.11814).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import QdefendError
+from .arl import ShapeBuilt
+from .base import Defense, EpochContext, StepContext
+
+__all__ = ["ShredderConfig", "Shredder", "apply_additive_noise"]
+
+
+def apply_additive_noise(z: np.ndarray, step: dict, rng: np.random.Generator) -> np.ndarray:
+    """Numpy release step ``additive_noise`` (what the device runs: devices/runtime.py)."""
+    from qdefend.devices.runtime import RELEASE_STEPS
+
+    return RELEASE_STEPS["additive_noise"](z, step, rng)
+
+
+class _NoiseBank(ShapeBuilt):
+    def __init__(self, n_tensors: int, init_scale: float):
+        super().__init__()
+        self.n_tensors, self.init_scale = n_tensors, init_scale
+        self.noise: nn.Parameter | None = None
+
+    def _build(self, shapes):
+        (z_shape,) = shapes
+        e = torch.empty((2, self.n_tensors, *z_shape)).exponential_()
+        self.noise = nn.Parameter(self.init_scale * (e[0] - e[1]))
+
+
+@dataclass
+class ShredderConfig:
+    alpha: float = 0.1  # weight of the noise-magnitude reward -mean|n|
+    n_tensors: int = 8  # K noise tensors in the bank; one drawn per sample
+    init_scale: float = 0.1  # Laplace scale of the initial noise
+    lr: float = 1e-2  # Adam learning rate of the noise
+    max_abs: float = 4.0  # |n| is clamped to this after every step
+
+    def __post_init__(self):
+        p = "--set defense.params.shredder"
+        if not (0 <= self.alpha < math.inf):
+            raise QdefendError(f"shredder alpha must be a finite number >= 0, got {self.alpha}: e.g. {p}.alpha=0.1")
+        if not (isinstance(self.n_tensors, int) and self.n_tensors >= 1):
+            raise QdefendError(f"shredder n_tensors must be an integer >= 1, got {self.n_tensors}: e.g. {p}.n_tensors=8")
+        if not (0 <= self.init_scale < math.inf):
+            raise QdefendError(
+                f"shredder init_scale must be a finite number >= 0, got {self.init_scale}: e.g. {p}.init_scale=0.1"
+            )
+        if not (0 < self.lr < math.inf):
+            raise QdefendError(f"shredder lr must be a finite number > 0, got {self.lr}: e.g. {p}.lr=0.01")
+        if not (0 < self.max_abs < math.inf):
+            raise QdefendError(f"shredder max_abs must be a finite number > 0, got {self.max_abs}: e.g. {p}.max_abs=4")
+
+
+class Shredder(Defense):
+    """Learned additive noise tensors at the cut (one of K per sample), trained for accuracy and size."""
+
+    name = "shredder"
+    Config = ShredderConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.bank = _NoiseBank(self.config.n_tensors, self.config.init_scale)
+        self._opt: torch.optim.Optimizer | None = None
+        self._pending = False  # loss_terms ran: the trainer's backward will fill the bank's grad
+        self._learning = False  # loss_terms ran once: this object is being trained
+
+    def module(self) -> nn.Module:
+        return self.bank
+
+    def _apply_pending(self) -> None:
+        if not self._pending:
+            return
+        self._pending = False
+        noise = self.bank.noise
+        if noise.grad is None:
+            return
+        if self._opt is None:
+            self._opt = torch.optim.Adam([noise], lr=self.config.lr)
+        self._opt.step()
+        self._opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            noise.clamp_(-self.config.max_abs, self.config.max_abs)
+
+    def release(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        self._apply_pending()
+        self.bank.ensure(z.shape[1:], device=z.device)
+        noise = self.bank.noise
+        if not (torch.is_grad_enabled() and (z.requires_grad or self._learning)):
+            noise = noise.detach()  # plain inference (export, evaluation): no graph through the bank
+        k = self.config.n_tensors
+        if k == 1:
+            return z + noise[0].to(z.dtype)
+        idx = torch.randint(k, (len(z),), generator=generator, device=z.device)
+        return z + noise[idx].to(z.dtype)
+
+    def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        self._pending = self._learning = True
+        return {"magnitude": -self.config.alpha * self.bank.noise.abs().mean()}
+
+    def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
+        self._apply_pending()
+        if not self.bank.built:
+            return {}
+        return {"noise_abs_mean": float(self.bank.noise.detach().abs().mean())}
+
+    def release_spec(self):
+        if not self.bank.built:
+            raise QdefendError("shredder has no learned noise yet: train the run (qdefend train) before exporting it")
+        flat = self.bank.noise.detach().float().cpu().reshape(self.config.n_tensors, -1)
+        return {"type": "additive_noise", "tensors": flat.tolist()}

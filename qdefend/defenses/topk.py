@@ -1,0 +1,63 @@
+"""Top-k pruning at the cut: zero the ``ratio`` fraction of smallest-|z| elements of each sample.
+
+k = round(ratio * D) per sample (D = elements per sample, Python's round-half-even, as the device
+runtime's ``topk_prune`` step); the k smallest |z| are set to +0. Ties are broken towards the lower
+flat index (a stable sort), so the result is deterministic on every device; numpy's argpartition
+in ``devices/runtime.py`` picks among equal values in an unspecified order, so the two agree
+exactly whenever the k-th and (k+1)-th smallest |z| of a sample differ (always for continuous
+features; also when the tie is among exact zeros, e.g. after dropout). Applied at training and
+inference; gradients flow through the kept elements only.
+
+Paper: Li et al., "ResSFL", CVPR 2022 (``prune_defense`` baseline); Xia et al., CEM, CVPR 2025
+(arXiv 2503.00383), Sec. 5 baselines ("Top-k prune").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import QdefendError
+from .base import Defense
+
+__all__ = ["TopkConfig", "TopkPrune", "topk_prune", "pruned_count"]
+
+
+def pruned_count(ratio: float, per_sample: int) -> int:
+    """How many elements of a sample are zeroed: round(ratio * D), as the runtime computes it."""
+    return int(round(ratio * per_sample))
+
+
+def topk_prune(z: torch.Tensor, ratio: float) -> torch.Tensor:
+    """z with the round(ratio * D) smallest-|z| elements of each sample set to zero."""
+    flat = z.reshape(len(z), -1)
+    k = pruned_count(ratio, flat.shape[1])
+    if k == 0 or flat.numel() == 0:
+        return z
+    idx = torch.sort(flat.detach().abs(), dim=1, stable=True).indices[:, :k]
+    return flat.scatter(1, idx, 0.0).reshape(z.shape)
+
+
+@dataclass
+class TopkConfig:
+    ratio: float = 0.5  # fraction of each sample's elements zeroed (the smallest |z|)
+
+    def __post_init__(self):
+        if not (0 <= self.ratio < 1):
+            raise QdefendError(
+                f"topk ratio must be in [0, 1), got {self.ratio}: e.g. --set defense.params.topk.ratio=0.5"
+            )
+
+
+class TopkPrune(Defense):
+    """Zero the smallest-|z| fraction of each sample's released features (train and inference)."""
+
+    name = "topk"
+    Config = TopkConfig
+
+    def release(self, z, generator=None):
+        return topk_prune(z, self.config.ratio)
+
+    def release_spec(self):
+        return {"type": "topk_prune", "ratio": float(self.config.ratio)}
