@@ -179,13 +179,13 @@ def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str |
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futs = [pool.submit(_attack_target, str(r), art, asdict(cfg), max(1, _cpus() // workers), True)
+            futs = [pool.submit(_attack_target, str(r), art, asdict(cfg), max(1, _cpus() // workers))
                     for r, art in todo]
             for f in futs:
                 f.result()  # re-raises a worker's error
     else:
         for r, art in todo:
-            _attack_target(str(r), art, asdict(cfg), None, False, say)
+            _attack_target(str(r), art, asdict(cfg), None, say)
     for r in runs:
         manifest = load_manifest(r)
         ver = manifest.get("verification", {}).get("artifacts", {})
@@ -231,9 +231,10 @@ def _where(run_dir: Path, art: str, attack: str, cfg: CompareConfig):
     return result_path(run_dir, attack, spec), atk
 
 
-def _attack_target(run_dir: str, art: str, cfg_dict: dict, threads: int | None, prefix: bool,
+def _attack_target(run_dir: str, art: str, cfg_dict: dict, threads: int | None,
                    say: Callable[[str], None] | None = None) -> None:
-    """Run every attack of the compare on one target (in a worker process when ``prefix``)."""
+    """Run every attack of the compare on one target; a worker process (no ``say``) prints its
+    progress prefixed with the run and target."""
     import warnings
 
     import torch
