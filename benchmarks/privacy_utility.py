@@ -1,0 +1,366 @@
+"""Privacy-utility trade-off of the defenses on Fashion-MNIST: accuracy vs inversion error, int8.
+
+    python benchmarks/privacy_utility.py [--size quick|full] [--configs none,noise,...]
+                                         [--artifacts encoder.int8.tflite] [--threads N]
+                                         [--out DIR] [--runs-dir DIR]
+
+For every defense config (the README's defense table: none, Gaussian noise at two sigmas, noise+CEM,
+NoPeek, noise+NoPeek+CEM, feature dropout, ARL) it trains a QAT int8 run
+(``qdefend.train.Trainer``), exports it (``qdefend.export.export_run``), and attacks each released
+encoder artifact with the black-box inverse network (``decoder``, noise-aware; Paper: He et al.,
+"Model inversion attacks against collaborative inference", ACSAC 2019) and the encoder clone +
+regularised MLE (``clone_rmle``, same paper), both through ``qdefend.attacks.runner.attack_run``
+on the run loaded once. Defense papers: NoPeek (Vepakomma et al., 2020), CEM (Xia et al., CVPR
+2025, arXiv 2503.00383), ARL / ResSFL (Li et al., CVPR 2022); see the defense modules' docstrings.
+
+One row per config x artifact: the defense stack and parameters, test accuracy (``metrics.jsonl``
+"test" event: int8 and fake-quant; the manifest's verification of the artifact: plain and, for a
+random release, with the release the device applies), decoder MSE/PSNR/SSIM and the attacker's
+no-information baseline MSE, clone_rmle MSE/SSIM, and training time (sum of the epochs'
+``time_s``). Rows are built from the files the run directories hold, so a re-run skips every stage
+whose output already exists (training, export, each attack) and only adds what is missing.
+
+Output under --out: ``privacy_utility.json`` (rows, machine, settings), ``privacy_utility.csv``
+(rows) and ``privacy_utility.png`` (accuracy vs decoder MSE, drawn with Pillow). ``--size quick``
+is a CI smoke test (512 training images, 1 epoch of batch 32, attack preset "quick", 2 configs); ``--size
+full`` trains 2 epochs on the whole data with the attacks' default settings, every config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+HERE = Path(__file__).resolve().parent
+ATTACKS = ("decoder", "clone_rmle")
+
+# name -> DefenseConfig dict (qdefend.config.DefenseConfig); parameters not named keep their defaults
+CONFIGS: dict[str, dict[str, Any]] = {
+    "none": {"stack": "none", "params": {}},
+    "noise-0.05": {"stack": "noise", "params": {"noise": {"sigma": 0.05}}},
+    "noise": {"stack": "noise", "params": {"noise": {"sigma": 0.1}}},
+    "noise+cem": {"stack": "noise+cem", "params": {"noise": {"sigma": 0.1}, "cem": {}}},
+    "nopeek": {"stack": "nopeek", "params": {"nopeek": {"alpha": 1.0}}},
+    "noise+nopeek+cem": {"stack": "noise+nopeek+cem",
+                         "params": {"noise": {"sigma": 0.1}, "nopeek": {"alpha": 1.0}, "cem": {}}},
+    "dropout": {"stack": "dropout", "params": {"dropout": {"p": 0.2}}},
+    "arl": {"stack": "arl", "params": {"arl": {"alpha": 1.0, "tau": 0.5}}},
+}
+
+SIZES: dict[str, dict[str, Any]] = {
+    "quick": {"data": {"limit_train": 512, "limit_test": 300, "val_size": 200, "aux_size": 1000},
+              "train": {"epochs": 1, "batch_size": 32}, "preset": "quick", "verify_images": 100, "configs": ["none", "noise"]},
+    "full": {"data": {}, "train": {"epochs": 2}, "preset": None, "verify_images": None, "configs": list(CONFIGS)},
+}
+
+COLUMNS = ["config", "stack", "params", "artifact", "test_acc", "test_acc_source", "test_acc_int8",
+           "test_acc_fakequant", "test_acc_artifact", "test_acc_release", "decoder_mse", "decoder_psnr",
+           "decoder_ssim", "decoder_baseline_mse", "clone_rmle_mse", "clone_rmle_ssim", "clone_rmle_baseline_mse",
+           "epochs", "train_time_s", "decoder_time_s", "clone_rmle_time_s"]
+
+
+# ----------------------------------------------------------------------------------- configs
+
+
+def parse_configs(text: str | None, size: str) -> list[str]:
+    """``"none,noise"`` -> ["none", "noise"]; None -> the size's default list; unknown names refused."""
+    if text is None:
+        return list(SIZES[size]["configs"])
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in CONFIGS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown config {bad[0] if bad else repr(text)}: choose from {', '.join(CONFIGS)} "
+            "(comma-separated, e.g. --configs none,noise)")
+    return list(dict.fromkeys(names))
+
+
+def run_config(name: str, size: str) -> dict[str, Any]:
+    """The RunConfig dict of config `name` at `size`: QAT int8 on Fashion-MNIST with its defense."""
+    s = SIZES[size]
+    return {"data": {"name": "fashion-mnist", **s["data"]}, "quant": {"scheme": "int8"},
+            "train": dict(s["train"]), "defense": json.loads(json.dumps(CONFIGS[name]))}
+
+
+def run_dirname(name: str) -> str:
+    return name.replace("+", "_")
+
+
+# ----------------------------------------------------------------------------------- rows
+
+
+def train_summary(records: list[dict]) -> dict[str, Any]:
+    """Test accuracies of the last "test" event and summed epoch time of a run's metrics.jsonl."""
+    tests = [r for r in records if r.get("event") == "test"]
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    test = tests[-1] if tests else {}
+    return {"test_acc_int8": test.get("test_acc_int8"), "test_acc_fakequant": test.get("test_acc_fakequant"),
+            "epochs": len(epochs),
+            "train_time_s": round(sum(float(r.get("time_s", 0.0)) for r in epochs), 2) if epochs else None}
+
+
+def build_row(name: str, defense: dict[str, Any], artifact: str, records: list[dict], manifest: dict,
+              attacks: dict[str, dict]) -> dict[str, Any]:
+    """One result row from a run's metrics records, manifest and attack result JSONs (by attack name).
+
+    ``test_acc`` is what a device user gets: the artifact with its release (noise, dropout) when
+    verification measured it, else the artifact's plain accuracy, else the torch int8 accuracy."""
+    ver = manifest.get("verification", {}).get("artifacts", {}).get(artifact, {})
+    row: dict[str, Any] = {"config": name, "stack": defense.get("stack", "none"),
+                           "params": defense.get("params", {}), "artifact": artifact, **train_summary(records),
+                           "test_acc_artifact": ver.get("test_acc"), "test_acc_release": ver.get("test_acc_release")}
+    for key in ("test_acc_release", "test_acc_artifact", "test_acc_int8"):
+        if row[key] is not None:
+            row["test_acc"], row["test_acc_source"] = row[key], key
+            break
+    else:
+        row["test_acc"], row["test_acc_source"] = None, None
+    want = {"decoder": ("mse", "psnr", "ssim", "baseline_mse"), "clone_rmle": ("mse", "ssim", "baseline_mse")}
+    for attack, keys in want.items():
+        res = attacks.get(attack) or {}
+        m = res.get("metrics", {})
+        for k in keys:
+            row[f"{attack}_{k}"] = m.get(k)
+        row[f"{attack}_time_s"] = res.get("timings", {}).get("total_s")
+    return {c: row.get(c) for c in COLUMNS}
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else ("" if v is None else v)
+                        for k, v in r.items()})
+
+
+# ----------------------------------------------------------------------------------- plot
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+
+def plot(points: list[tuple[str, float, float]], path: Path, *, size: tuple[int, int] = (720, 480),
+         xlabel: str = "decoder MSE (higher = more private)", ylabel: str = "test accuracy",
+         title: str = "privacy vs utility (int8, Fashion-MNIST)") -> Path:
+    """Scatter of (label, x, y) points with axes, ticks and labels, drawn with PIL.ImageDraw only."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    w, h = size
+    left, right, top, bottom = 80, 30, 40, 60
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    pts = [(lab, float(x), float(y)) for lab, x, y in points if math.isfinite(x) and math.isfinite(y)]
+    xs, ys = [p[1] for p in pts] or [0.0, 1.0], [p[2] for p in pts] or [0.0, 1.0]
+
+    def span(vals: list[float]) -> tuple[float, float]:
+        lo, hi = min(vals), max(vals)
+        pad = (hi - lo) * 0.1 or max(abs(hi) * 0.1, 0.01)
+        return lo - pad, hi + pad
+
+    (x0, x1), (y0, y1) = span(xs), span(ys)
+    px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
+    py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)  # noqa: E731
+    d.text((left, 12), title, fill="black", font=font)
+    d.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill="black", width=1)
+    for t in _ticks(x0, x1):
+        d.line([(px(t), h - bottom), (px(t), h - bottom + 5)], fill="black")
+        d.text((px(t) - 14, h - bottom + 8), f"{t:.4f}", fill="black", font=font)
+    for t in _ticks(y0, y1):
+        d.line([(left - 5, py(t)), (left, py(t))], fill="black")
+        d.text((left - 50, py(t) - 6), f"{t:.3f}", fill="black", font=font)
+    d.text(((w - left - right) // 2 + left - 80, h - 22), xlabel, fill="black", font=font)
+    d.text((8, top - 16), ylabel, fill="black", font=font)
+    for lab, x, y in pts:
+        cx, cy = px(x), py(y)
+        d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=(31, 119, 180), outline="black")
+        d.text((cx + 7, cy - 12), lab, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------- stages
+
+
+def _same_run(saved, want) -> bool:
+    return (saved.data, saved.model, saved.quant, saved.train, saved.defense.stack) == \
+        (want.data, want.model, want.quant, want.train, want.defense.stack)
+
+
+def ensure_trained(name: str, root: Path, size: str, threads: int, say: Callable[[str], None]) -> None:
+    """Train (or finish training) the run of config `name` at `root`, unless its test event exists."""
+    from qdefend.checkpoint import has_checkpoint
+    from qdefend.config import RunConfig
+    from qdefend.errors import QdefendError
+    from qdefend.run import RunPaths
+    from qdefend.train import Trainer
+
+    cfg = RunConfig.from_dict(run_config(name, size))
+    if threads:
+        cfg.train.num_threads = threads
+    paths = RunPaths(root)
+    if paths.config.is_file():
+        saved = RunConfig.load(paths.config)
+        cfg.train.num_threads = saved.train.num_threads
+        if not _same_run(saved, cfg):
+            raise QdefendError(f"{root} holds a run with other settings than config '{name}' at --size {size}: "
+                               "pass another --runs-dir or delete that run")
+    if train_summary(paths.read_metrics())["test_acc_int8"] is not None and has_checkpoint(paths.checkpoints):
+        say("train: done already, skipped")
+        return
+    resume = has_checkpoint(paths.checkpoints)
+    say(f"train: {cfg.defense.stack} {cfg.defense.params}, {cfg.train.epochs} epoch(s)"
+        + (" (resuming)" if resume else ""))
+    t0 = time.perf_counter()
+    Trainer(RunConfig.load(paths.config) if resume else cfg, root, progress=False).fit(resume=resume)
+    say(f"train: done in {time.perf_counter() - t0:.0f} s")
+
+
+def ensure_exported(root: Path, artifacts: list[str], verify_images: int | None, say: Callable[[str], None]) -> dict:
+    """Export the run unless its manifest already lists every artifact; returns the manifest."""
+    from qdefend.export import export_run
+
+    manifest_path = root / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if set(artifacts) <= set(manifest.get("artifacts", {})):
+            say("export: done already, skipped")
+            return manifest
+    formats = tuple(dict.fromkeys(a.rsplit(".", 1)[-1] for a in artifacts))
+    say(f"export: {', '.join(formats)} (verifying on {verify_images or 'all'} test images)")
+    t0 = time.perf_counter()
+    manifest = export_run(root, formats=formats, verify_images=verify_images)
+    say(f"export: done in {time.perf_counter() - t0:.0f} s")
+    return manifest
+
+
+def ensure_attacked(root: Path, artifact: str, preset: str | None, threads: int, run_holder: dict,
+                    say: Callable[[str], None]) -> dict[str, dict]:
+    """Attack results (JSON dicts by attack) on `artifact`, running those missing or made with another preset."""
+    from qdefend.attacks.runner import attack_run, result_path
+    from qdefend.run import load_run
+
+    out = {}
+    for attack in ATTACKS:
+        path = result_path(root, attack, artifact)
+        if path.is_file():
+            res = json.loads(path.read_text())
+            if res.get("extra", {}).get("preset") == (preset or "default"):
+                say(f"attack {attack} on {artifact}: done already, skipped")
+                out[attack] = res
+                continue
+        if "run" not in run_holder:
+            run_holder["run"] = load_run(root)
+        say(f"attack {attack} on {artifact} (preset {preset or 'default'})")
+        result, _ = attack_run(root, artifact, attack, preset=preset, run=run_holder["run"],
+                               threads=threads or None)
+        m = result.metrics
+        say(f"attack {attack}: mse {m.get('mse', float('nan')):.4f} ssim {m.get('ssim', float('nan')):.3f} "
+            f"in {result.timings.get('total_s', 0):.0f} s")
+        out[attack] = result.to_json()
+    return out
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=list(SIZES), default="quick", help="quick (CI smoke) or full (default quick)")
+    p.add_argument("--configs", default=None,
+                   help=f"comma-separated, from {', '.join(CONFIGS)} (default: none,noise for quick, all for full)")
+    p.add_argument("--artifacts", default="encoder.int8.tflite",
+                   help="comma-separated encoder artifacts to attack (default encoder.int8.tflite)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "privacy_utility")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs") / "privacy_utility")
+    args = p.parse_args(argv)
+    try:
+        args.configs = parse_configs(args.configs, args.size)
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    args.artifacts = [a.strip() for a in args.artifacts.split(",") if a.strip()]
+    bad = [a for a in args.artifacts if not (a.startswith("encoder.") and a.endswith((".tflite", ".onnx")))]
+    if bad or not args.artifacts:
+        p.error(f"--artifacts: expected encoder artifacts such as encoder.int8.tflite,encoder.int8.onnx, got {bad or '(none)'}")
+    if args.threads < 0:
+        p.error("--threads must be >= 0 (0 = torch's default)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from qdefend.attacks import AttackError
+    from qdefend.devices.manifest import ArtifactError
+    from qdefend.errors import QdefendError
+
+    sys.path.insert(0, str(HERE))
+    from latency import _loadavg, machine_info  # the same machine description as the latency benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = SIZES[args.size]
+    started, t_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
+    rows: list[dict] = []
+    try:
+        for i, name in enumerate(args.configs, 1):
+            root = args.runs_dir / run_dirname(name)
+            say = lambda msg, tag=f"[{i}/{len(args.configs)} {name}]": print(f"{tag} {msg}", file=sys.stderr, flush=True)  # noqa: E731
+            ensure_trained(name, root, args.size, args.threads, say)
+            manifest = ensure_exported(root, args.artifacts, size["verify_images"], say)
+            records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            holder: dict = {}
+            for art in args.artifacts:
+                results = ensure_attacked(root, art, size["preset"], args.threads, holder, say)
+                row = build_row(name, CONFIGS[name], art, records, manifest, results)
+                rows.append(row)
+                say(f"row: acc {row['test_acc']} ({row['test_acc_source']}), decoder mse {row['decoder_mse']}")
+    except (QdefendError, AttackError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "qdefend.privacy_utility", "schema_version": 1, "started": started,
+              "command": " ".join(["python", "benchmarks/privacy_utility.py", *(argv if argv is not None else sys.argv[1:])]),
+              "machine": machine_info(), "load_average_end": _loadavg(),
+              "settings": {"size": args.size, "configs": args.configs, "artifacts": args.artifacts,
+                           "data": size["data"], "train": size["train"], "attack_preset": size["preset"] or "default",
+                           "attacks": list(ATTACKS), "verify_images": size["verify_images"],
+                           "threads": args.threads or torch.get_num_threads(), "runs_dir": str(args.runs_dir),
+                           "defenses": {n: CONFIGS[n] for n in args.configs},
+                           "wall_s": round(time.perf_counter() - t_start, 1)},
+              "rows": rows}
+    (args.out / "privacy_utility.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_csv(rows, args.out / "privacy_utility.csv")
+    pts = [(f"{r['config']} ({r['artifact'].split('.')[-1]})" if len(args.artifacts) > 1 else r["config"],
+            r["decoder_mse"], r["test_acc"]) for r in rows
+           if r["decoder_mse"] is not None and r["test_acc"] is not None]
+    plot(pts, args.out / "privacy_utility.png")
+    print(f"{'config':18s} {'artifact':22s} {'acc':>7s} {'dec mse':>8s} {'dec ssim':>8s} {'clone mse':>9s} {'train s':>8s}")
+    for r in rows:
+        f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        print(f"{r['config']:18s} {r['artifact']:22s} {f(r['test_acc'], '7.4f')} {f(r['decoder_mse'], '8.4f')} "
+              f"{f(r['decoder_ssim'], '8.3f')} {f(r['clone_rmle_mse'], '9.4f')} {f(r['train_time_s'], '8.1f')}")
+    print(f"wrote {args.out / 'privacy_utility.json'}, .csv, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
