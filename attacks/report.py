@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .base import ATTACKS, AttackError, AttackResult
+from .base import ATTACKS, AttackError, AttackResult, _plain
 from .grid import save_grid
 from .metrics import bootstrap_ci
 
@@ -264,18 +264,6 @@ def _attack_target(run_dir: str, art: str, cfg_dict: dict, threads: int | None,
         res, path = attack_run(run_dir, art, attack, preset="quick" if cfg.quick else None,
                                params=cfg.params.get(attack), seed=cfg.seed, run=run, progress=lambda m: say(f"  {m}"))
         say(f"{attack} on {art}: done in {time.perf_counter() - t0:.0f} s -> {path}")
-
-
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def _pairs(cfg: CompareConfig) -> list[tuple[str, str]]:

@@ -54,7 +54,7 @@ from ..base import Attack, AttackError, check_choice, check_positive
 
 __all__ = [
     "ExtractionConfig", "ExtractionAttack", "QueryOracle", "QueryPool", "Clone", "CloneTrainer",
-    "augment", "build_clone", "train_clone", "predict_labels", "soft_cross_entropy", "query_random",
+    "augment", "build_clone", "pool_stats", "train_clone", "predict_labels", "soft_cross_entropy", "query_random",
     "POOL_SPLITS", "LOCAL_CLONES", "QUICK",
 ]
 
@@ -261,6 +261,11 @@ def query_random(oracle: QueryOracle, pool: QueryPool, n: int) -> None:
 # ---------------------------------------------------------------------------------------- clone
 
 
+def pool_stats(x01: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (floored at 1e-3) of the attacker's own images: its normalisation."""
+    return x01.mean(axis=(0, 2, 3)).tolist(), np.maximum(x01.std(axis=(0, 2, 3)), 1e-3).tolist()
+
+
 class Clone(nn.Module):
     """[0,1] pixels -> logits: the attacker's normalisation followed by its network."""
 
@@ -405,8 +410,7 @@ class ExtractionAttack(Attack):
         if cfg.reuse == "none" and budget > len(pool_x):
             raise AttackError(f"budget {budget} exceeds the {len(pool_x)} images of the '{cfg.pool}' pool: lower "
                               f"--set budgets=... to <= {len(pool_x)}, or --set reuse=augment")
-        mean = pool_x.mean(axis=(0, 2, 3)).tolist()
-        std = np.maximum(pool_x.std(axis=(0, 2, 3)), 1e-3).tolist()
+        mean, std = pool_stats(pool_x)
         pool = QueryPool(pool_x, split.labels, rng=rng, reuse=cfg.reuse, flip=flip, shift=cfg.shift, name=cfg.pool)
         ctx = _Context(cfg, rng, seed, tuple(data.shape), data.num_classes, mean, std, flip, say)
         oracle = QueryOracle(target, self.answer, budget, data.num_classes, cfg.query_batch)

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..base import ATTACKS, Attack, AttackError, check_choice, check_positive
+from ..extraction.common import Clone, augment, pool_stats
 from ..metrics import inversion_metrics
 from .decoder import eval_indices
 from .rmle import rmle_invert
@@ -116,22 +117,7 @@ class _Generic(nn.Module):
         return z if tuple(z.shape[-2:]) == self.size else F.adaptive_avg_pool2d(z, self.size)
 
 
-class _Clone(nn.Module):
-    """Normalises [0,1] pixels with the attacker's own statistics, then the encoder body."""
-
-    def __init__(self, body: nn.Module, mean, std, sigmoid: bool):
-        super().__init__()
-        self.body = body
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        self.sigmoid = sigmoid
-
-    def forward(self, x01):
-        z = self.body((x01 - self.mean) / self.std)
-        return torch.sigmoid(z) if self.sigmoid else z
-
-
-def build_encoder_clone(arch: str, run, image_shape, feature_shape, mean, std, sigmoid: bool, seed: int) -> _Clone:
+def build_encoder_clone(arch: str, run, image_shape, feature_shape, mean, std, sigmoid: bool, seed: int) -> Clone:
     """A float encoder clone with fresh weights (``victim``: the run's layout minus its final sigmoid)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -147,14 +133,12 @@ def build_encoder_clone(arch: str, run, image_shape, feature_shape, mean, std, s
             body = enc
         else:
             body = _Generic(image_shape[0], tuple(image_shape[1:]), tuple(feature_shape))
-        return _Clone(body, mean, std, sigmoid)
+        return Clone(nn.Sequential(body, nn.Sigmoid()) if sigmoid else body, mean, std, arch)
 
 
 def collect_features(target, pool_x: np.ndarray, budget: int, rng: np.random.Generator, seed: int, *,
                      flip: bool, shift: int = 2, say=lambda m: None) -> tuple[np.ndarray, np.ndarray]:
     """``budget`` (image, released feature) pairs: the pool in order, then augmented re-uses."""
-    from ..extraction.common import augment
-
     xs, zs, done, r = [], [], 0, 0
     while done < budget:
         n = min(budget - done, len(pool_x))
@@ -167,8 +151,8 @@ def collect_features(target, pool_x: np.ndarray, budget: int, rng: np.random.Gen
     return np.concatenate(xs), np.concatenate(zs)
 
 
-def train_encoder_clone(clone: _Clone, x: np.ndarray, z: np.ndarray, *, epochs: int, batch_size: int, lr: float,
-                        seed: int, say=lambda m: None) -> _Clone:
+def train_encoder_clone(clone: Clone, x: np.ndarray, z: np.ndarray, *, epochs: int, batch_size: int, lr: float,
+                        seed: int, say=lambda m: None) -> Clone:
     g = torch.Generator().manual_seed(seed)
     xt, zt = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.ascontiguousarray(z, np.float32))
     opt = torch.optim.Adam(clone.parameters(), lr=lr)
@@ -220,8 +204,7 @@ class CloneRMLEAttack(Attack):
         x_q, z_q = collect_features(target, pool_x, cfg.budget, rng, seed, flip=data.name != "mnist", say=say)
         timings = {"query_s": round(time.perf_counter() - t0, 3)}
         sigmoid = bool(z_q.min() >= 0 and z_q.max() <= 1)
-        mean = pool_x.mean(axis=(0, 2, 3)).tolist()
-        std = np.maximum(pool_x.std(axis=(0, 2, 3)), 1e-3).tolist()
+        mean, std = pool_stats(pool_x)
         clone = build_encoder_clone(cfg.arch, _run_of(target) if cfg.arch == "victim" else None, target.input_shape,
                                     target.feature_shape, mean, std, sigmoid, seed)
         t0 = time.perf_counter()

@@ -27,6 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from ..base import ATTACKS, Attack, AttackError, check_positive
+from ..extraction.common import pool_stats
 from .clone import SurrogateInversionConfig, _run_of, build_encoder_clone, invert_through
 
 __all__ = ["ShadowConfig", "ShadowAttack"]
@@ -66,8 +67,7 @@ class ShadowAttack(Attack):
             p.requires_grad_(False)
         n = min(cfg.n_train or len(data.aux), len(data.aux))
         x_aux, y_aux = data.aux.floats(slice(0, n)), data.aux.labels[:n]
-        mean = x_aux.mean(axis=(0, 2, 3)).tolist()
-        std = np.maximum(x_aux.std(axis=(0, 2, 3)), 1e-3).tolist()
+        mean, std = pool_stats(x_aux)
         run = _run_of(target) if cfg.arch == "victim" else None
         sigmoid = bool(run.cfg.model.sigmoid) if run is not None else True
         shadow = build_encoder_clone(cfg.arch, run, target.input_shape, target.feature_shape, mean, std, sigmoid, seed)
