@@ -131,17 +131,6 @@ def _precision(artifact: str) -> str:
     return "int8" if "int8" in artifact else "float"
 
 
-def _cached(path: Path, attack: Any, seed: int, preset: str) -> AttackResult | None:
-    if not path.is_file():
-        return None
-    try:
-        r = AttackResult.load(path)
-    except (OSError, ValueError, KeyError):
-        return None
-    same = r.seed == seed and r.extra.get("preset") == preset and r.config == json.loads(json.dumps(attack.config_dict()))
-    return r if same else None
-
-
 def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str | Path | None = None,
             progress: Callable[[str], None] | None = None) -> dict:
     """Attack every artifact of every run, write the report; returns report.json's content."""
@@ -164,12 +153,10 @@ def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str |
                               f"(re-export with `qdefend export {r}`)")
     out = Path(out) if out is not None else (runs[0] / "report" if len(runs) == 1 else Path("report"))
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    preset = "quick" if cfg.quick else "default"
     report: dict[str, Any] = {"version": REPORT_VERSION, "config": asdict(cfg), "runs": []}
     t_all = time.perf_counter()
     jobs = [(r, art) for r in runs for art in cfg.artifacts]
-    todo = [(r, art) for r, art in jobs if cfg.force or any(_cached(*_where(r, art, a, cfg), cfg.seed, preset) is None
-                                                            for a in cfg.attacks)]
+    todo = [(r, art) for r, art in jobs if cfg.force or any(_reusable(r, art, a, cfg) is None for a in cfg.attacks)]
     workers = max(1, min(cfg.jobs or _cpus(), len(todo)))
     if todo:
         say(f"compare: {len(todo)} target(s) to attack with {', '.join(cfg.attacks)} "
@@ -194,8 +181,8 @@ def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str |
         results: dict[tuple[str, str], AttackResult] = {}
         for attack in cfg.attacks:
             for art in cfg.artifacts:
-                path, atk = _where(r, art, attack, cfg)
-                res = _cached(path, atk, cfg.seed, preset)
+                path = _where(r, art, attack, cfg)[0]
+                res = _reusable(r, art, attack, cfg)
                 if res is None:
                     raise AttackError(f"compare: {attack} on {art} of {r} left no result at {path}")
                 results[(attack, art)] = res
@@ -222,13 +209,21 @@ def _cpus() -> int:
 
 
 def _where(run_dir: Path, art: str, attack: str, cfg: CompareConfig):
-    """(result path, attack object) of ``attack`` on ``art`` as compare runs it."""
+    """(result path, attack object, target spec) of ``attack`` on ``art`` as compare runs it."""
     from .base import build_attack
     from .runner import resolve_spec, result_path
 
     atk = build_attack(attack, preset="quick" if cfg.quick else None, **cfg.params.get(attack, {}))
     spec, _ = resolve_spec(atk, art)
-    return result_path(run_dir, attack, spec), atk
+    return result_path(run_dir, attack, spec), atk, spec
+
+
+def _reusable(run_dir: Path, art: str, attack: str, cfg: CompareConfig) -> AttackResult | None:
+    """The saved result of ``attack`` on ``art`` if compare may reuse it (see ``runner.cached_result``)."""
+    from .runner import cached_result
+
+    _, atk, spec = _where(run_dir, art, attack, cfg)
+    return cached_result(run_dir, spec, atk, seed=cfg.seed, preset="quick" if cfg.quick else None)
 
 
 def _attack_target(run_dir: str, art: str, cfg_dict: dict, threads: int | None,
@@ -249,13 +244,12 @@ def _attack_target(run_dir: str, art: str, cfg_dict: dict, threads: int | None,
     if threads:
         torch.set_num_threads(threads)
     cfg = CompareConfig(**cfg_dict)
-    preset = "quick" if cfg.quick else "default"
     tag = f"[{Path(run_dir).name} {art}] "
     say = say or (lambda m: print(tag + m, flush=True))
     run = None
     for attack in cfg.attacks:
-        path, atk = _where(Path(run_dir), art, attack, cfg)
-        if not cfg.force and _cached(path, atk, cfg.seed, preset) is not None:
+        path = _where(Path(run_dir), art, attack, cfg)[0]
+        if not cfg.force and _reusable(Path(run_dir), art, attack, cfg) is not None:
             say(f"{attack}: re-using {path}")
             continue
         run = run if run is not None else load_run(run_dir)

@@ -55,6 +55,56 @@ def result_path(run_dir: str | Path, attack: str, spec: str) -> Path:
     return Path(run_dir) / "attacks" / f"{attack}-{spec.replace(':', '_').replace('/', '_')}.json"
 
 
+def target_fingerprint(run_dir: str | Path, spec: str) -> dict[str, str]:
+    """sha256 of what a result on target ``spec`` was computed from: the run's best checkpoint
+    weights and every exported artifact the target runs (the encoder file named in the spec, and the
+    cloud head ``head.float.onnx`` behind a ``service:`` target), as the manifest records them.
+    A cached result is reused only while its fingerprint is unchanged (retrain or re-export -> rerun)."""
+    import json
+
+    from qdefend.checkpoint import MODEL_FILE, STATE_FILE, resolve_tag
+    from qdefend.run import RunPaths
+
+    paths = RunPaths(run_dir)
+    fp: dict[str, str] = {}
+    ckpt = paths.checkpoints
+    try:
+        tag = resolve_tag(ckpt, "best" if (ckpt / "best.json").is_file() else "latest")
+        fp["checkpoint"] = json.loads((ckpt / tag / STATE_FILE).read_text())["files"][MODEL_FILE]
+    except (OSError, ValueError, KeyError, Exception):  # no/unreadable checkpoint: nothing to pin
+        pass
+    names = [n for n in spec.split(":") if n.endswith((".onnx", ".tflite"))]
+    if spec.startswith("service:"):
+        names.append("head.float.onnx")
+    if names:
+        try:
+            arts = json.loads((paths.root / "manifest.json").read_text()).get("artifacts", {})
+        except (OSError, ValueError):
+            arts = {}
+        fp.update({n: arts[n]["sha256"] for n in names if isinstance(arts.get(n), dict) and "sha256" in arts[n]})
+    return fp
+
+
+def cached_result(run_dir: str | Path, spec: str, attack: Attack, *, seed: int = 0,
+                  preset: str | None = None) -> AttackResult | None:
+    """The saved result of ``attack`` on target ``spec`` if it was made with the same attack config,
+    seed and preset against the same checkpoint and artifacts (:func:`target_fingerprint`);
+    None means: run the attack again."""
+    import json
+
+    path = result_path(run_dir, attack.name, spec)
+    if not path.is_file():
+        return None
+    try:
+        r = AttackResult.load(path)
+    except (OSError, ValueError, KeyError):
+        return None
+    same = (r.seed == seed and r.extra.get("preset") == (preset or "default")
+            and r.config == json.loads(json.dumps(attack.config_dict()))
+            and r.extra.get("fingerprint") == target_fingerprint(run_dir, spec))
+    return r if same else None
+
+
 def attack_run(run_dir: str | Path, spec: str, attack: str, *, preset: str | None = None,
                params: dict[str, Any] | None = None, budget: str | None = None, seed: int = 0,
                run: Any = None, output: str = "probabilities", threads: int | None = None,
@@ -83,6 +133,7 @@ def attack_run(run_dir: str | Path, spec: str, attack: str, *, preset: str | Non
         result.extra["notes"] = notes + result.notes
     result.extra.setdefault("run", str(run_dir))
     result.extra["preset"] = preset or "default"
+    result.extra["fingerprint"] = target_fingerprint(run_dir, spec)
     path = result_path(run_dir, attack, spec)
     if save:
         result.save(path)

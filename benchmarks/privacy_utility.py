@@ -252,19 +252,19 @@ def ensure_exported(root: Path, artifacts: list[str], verify_images: int | None,
 
 def ensure_attacked(root: Path, artifact: str, preset: str | None, threads: int, run_holder: dict,
                     say: Callable[[str], None]) -> dict[str, dict]:
-    """Attack results (JSON dicts by attack) on `artifact`, running those missing or made with another preset."""
-    from qdefend.attacks.runner import attack_run, result_path
+    """Attack results (JSON dicts by attack) on `artifact`, running those missing or stale (another
+    preset or attack config, or a retrained / re-exported target: ``runner.cached_result``)."""
+    from qdefend.attacks import build_attack
+    from qdefend.attacks.runner import attack_run, cached_result
     from qdefend.run import load_run
 
     out = {}
     for attack in ATTACKS:
-        path = result_path(root, attack, artifact)
-        if path.is_file():
-            res = json.loads(path.read_text())
-            if res.get("extra", {}).get("preset") == (preset or "default"):
-                say(f"attack {attack} on {artifact}: done already, skipped")
-                out[attack] = res
-                continue
+        res = cached_result(root, artifact, build_attack(attack, preset=preset), preset=preset)
+        if res is not None:
+            say(f"attack {attack} on {artifact}: done already, skipped")
+            out[attack] = res.to_json()
+            continue
         if "run" not in run_holder:
             run_holder["run"] = load_run(root)
         say(f"attack {attack} on {artifact} (preset {preset or 'default'})")

@@ -4,6 +4,7 @@ Layout inside ``runs/NAME/checkpoints/``::
 
     epoch-0003/model.safetensors   encoder / head / defense tensors, keys prefixed by part
     epoch-0003/optim.safetensors   optimiser state tensors (momentum buffers, ...)
+    epoch-0003/optim-arl.safetensors  a defense's own optimiser (e.g. the ARL attacker's Adam)
     epoch-0003/state.json          epoch, metrics, scheduler state, sha256 of both files
     latest.json, best.json         {"tag": "epoch-0003"}, replaced atomically
 
@@ -98,8 +99,12 @@ def save_checkpoint(
     *,
     is_best: bool = False,
     keep: int = 2,
+    extra_optimizers: dict[str, dict] | None = None,
 ) -> Path:
-    """Write checkpoint ``epoch-NNNN`` atomically and point ``latest`` (and maybe ``best``) at it."""
+    """Write checkpoint ``epoch-NNNN`` atomically and point ``latest`` (and maybe ``best``) at it.
+
+    ``extra_optimizers`` (name -> state dict) are the defenses' own optimizers; :func:`load_checkpoint`
+    returns them in ``state["extra_optimizers"]``."""
     ckpt_dir = Path(ckpt_dir)
     tag = f"epoch-{epoch:04d}"
     final = ckpt_dir / tag
@@ -114,6 +119,12 @@ def save_checkpoint(
         save_file(tensors, str(tmp / OPTIM_FILE))
         files[OPTIM_FILE] = sha256_file(tmp / OPTIM_FILE)
         state["optimizer_meta"] = meta
+    for name, sd in (extra_optimizers or {}).items():
+        fname = f"optim-{name}.safetensors"
+        tensors, meta = optimizer_to_tensors(sd)
+        save_file(tensors, str(tmp / fname))
+        files[fname] = sha256_file(tmp / fname)
+        state.setdefault("extra_optimizer_meta", {})[name] = meta
     state["files"] = files
     state["epoch"] = epoch
     write_json_atomic(tmp / STATE_FILE, state)
@@ -173,6 +184,10 @@ def load_checkpoint(ckpt_dir: Path, which: str = "latest", *, with_optimizer: bo
         opt = None
         if with_optimizer and OPTIM_FILE in state.get("files", {}):
             opt = optimizer_from_tensors(load_file(str(d / OPTIM_FILE)), state["optimizer_meta"])
+        if with_optimizer:
+            state["extra_optimizers"] = {
+                name: optimizer_from_tensors(load_file(str(d / f"optim-{name}.safetensors")), meta)
+                for name, meta in state.get("extra_optimizer_meta", {}).items()}
     except (SafetensorError, OSError) as e:
         raise QdefendError(f"checkpoint {d} cannot be read ({e}): {hint}") from None
     return parts, opt, state

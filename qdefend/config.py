@@ -22,6 +22,9 @@ from .quant import QuantConfig
 CONFIG_VERSION = 1
 
 
+FREEZE = ("none", "encoder", "head", "network")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings. Defaults reach >= 87% int8 accuracy on Fashion-MNIST in 2 epochs."""
@@ -41,6 +44,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     keep_checkpoints: int = 2  # epoch checkpoints kept besides the best one
     channels_last: bool = True  # NHWC activations in training: ~18% faster convs on CPU (mkldnn)
+    freeze: str = "none"  # none | encoder | head | network: parts kept fixed (eval mode, no step); needs --from
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -55,6 +59,9 @@ class TrainConfig:
             raise QdefendError(f"unknown schedule '{self.schedule}'. Valid schedules: cosine, none, step")
         if self.device not in ("cpu", "cuda"):
             raise QdefendError(f"unknown device '{self.device}'. Valid devices: cpu, cuda")
+        if self.freeze not in FREEZE:
+            raise QdefendError(f"unknown freeze '{self.freeze}'. Valid: {', '.join(FREEZE)} "
+                               "(e.g. --set train.freeze=network to train only a defense's own parameters)")
 
 
 @dataclass

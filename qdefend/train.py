@@ -72,6 +72,27 @@ def features(encoder: Callable, split: Split, run: Run, *, device: torch.device,
     return torch.cat(zs), torch.from_numpy(split.labels).to(device)
 
 
+class _NoStep:
+    """The optimizer when ``train.freeze`` leaves no network weight to train (a defense such as
+    Shredder then trains only its own parameters): it keeps the learning-rate schedule visible to
+    the defenses (CEM reads it) and checkpoints like a real optimizer without state."""
+
+    def __init__(self, lr: float):
+        self.param_groups = [{"lr": lr, "params": []}]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"state": {}, "param_groups": self.param_groups}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.param_groups = [dict(g) for g in sd["param_groups"]]
+
+
 class Trainer:
     """Trains one run directory; see the module docstring for the loop."""
 
@@ -100,6 +121,17 @@ class Trainer:
             f"--from {src}: a {scfg.quant.scheme} run cannot initialise a {self.cfg.quant.scheme} run; "
             "start from a float run (--qat none) instead"
         )
+
+    def _freeze(self, net) -> list[torch.nn.Module]:
+        """Parts named by ``train.freeze``: no gradient step, eval mode (BN running statistics and
+        quantization ranges fixed). Freezing only makes sense on trained weights, so it needs --from."""
+        which = self.cfg.train.freeze
+        if which == "none":
+            return []
+        parts = {"encoder": [net.encoder], "head": [net.head], "network": [net.encoder, net.head]}[which]
+        for m in parts:
+            m.requires_grad_(False)
+        return parts
 
     def _optimizer(self, params) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -130,6 +162,10 @@ class Trainer:
         if resume and not has_checkpoint(paths.checkpoints):
             raise QdefendError(f"--resume: {paths.root} has no checkpoint to resume; drop --resume to start it")
 
+        if cfg.train.freeze != "none" and not cfg.init_from:
+            raise QdefendError(
+                f"train.freeze={cfg.train.freeze} keeps weights fixed, so it needs trained ones: add --from runs/BASE "
+                "(a run with the same model), or drop --set train.freeze")
         init = None if resume else self._init_weights()
         run = build_run(cfg, float_init=init.get("float") if init else None)
         run.paths = paths
@@ -143,7 +179,9 @@ class Trainer:
         dmod = run.defense.module()
         if dmod is not None:
             dmod.to(device)
-        opt = self._optimizer([p for p in net.parameters() if p.requires_grad])
+        self._frozen = self._freeze(net)
+        trainable = [p for p in net.parameters() if p.requires_grad]
+        opt = self._optimizer(trainable) if trainable else _NoStep(cfg.train.lr)
 
         start_epoch, step, best = 0, 0, -1.0
         if resume:
@@ -151,6 +189,7 @@ class Trainer:
             load_parts(run, parts)
             if opt_state is not None:
                 opt.load_state_dict(opt_state)
+            run.defense.load_optimizer_states(state.get("extra_optimizers", {}))
             start_epoch, step, best = state["epoch"], state["step"], state.get("best_val", -1.0)
             self._say(f"resuming {paths.root} after epoch {start_epoch} (step {step})")
         else:
@@ -178,6 +217,8 @@ class Trainer:
         gen = release_generator(cfg.train.seed, epoch + 1, device)
         norm = run.data.normalization
         net.train()
+        for m in self._frozen:
+            m.eval()
         t0 = time.perf_counter()
         tot_loss = tot_correct = seen = 0.0
         extra: dict[str, float] = {}
@@ -203,11 +244,15 @@ class Trainer:
             loss = task + sum(terms.values(), torch.zeros((), device=device))
             opt.zero_grad(set_to_none=True)
             kept = None
-            if enc_terms:
+            if enc_terms and enc_params:
                 sep = sum(enc_terms.values())
                 self._check_finite(sep, epoch, i)
                 kept = torch.autograd.grad(sep, enc_params, retain_graph=True, allow_unused=True)
             self._check_finite(loss, epoch, i)
+            if not loss.requires_grad:
+                raise QdefendError(
+                    f"nothing to train: train.freeze={cfg.train.freeze} fixes the network and the defense stack "
+                    f"'{cfg.defense.stack}' has no parameters of its own; freeze less, or use a learned defense (shredder)")
             loss.backward()
             if kept is not None:
                 for p, g in zip(enc_params, kept):
@@ -279,7 +324,7 @@ class Trainer:
         save_checkpoint(
             self.paths.checkpoints, epoch, parts, opt.state_dict(),
             {"step": step, "best_val": best, "metrics": rec},
-            is_best=is_best, keep=self.cfg.train.keep_checkpoints,
+            is_best=is_best, keep=self.cfg.train.keep_checkpoints, extra_optimizers=run.defense.optimizer_states(),
         )
 
     def _log(self, rec: dict) -> None:

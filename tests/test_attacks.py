@@ -184,6 +184,31 @@ def test_compare_quick_writes_report_with_verdicts(small_run, tmp_path):
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["runs"][0]["name"] == "small"
 
 
+def test_saved_results_are_reused_only_for_the_same_target_files(small_run):
+    from qdefend.attacks.runner import cached_result, target_fingerprint
+
+    root, run = small_run
+    arts = json.loads((root / "manifest.json").read_text())["artifacts"]
+    fp = target_fingerprint(root, "encoder.int8.tflite")
+    assert set(fp) == {"checkpoint", "encoder.int8.tflite"} and fp["encoder.int8.tflite"] == arts["encoder.int8.tflite"]["sha256"]
+    assert set(target_fingerprint(root, "service:encoder.int8.tflite")) == {"checkpoint", "encoder.int8.tflite",
+                                                                          "head.float.onnx"}
+    _, path = attack_run(root, "encoder.int8.tflite", "decoder", preset="quick", run=run)
+    atk = build_attack("decoder", preset="quick")
+    assert cached_result(root, "encoder.int8.tflite", atk, preset="quick") is not None
+    assert cached_result(root, "encoder.int8.tflite", atk) is None  # another preset
+    assert cached_result(root, "encoder.int8.tflite", build_attack("decoder", preset="quick", epochs=1),
+                         preset="quick") is None  # another config
+    saved = path.read_text()
+    try:  # a result computed against other artifact bytes (a re-export) is stale
+        d = json.loads(saved)
+        d["extra"]["fingerprint"]["encoder.int8.tflite"] = "0" * 64
+        path.write_text(json.dumps(d))
+        assert cached_result(root, "encoder.int8.tflite", atk, preset="quick") is None
+    finally:
+        path.write_text(saved)
+
+
 # ------------------------------------------------------------------ the undefended model leaks
 
 

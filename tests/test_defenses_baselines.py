@@ -291,6 +291,30 @@ def test_arl_decoder_round_trips_through_a_state_dict():
         b.train_attacker(torch.rand(4, 4, 7, 7), x01)
 
 
+def test_arl_adam_moments_survive_a_checkpoint(tmp_path):
+    """A resumed ARL run continues the attacker's Adam exactly (moments and step count kept)."""
+    from qdefend.checkpoint import load_checkpoint, save_checkpoint
+
+    z, x01 = torch.rand((4, *Z_SHAPE), generator=gen(3)), _images(4)
+    a = stack("arl", arl={"width": 4})
+    a.defenses[0].train_attacker(z, x01)
+    save_checkpoint(tmp_path, 1, {"defense": a.module().state_dict()}, None, {},
+                    extra_optimizers=a.optimizer_states())
+    parts, _, state = load_checkpoint(tmp_path)
+    assert set(state["extra_optimizers"]) == {"arl"}
+    b = stack("arl", arl={"width": 4})
+    b.module().load_state_dict(parts["defense"])
+    b.load_optimizer_states(state["extra_optimizers"])
+    assert b.optimizer_states()["arl"] is state["extra_optimizers"]["arl"]  # pending until built
+    fresh = stack("arl", arl={"width": 4})
+    fresh.module().load_state_dict(parts["defense"])
+    for d in (a, b, fresh):
+        d.defenses[0].train_attacker(z, x01)
+    pa, pb, pf = (list(d.module().parameters()) for d in (a, b, fresh))
+    assert all(torch.equal(u, v) for u, v in zip(pa, pb))
+    assert any(not torch.equal(u, v) for u, v in zip(pa, pf))  # without the moments it differs
+
+
 # ---------------------------------------------------------------------------------------------
 # Shredder
 
@@ -392,10 +416,29 @@ def test_trainer_runs_arl_and_shredder_and_reloads_their_state(tmp_path):
     assert load_run(tmp_path / "arl").defense.defenses[0].attacker.built
 
     Trainer(_tiny_run_cfg({"stack": "noise"}), tmp_path / "base").fit()
-    sh = _tiny_run_cfg({"stack": "shredder", "params": {"shredder": {"alpha": 1.0}}}, lr=1e-6)
+    sh = _tiny_run_cfg({"stack": "shredder", "params": {"shredder": {"alpha": 1.0}}}, freeze="network")
     sh.init_from = str(tmp_path / "base")
     Trainer(sh, tmp_path / "sh").fit()
     (ep,) = [r for r in RunPaths(tmp_path / "sh").read_metrics() if r["event"] == "epoch"]
     assert ep["hook_shredder/noise_abs_mean"] > 0.1  # grew from the 0.1 initial scale
     run = load_run(tmp_path / "sh")
     assert run.defense.release_spec()["steps"][0]["type"] == "additive_noise"
+    # the paper's setting: the network is frozen (weights AND BatchNorm running statistics)
+    base = load_run(tmp_path / "base", "best")
+    for part in ("encoder", "head"):
+        want, got = getattr(base.net, part).state_dict(), getattr(run.net, part).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), part
+
+
+def test_freeze_needs_a_trained_run_and_something_to_train(tmp_path):
+    from qdefend.train import Trainer
+
+    with pytest.raises(QdefendError, match="needs trained ones: add --from"):
+        Trainer(_tiny_run_cfg({"stack": "shredder"}, freeze="network"), tmp_path / "a").fit()
+    with pytest.raises(QdefendError, match="unknown freeze 'all'. Valid: none, encoder, head, network"):
+        _tiny_run_cfg({"stack": "none"}, freeze="all")
+    Trainer(_tiny_run_cfg({"stack": "none"}, epochs=1), tmp_path / "base").fit()
+    cfg = _tiny_run_cfg({"stack": "noise"}, freeze="network")
+    cfg.init_from = str(tmp_path / "base")
+    with pytest.raises(QdefendError, match="nothing to train"):
+        Trainer(cfg, tmp_path / "b").fit()

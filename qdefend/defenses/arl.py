@@ -14,7 +14,7 @@ as in ResSFL). With ``noise+arl`` the attacker sees the noisy features (Noise-AR
 The decoder is :class:`qdefend.attacks.inversion.decoder.InverseNet` (the black-box attack's
 architecture); its layers depend on the feature and image shapes, which a defense first sees at
 the first training step, so it is built then (see :class:`ShapeBuilt`) and checkpointed with
-the run (``module()``). Its Adam state is not checkpointed: a resumed run restarts the moments.
+the run (``module()``); its Adam state is checkpointed too, so a resumed run keeps the moments.
 
 Paper: Li et al., "ResSFL: A Resistance Transfer Framework for Defending Model Inversion Attack in
 Split Federated Learning", CVPR 2022 (attacker-aware training, SSIM hinge); Xia et al., CEM,
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QdefendError
-from .base import Defense, EpochContext, StepContext
+from .base import Defense, EpochContext, OwnOptimizer, StepContext
 
 __all__ = ["ARLConfig", "ARL", "ShapeBuilt", "ssim01", "ssim_hinge", "pixels01"]
 
@@ -161,7 +161,7 @@ class ARLConfig:
             raise QdefendError(f"arl width must be an integer >= 1, got {self.width}: e.g. {p}.width=16")
 
 
-class ARL(Defense):
+class ARL(OwnOptimizer, Defense):
     """Encoder loss alpha * max(SSIM(g(z~), x) - tau, 0) against a decoder g trained alongside."""
 
     name = "arl"
@@ -170,7 +170,6 @@ class ARL(Defense):
     def __init__(self, config=None):
         super().__init__(config)
         self.attacker = _Attacker(self.config.width)
-        self._opt: torch.optim.Optimizer | None = None
         self._ssim_sum, self._seen = 0.0, 0
 
     def module(self) -> nn.Module:
@@ -180,16 +179,15 @@ class ARL(Defense):
         """``steps`` Adam steps of the decoder on detached features; the last step's SSIM."""
         att = self.attacker
         att.ensure(z_released.shape[1:], x01.shape[1:], device=z_released.device)
-        if self._opt is None:
-            self._opt = torch.optim.Adam(att.decoder.parameters(), lr=self.config.lr)
+        opt = self._adam(att.decoder.parameters(), self.config.lr)
         zd, xd = z_released.detach(), x01.detach()
         att.train()
         with torch.enable_grad():
             for _ in range(self.config.steps):
                 s = ssim01(att.decoder(zd), xd)
-                self._opt.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
                 (1 - s).backward()
-                self._opt.step()
+                opt.step()
         return s.detach()
 
     def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:

@@ -82,6 +82,38 @@ class Defense:
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}
 
+    def optimizer_states(self) -> dict[str, dict]:
+        """State dicts of optimizers the defense runs itself (checkpointed so a resumed run keeps them)."""
+        return {}
+
+    def load_optimizer_states(self, states: dict[str, dict]) -> None:
+        pass
+
+
+class OwnOptimizer:
+    """Mixin for a defense that trains its own module with its own Adam, built lazily (the module's
+    shape is known at the first batch): a state loaded before that is applied when it is built."""
+
+    _opt: torch.optim.Optimizer | None = None
+    _opt_state: dict | None = None
+
+    def _adam(self, params, lr: float) -> torch.optim.Optimizer:
+        if self._opt is None:
+            self._opt = torch.optim.Adam(params, lr=lr)
+            if self._opt_state is not None:
+                self._opt.load_state_dict(self._opt_state)
+                self._opt_state = None
+        return self._opt
+
+    def optimizer_states(self) -> dict[str, dict]:
+        if self._opt is not None:
+            return {self.name: self._opt.state_dict()}
+        return {self.name: self._opt_state} if self._opt_state is not None else {}
+
+    def load_optimizer_states(self, states: dict[str, dict]) -> None:
+        if self.name in states:
+            self._opt, self._opt_state = None, states[self.name]
+
 
 class DefenseStack(Defense):
     """Defenses applied in the order written (``noise+nopeek``)."""
@@ -126,3 +158,10 @@ class DefenseStack(Defense):
 
     def module(self) -> nn.Module | None:
         return self._modules if len(self._modules) else None
+
+    def optimizer_states(self) -> dict[str, dict]:
+        return {k: v for d in self.defenses for k, v in d.optimizer_states().items()}
+
+    def load_optimizer_states(self, states: dict[str, dict]) -> None:
+        for d in self.defenses:
+            d.load_optimizer_states(states)

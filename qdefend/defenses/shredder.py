@@ -14,11 +14,10 @@ optimizer only holds the network's parameters: the trainer's backward fills the 
 called, i.e. only inside ``qdefend train``; an attack that back-propagates through ``release``
 never changes the bank.
 
-The paper trains the noise with the network frozen. The trainer cannot freeze parts yet (and
-refuses ``train.lr=0``), so a plain ``--defense shredder`` run trains network and noise together;
-the closest to the paper today is to start from a trained run with a negligible network learning
-rate: ``qdefend train --from runs/base --defense shredder --set train.lr=1e-6`` (BatchNorm running
-statistics still adapt to the noisy features).
+The paper trains the noise with the network frozen: start from a trained run and freeze it,
+``qdefend train --from runs/base --defense shredder --set train.freeze=network`` (weights, BatchNorm
+running statistics and quantization ranges stay fixed; only the bank learns). A plain
+``--defense shredder`` run trains network and noise together.
 
 Release on a device: a step ``{"type": "additive_noise", "tensors": [[...], ...]}`` (K flattened
 tensors; each sample adds one drawn uniformly), which :func:`apply_additive_noise` implements in
@@ -39,7 +38,7 @@ from torch import nn
 
 from ..errors import QdefendError
 from .arl import ShapeBuilt
-from .base import Defense, EpochContext, StepContext
+from .base import Defense, EpochContext, OwnOptimizer, StepContext
 
 __all__ = ["ShredderConfig", "Shredder", "apply_additive_noise"]
 
@@ -87,7 +86,7 @@ class ShredderConfig:
             raise QdefendError(f"shredder max_abs must be a finite number > 0, got {self.max_abs}: e.g. {p}.max_abs=4")
 
 
-class Shredder(Defense):
+class Shredder(OwnOptimizer, Defense):
     """Learned additive noise tensors at the cut (one of K per sample), trained for accuracy and size."""
 
     name = "shredder"
@@ -96,7 +95,6 @@ class Shredder(Defense):
     def __init__(self, config=None):
         super().__init__(config)
         self.bank = _NoiseBank(self.config.n_tensors, self.config.init_scale)
-        self._opt: torch.optim.Optimizer | None = None
         self._pending = False  # loss_terms ran: the trainer's backward will fill the bank's grad
         self._learning = False  # loss_terms ran once: this object is being trained
 
@@ -110,10 +108,9 @@ class Shredder(Defense):
         noise = self.bank.noise
         if noise.grad is None:
             return
-        if self._opt is None:
-            self._opt = torch.optim.Adam([noise], lr=self.config.lr)
-        self._opt.step()
-        self._opt.zero_grad(set_to_none=True)
+        opt = self._adam([noise], self.config.lr)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             noise.clamp_(-self.config.max_abs, self.config.max_abs)
 
