@@ -234,6 +234,36 @@ def compare(
 
 
 @app.command()
+def partition(
+    model: Optional[str] = typer.Option(None, "--model", help="split model (qdefend list models); default vgg11_bn"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="dataset (qdefend list datasets); default fashion-mnist"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="folder holding the dataset files"),
+    from_run: Optional[Path] = typer.Option(None, "--from", help="load this run's trained edge (stem + stages up to its cut), frozen"),
+    attack_: bool = typer.Option(False, "--attack", help="also measure the decoder-attack MSE at every cut"),
+    epochs: int = typer.Option(1, "--epochs", help="training epochs of the analysis model"),
+    sigma: Optional[float] = typer.Option(None, "--sigma", help="Gaussian feature noise for the entropy estimate and the attack (default: the --from run's, else 0)"),
+    width: Optional[float] = typer.Option(None, "--width", help="channel width of the analysis model (default 0.5, or the --from run's)"),
+    limit_train: Optional[int] = typer.Option(20000, "--limit-train", help="train the analysis model on this many images"),
+    limit_eval: Optional[int] = typer.Option(None, "--limit-eval", help="evaluate on the first N test images (default: all)"),
+    similarity: bool = typer.Option(True, "--similarity/--no-similarity", help="float-vs-int8 and adjacent-cut KL"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default runs/partition-MODEL-DATASET)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+):
+    """Where to cut: R_c^2 and the Golden Partition Zone, cost, entropy bound estimate, float-vs-int8 KL
+    and (--attack) decoder-attack MSE at every cut; writes OUT/partition.json and OUT/partition.png."""
+    from .analysis.partition import PartitionConfig, analyze_partition
+    from .analysis.report import render
+
+    console = _console()
+    cfg = PartitionConfig(model=model, dataset=dataset, data_dir=data_dir, width=width, epochs=epochs,
+                          limit_train=limit_train, seed=seed, from_run=str(from_run) if from_run else None,
+                          sigma=sigma, limit_eval=limit_eval, similarity=similarity, attack=attack_,
+                          out=str(out) if out else None)
+    render(analyze_partition(cfg, console=console, progress=not quiet), console)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory of the demo"),
     epochs: int = typer.Option(2, "--epochs"),
