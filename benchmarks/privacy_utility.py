@@ -21,8 +21,8 @@ no-information baseline MSE, clone_rmle MSE/SSIM, and training time (sum of the 
 whose output already exists (training, export, each attack) and only adds what is missing.
 
 Output under --out: ``privacy_utility.json`` (rows, machine, settings), ``privacy_utility.csv``
-(rows) and ``privacy_utility.png`` (accuracy vs decoder MSE, drawn with Pillow). ``--size quick``
-is a CI smoke test (512 training images, 1 epoch of batch 32, attack preset "quick", 2 configs); ``--size
+(rows), ``privacy_utility.md`` (the README table) and ``privacy_utility.png`` (accuracy vs decoder
+MSE, drawn with Pillow). ``--size quick`` is a CI smoke test (512 training images, 1 epoch of batch 32, attack preset "quick", 2 configs); ``--size
 full`` trains 2 epochs on the whole data with the attacks' default settings, every config.
 """
 
@@ -145,6 +145,29 @@ def write_csv(rows: list[dict], path: Path) -> None:
         for r in rows:
             w.writerow({k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else ("" if v is None else v)
                         for k, v in r.items()})
+
+
+def markdown(rows: list[dict]) -> str:
+    """The README table: one line per row, decoder MSE also as a ratio to the undefended row's.
+
+    A ``clone_rmle`` MSE at or above its mean-image floor is marked: the attack learned nothing
+    about the individual image there, which says the attack failed, not that the defense holds."""
+    ref = {r["artifact"]: r["decoder_mse"] for r in rows if r["config"] == "none" and r["decoder_mse"]}
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    out = ["| config | artifact | test acc | decoder MSE (x none) | decoder SSIM | clone_rmle MSE | train min |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = ref.get(r["artifact"])
+        ratio = f" ({r['decoder_mse'] / base:.2f}x)" if base and r["decoder_mse"] is not None else ""
+        clone = f(r["clone_rmle_mse"], ".4f")
+        if r["clone_rmle_mse"] is not None and r["clone_rmle_baseline_mse"] is not None \
+                and r["clone_rmle_mse"] >= r["clone_rmle_baseline_mse"]:
+            clone += " (above floor: attack failed)"
+        acc = "-" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f}%"
+        mins = "-" if r["train_time_s"] is None else f"{r['train_time_s'] / 60:.1f}"
+        out.append(f"| {r['config']} | {r['artifact']} | {acc} | {f(r['decoder_mse'], '.4f')}{ratio} | "
+                   f"{f(r['decoder_ssim'], '.3f')} | {clone} | {mins} |")
+    return "\n".join(out) + "\n"
 
 
 # ----------------------------------------------------------------------------------- plot
@@ -349,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
               "rows": rows}
     (args.out / "privacy_utility.json").write_text(json.dumps(result, indent=2) + "\n")
     write_csv(rows, args.out / "privacy_utility.csv")
+    (args.out / "privacy_utility.md").write_text(markdown(rows))
     pts = [(f"{r['config']} ({r['artifact'].split('.')[-1]})" if len(args.artifacts) > 1 else r["config"],
             r["decoder_mse"], r["test_acc"]) for r in rows
            if r["decoder_mse"] is not None and r["test_acc"] is not None]

@@ -91,6 +91,12 @@ def test_build_row_from_fixed_results(pu, tmp_path):
     assert list(got[0]) == pu.COLUMNS and got[0]["params"] == '{"noise": {"sigma": 0.1}}'
     assert float(got[0]["decoder_mse"]) == 0.03 and got[1]["decoder_mse"] == ""
 
+    ref = dict(bare, decoder_mse=0.02, clone_rmle_mse=0.05, clone_rmle_baseline_mse=0.08)
+    md = pu.markdown([ref, row]).splitlines()
+    assert md[0].startswith("| config |") and len(md) == 4
+    assert md[2].startswith("| none | encoder.int8.tflite | 81.00% | 0.0200 (1.00x) |")
+    assert "| noise | encoder.int8.tflite | 75.00% | 0.0300 (1.50x) | 0.400 | 0.1000 (above floor: attack failed) | 0.3 |" == md[3]
+
 
 def test_plot_draws_points_on_axes(pu, tmp_path):
     from PIL import Image
