@@ -22,11 +22,9 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MethodType
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from ..errors import QdefendError
 
@@ -129,15 +127,13 @@ def _edge_init(plan: AnalysisPlan, data) -> dict[str, dict[str, torch.Tensor]]:
     return {"encoder": enc, "head": model.head.state_dict()}
 
 
-def _always_eval(self: nn.Module, mode: bool = True) -> nn.Module:
-    return nn.Module.train(self, False)
-
-
 def _trainer_cls():
     from ..train import Trainer
 
     class _AnalysisTrainer(Trainer):
-        """The project's Trainer, with a spliced initialisation and frozen edge stages (--from)."""
+        """The project's Trainer, with a spliced initialisation and frozen edge stages (--from):
+        the stages named in ``frozen`` go through the Trainer's own freezing (no gradient step, eval
+        mode every epoch, so BN statistics stay the run's)."""
 
         def __init__(self, *a, float_init=None, frozen=(), **kw):
             super().__init__(*a, **kw)
@@ -146,13 +142,11 @@ def _trainer_cls():
         def _init_weights(self):
             return {"float": self.float_init} if self.float_init is not None else None
 
-        def _epoch(self, run, opt, *a, **kw):
-            for name, mod in run.net.encoder.named_children():
-                if name in self.frozen:
-                    mod.requires_grad_(False)
-                    mod.train = MethodType(_always_eval, mod)  # BN statistics stay the run's
-                    mod.eval()
-            return super()._epoch(run, opt, *a, **kw)
+        def _freeze(self, net):
+            stages = [m for name, m in net.encoder.named_children() if name in self.frozen]
+            for m in stages:
+                m.requires_grad_(False)
+            return stages + super()._freeze(net)
 
     return _AnalysisTrainer
 
