@@ -156,7 +156,7 @@ def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str |
     report: dict[str, Any] = {"version": REPORT_VERSION, "config": asdict(cfg), "runs": []}
     t_all = time.perf_counter()
     jobs = [(r, art) for r in runs for art in cfg.artifacts]
-    todo = [(r, art) for r, art in jobs if cfg.force or any(_reusable(r, art, a, cfg) is None for a in cfg.attacks)]
+    todo = [(r, art) for r, art in jobs if cfg.force or any(_reusable(r, art, a, cfg)[1] is None for a in cfg.attacks)]
     workers = max(1, min(cfg.jobs or _cpus(), len(todo)))
     if todo:
         say(f"compare: {len(todo)} target(s) to attack with {', '.join(cfg.attacks)} "
@@ -181,8 +181,7 @@ def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str |
         results: dict[tuple[str, str], AttackResult] = {}
         for attack in cfg.attacks:
             for art in cfg.artifacts:
-                path = _where(r, art, attack, cfg)[0]
-                res = _reusable(r, art, attack, cfg)
+                path, res = _reusable(r, art, attack, cfg)
                 if res is None:
                     raise AttackError(f"compare: {attack} on {art} of {r} left no result at {path}")
                 results[(attack, art)] = res
@@ -218,12 +217,12 @@ def _where(run_dir: Path, art: str, attack: str, cfg: CompareConfig):
     return result_path(run_dir, attack, spec), atk, spec
 
 
-def _reusable(run_dir: Path, art: str, attack: str, cfg: CompareConfig) -> AttackResult | None:
-    """The saved result of ``attack`` on ``art`` if compare may reuse it (see ``runner.cached_result``)."""
+def _reusable(run_dir: Path, art: str, attack: str, cfg: CompareConfig) -> tuple[Path, AttackResult | None]:
+    """(result path, the saved result there if compare may reuse it, see ``runner.cached_result``)."""
     from .runner import cached_result
 
-    _, atk, spec = _where(run_dir, art, attack, cfg)
-    return cached_result(run_dir, spec, atk, seed=cfg.seed, preset="quick" if cfg.quick else None)
+    path, atk, spec = _where(run_dir, art, attack, cfg)
+    return path, cached_result(run_dir, spec, atk, seed=cfg.seed, preset="quick" if cfg.quick else None)
 
 
 def _attack_target(run_dir: str, art: str, cfg_dict: dict, threads: int | None,
@@ -248,8 +247,8 @@ def _attack_target(run_dir: str, art: str, cfg_dict: dict, threads: int | None,
     say = say or (lambda m: print(tag + m, flush=True))
     run = None
     for attack in cfg.attacks:
-        path = _where(Path(run_dir), art, attack, cfg)[0]
-        if not cfg.force and _reusable(Path(run_dir), art, attack, cfg) is not None:
+        path, saved = _reusable(Path(run_dir), art, attack, cfg)
+        if not cfg.force and saved is not None:
             say(f"{attack}: re-using {path}")
             continue
         run = run if run is not None else load_run(run_dir)

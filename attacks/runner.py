@@ -63,6 +63,8 @@ def target_fingerprint(run_dir: str | Path, spec: str) -> dict[str, str]:
     import json
 
     from qdefend.checkpoint import MODEL_FILE, STATE_FILE, resolve_tag
+    from qdefend.devices.manifest import ArtifactError, load_manifest
+    from qdefend.errors import QdefendError
     from qdefend.run import RunPaths
 
     paths = RunPaths(run_dir)
@@ -71,15 +73,15 @@ def target_fingerprint(run_dir: str | Path, spec: str) -> dict[str, str]:
     try:
         tag = resolve_tag(ckpt, "best" if (ckpt / "best.json").is_file() else "latest")
         fp["checkpoint"] = json.loads((ckpt / tag / STATE_FILE).read_text())["files"][MODEL_FILE]
-    except (OSError, ValueError, KeyError, Exception):  # no/unreadable checkpoint: nothing to pin
+    except (QdefendError, OSError, ValueError, KeyError):  # no/unreadable checkpoint: nothing to pin
         pass
     names = [n for n in spec.split(":") if n.endswith((".onnx", ".tflite"))]
     if spec.startswith("service:"):
         names.append("head.float.onnx")
     if names:
         try:
-            arts = json.loads((paths.root / "manifest.json").read_text()).get("artifacts", {})
-        except (OSError, ValueError):
+            arts = load_manifest(paths.root).get("artifacts", {})
+        except ArtifactError:  # not exported: nothing to pin
             arts = {}
         fp.update({n: arts[n]["sha256"] for n in names if isinstance(arts.get(n), dict) and "sha256" in arts[n]})
     return fp
