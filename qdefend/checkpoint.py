@@ -90,6 +90,18 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _extra_optim_file(name: str) -> str:
+    return f"optim-{name}.safetensors"
+
+
+def _save_optimizer(sd: dict, folder: Path, fname: str, files: dict[str, str]) -> dict:
+    """Write one optimizer's tensors to ``folder/fname``, record its sha256 in ``files``; its JSON meta."""
+    tensors, meta = optimizer_to_tensors(sd)
+    save_file(tensors, str(folder / fname))
+    files[fname] = sha256_file(folder / fname)
+    return meta
+
+
 def save_checkpoint(
     ckpt_dir: Path,
     epoch: int,
@@ -115,16 +127,9 @@ def save_checkpoint(
     files = {MODEL_FILE: sha256_file(tmp / MODEL_FILE)}
     state = dict(state)
     if optimizer_state is not None:
-        tensors, meta = optimizer_to_tensors(optimizer_state)
-        save_file(tensors, str(tmp / OPTIM_FILE))
-        files[OPTIM_FILE] = sha256_file(tmp / OPTIM_FILE)
-        state["optimizer_meta"] = meta
+        state["optimizer_meta"] = _save_optimizer(optimizer_state, tmp, OPTIM_FILE, files)
     for name, sd in (extra_optimizers or {}).items():
-        fname = f"optim-{name}.safetensors"
-        tensors, meta = optimizer_to_tensors(sd)
-        save_file(tensors, str(tmp / fname))
-        files[fname] = sha256_file(tmp / fname)
-        state.setdefault("extra_optimizer_meta", {})[name] = meta
+        state.setdefault("extra_optimizer_meta", {})[name] = _save_optimizer(sd, tmp, _extra_optim_file(name), files)
     state["files"] = files
     state["epoch"] = epoch
     write_json_atomic(tmp / STATE_FILE, state)
@@ -186,7 +191,7 @@ def load_checkpoint(ckpt_dir: Path, which: str = "latest", *, with_optimizer: bo
             opt = optimizer_from_tensors(load_file(str(d / OPTIM_FILE)), state["optimizer_meta"])
         if with_optimizer:
             state["extra_optimizers"] = {
-                name: optimizer_from_tensors(load_file(str(d / f"optim-{name}.safetensors")), meta)
+                name: optimizer_from_tensors(load_file(str(d / _extra_optim_file(name))), meta)
                 for name, meta in state.get("extra_optimizer_meta", {}).items()}
     except (SafetensorError, OSError) as e:
         raise QdefendError(f"checkpoint {d} cannot be read ({e}): {hint}") from None
