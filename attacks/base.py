@@ -26,6 +26,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from qdefend.errors import QdefendError
+from qdefend.plainjson import plain
 from qdefend.registry import Registry
 
 __all__ = [
@@ -112,7 +113,7 @@ class AttackResult:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (no arrays); ``json.dumps`` works on it as is."""
-        return _plain({
+        return plain({
             "version": RESULT_VERSION, "attack": self.attack, "target": self.target,
             "metrics": self.metrics, "config": self.config, "seed": self.seed,
             "timings": self.timings, "extra": self.extra,
@@ -148,24 +149,6 @@ class AttackResult:
         return cls(attack=d["attack"], target=d["target"], metrics=d["metrics"], config=d["config"],
                    seed=d["seed"], timings=d.get("timings", {}), originals=arrays.get("originals"),
                    reconstructions=arrays.get("reconstructions"), extra=d.get("extra", {}))
-
-
-def _plain(obj: Any) -> Any:
-    """numpy scalars -> Python numbers, tuples -> lists, NaN/inf -> None (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        raise TypeError("AttackResult.to_json: arrays do not belong in JSON; put them in originals/reconstructions")
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 # ---------------------------------------------------------------------------------------- attacks

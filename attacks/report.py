@@ -30,7 +30,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .base import ATTACKS, AttackError, AttackResult, _plain
+from qdefend.plainjson import plain
+
+from .base import ATTACKS, AttackError, AttackResult
 from .grid import save_grid
 from .metrics import bootstrap_ci
 
@@ -194,7 +196,7 @@ def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str |
         entry["figures"] = _figures(cfg, results, out / "figures", r.name)
         report["runs"].append(entry)
     report["timings"] = {"total_s": round(time.perf_counter() - t_all, 1)}
-    (out / "report.json").write_text(json.dumps(_plain(report), indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps(plain(report), indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report, out))
     say(f"compare: wrote {out / 'report.md'} ({report['timings']['total_s']:.0f} s)")
     report["out"] = str(out)

@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..plainjson import plain
+
 __all__ = ["save_report", "render", "loose_cuts"]
 
 
@@ -121,19 +123,6 @@ def save_report(result: dict, out: str | Path, *, grid=None) -> list[str]:
         save_grid(grid, files[-1], n=min(8, min(len(g[1]) for g in grid)))
     result = {**result, "files": [str(f) for f in files]}
     tmp = files[0].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_plain(result), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(plain(result), indent=2, sort_keys=True) + "\n")
     tmp.replace(files[0])
     return [str(f) for f in files]
-
-
-def _plain(obj: Any) -> Any:
-    """Strict JSON: NaN/inf -> None, numpy scalars -> Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
