@@ -65,9 +65,9 @@ class PartitionConfig:
     Budget: defaults keep ``--attack`` under 15 minutes on 2 CPU cores for vgg11_bn and resnet20
     on Fashion-MNIST. The analysis model trains for 1 epoch on 20,000 training images at width
     0.5 (0.8 s per 128-image VGG11 step on one thread, 3.8 s at full width; ResNet-20 0.3 s), and
-    the decoder uses DECODER_BUDGET at every cut (5 epochs on 2,000 aux images). Estimated from
-    single-thread timings of each part: ~9 min for vgg11_bn (train 3, R_c^2 0.5, KL 0.2,
-    decoders 5) and ~3.5 min for resnet20, before a second core helps.
+    the decoder uses DECODER_BUDGET at every cut (5 epochs on 2,000 aux images). Measured with
+    ``--attack`` on 2 otherwise idle cores: vgg11_bn 5.2 min (train 2.1, R_c^2 0.3, KL 0.1,
+    decoders 2.5), resnet20 1.8 min (2.9 min with ``--epochs 3``).
     ``model``/``dataset``/``width`` None: vgg11_bn, fashion-mnist, 0.5, or the ``from_run``'s.
     ``sigma`` None: the ``from_run``'s Gaussian noise sigma, else 0 (entropy bound vacuous).
     """
