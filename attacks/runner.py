@@ -110,9 +110,12 @@ def cached_result(run_dir: str | Path, spec: str, attack: Attack, *, seed: int =
 def attack_run(run_dir: str | Path, spec: str, attack: str, *, preset: str | None = None,
                params: dict[str, Any] | None = None, budget: str | None = None, seed: int = 0,
                run: Any = None, output: str = "probabilities", threads: int | None = None,
-               progress: Callable[[str], None] | None = None, save: bool = True) -> tuple[AttackResult, Path]:
+               progress: Callable[[str], None] | None = None, save: bool = True,
+               service_output: str | None = None) -> tuple[AttackResult, Path]:
     """Attack target ``spec`` of the run at ``run_dir`` with attack ``attack``; returns the result
-    and the path of its JSON (written when ``save``)."""
+    and the path of its JSON (written when ``save``). ``service_output``: a service-side output
+    defense (qdefend.defenses.output, e.g. "round:2") on the service's probabilities; the result
+    is then written as ``ATTACK-TARGET@TAG.json``."""
     from qdefend.run import RunPaths, load_run
 
     params = dict(params or {})
@@ -129,14 +132,17 @@ def attack_run(run_dir: str | Path, spec: str, attack: str, *, preset: str | Non
         run = load_run(run_dir)
     from .targets import open_target
 
-    target = open_target(run_dir, spec, run=run, output=output, threads=threads)
+    target = open_target(run_dir, spec, run=run, output=output, threads=threads, service_output=service_output)
     result = atk.run(target, run.data, seed=seed, progress=progress)
     if notes:
         result.extra["notes"] = notes + result.notes
     result.extra.setdefault("run", str(run_dir))
     result.extra["preset"] = preset or "default"
     result.extra["fingerprint"] = target_fingerprint(run_dir, spec)
-    path = result_path(run_dir, attack, spec)
+    post = getattr(target, "post", None)
+    if post is not None:
+        result.extra["service_output"] = post.spec()
+    path = result_path(run_dir, attack, spec if post is None else f"{spec}@{post.tag()}")
     if save:
         result.save(path)
         if result.reconstructions is not None:

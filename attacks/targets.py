@@ -69,9 +69,13 @@ def torch_release(z, steps: list[dict], generator=None):
             bank = torch.tensor(step["tensors"], dtype=z.dtype)
             idx = torch.randint(len(bank), (len(z),), generator=generator)
             z = z + bank[idx].reshape(z.shape)
+        elif kind == "vib_sample":
+            from qdefend.defenses.vib import vib_release_step
+
+            z = vib_release_step(z, step, generator)
         else:
             raise AttackError(f"release step {kind!r} has no torch version; known: gaussian_noise, "
-                              "laplace_noise, dropout, topk_prune, additive_noise (upgrade qdefend)")
+                              "laplace_noise, dropout, topk_prune, additive_noise, vib_sample (upgrade qdefend)")
     return z
 
 
@@ -339,7 +343,7 @@ class ServiceTarget(Target):
     it runs on the *released* features, as in deployment."""
 
     def __init__(self, encoder_target: Target, head: Any, output: str = "probabilities", *,
-                 torch_head: Any = None):
+                 torch_head: Any = None, post: Any = None):
         if output not in ("probabilities", "labels"):
             raise AttackError(f"service output must be 'probabilities' or 'labels', got {output!r}")
         if "features" not in encoder_target.offers:
@@ -352,6 +356,9 @@ class ServiceTarget(Target):
                          num_classes=encoder_target.num_classes,
                          notes=[*encoder_target.notes, f"service head: {head_name}, answers {output}"])
         self.encoder_target, self._head, self.output = encoder_target, head, output
+        self.post = post  # a qdefend.defenses.output.OutputStack applied to the probabilities (top-1 kept)
+        if post is not None:
+            self.notes.append(f"service output defense: {post.spec()}")
         self._torch_head = torch_head
 
     def _logits(self, images01, seed):
@@ -369,7 +376,8 @@ class ServiceTarget(Target):
             return super().predict_proba(images01)
         logits = self._logits(self._pixels(images01), seed).astype(np.float64)
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        p = e / e.sum(axis=1, keepdims=True)
+        return (p if self.post is None else self.post(p)).astype(np.float32)
 
     def predict_labels(self, images01, *, seed: int | None = None):
         return self._logits(self._pixels(images01), seed).argmax(axis=1).astype(np.int64)
@@ -399,7 +407,7 @@ def target_specs(run_dir) -> list[str]:
 
 
 def open_target(run_dir, spec: str, *, run: Any = None, output: str = "probabilities",
-                interpreter: str = "auto", threads: int | None = None) -> Target:
+                interpreter: str = "auto", threads: int | None = None, service_output: str | None = None) -> Target:
     """The target ``spec`` of the run at ``run_dir``.
 
     spec: "torch-float" | "torch-int8" | an encoder artifact file name ("encoder.int8.tflite",
@@ -407,18 +415,28 @@ def open_target(run_dir, spec: str, *, run: Any = None, output: str = "probabili
     loaded Run of ``run_dir`` to share (loading costs seconds). ``output``: what a service
     answers, "probabilities" or "labels". A service over an artifact runs the exported float head
     (head.float.onnx) in onnxruntime; over a torch encoder, the run's torch head.
+    ``service_output``: a service-side output defense applied to its probabilities, e.g. "round:2"
+    (see qdefend.defenses.output); only for ``service:`` targets.
     """
     from qdefend.run import RunPaths
 
     run_dir = Path(run_dir)
     paths = RunPaths(run_dir)
+    post = None
+    if service_output:
+        from qdefend.defenses.output import parse_output_defense
+
+        if not spec.startswith("service:"):
+            raise AttackError(f"--service-output applies to a service's answers; target '{spec}' is not one: "
+                              f"write service:{spec}")
+        post = parse_output_defense(service_output)
     if spec.startswith("service:"):
         inner = spec[len("service:"):]
         if inner.startswith("service:") or not inner:
             raise AttackError(f"bad target '{spec}': write service:ENCODER, e.g. service:encoder.int8.onnx")
         enc = open_target(run_dir, inner, run=run, interpreter=interpreter, threads=threads)
         if isinstance(enc, TorchTarget):
-            return ServiceTarget(enc, enc.head(), output)
+            return ServiceTarget(enc, enc.head(), output, post=post)
         from qdefend.devices.runtime import Runtime
 
         try:
@@ -426,7 +444,7 @@ def open_target(run_dir, spec: str, *, run: Any = None, output: str = "probabili
         except Exception as e:
             raise AttackError(f"cannot open the cloud head head.float.onnx of {run_dir} ({e}): "
                               f"re-export with `qdefend export {run_dir}`") from None
-        return ServiceTarget(enc, head, output)
+        return ServiceTarget(enc, head, output, post=post)
     if spec in ("torch-float", "torch-int8"):
         if run is None:
             paths.require_trained()

@@ -226,15 +226,17 @@ def _same_run(saved, want) -> bool:
         (want.data, want.model, want.quant, want.train, want.defense.stack)
 
 
-def ensure_trained(name: str, root: Path, size: str, threads: int, say: Callable[[str], None]) -> None:
-    """Train (or finish training) the run of config `name` at `root`, unless its test event exists."""
+def ensure_trained(name: str, root: Path, size: str, threads: int, say: Callable[[str], None],
+                   run_cfg: dict[str, Any] | None = None) -> None:
+    """Train (or finish training) the run of config `name` at `root`, unless its test event exists.
+    ``run_cfg``: the RunConfig dict to train (default ``run_config(name, size)``)."""
     from qdefend.checkpoint import has_checkpoint
     from qdefend.config import RunConfig
     from qdefend.errors import QdefendError
     from qdefend.run import RunPaths
     from qdefend.train import Trainer
 
-    cfg = RunConfig.from_dict(run_config(name, size))
+    cfg = RunConfig.from_dict(run_cfg if run_cfg is not None else run_config(name, size))
     if threads:
         cfg.train.num_threads = threads
     paths = RunPaths(root)
@@ -274,16 +276,19 @@ def ensure_exported(root: Path, artifacts: list[str], verify_images: int | None,
 
 
 def ensure_attacked(root: Path, artifact: str, preset: str | None, threads: int, run_holder: dict,
-                    say: Callable[[str], None]) -> dict[str, dict]:
+                    say: Callable[[str], None], attacks: tuple[str, ...] = ATTACKS,
+                    params: dict[str, dict] | None = None) -> dict[str, dict]:
     """Attack results (JSON dicts by attack) on `artifact`, running those missing or stale (another
-    preset or attack config, or a retrained / re-exported target: ``runner.cached_result``)."""
+    preset or attack config, or a retrained / re-exported target: ``runner.cached_result``).
+    ``params``: attack name -> parameter overrides (on top of the preset)."""
     from qdefend.attacks import build_attack
     from qdefend.attacks.runner import attack_run, cached_result
     from qdefend.run import load_run
 
     out = {}
-    for attack in ATTACKS:
-        res = cached_result(root, artifact, build_attack(attack, preset=preset), preset=preset)
+    for attack in attacks:
+        kw = dict((params or {}).get(attack, {}))
+        res = cached_result(root, artifact, build_attack(attack, preset=preset, **kw), preset=preset)
         if res is not None:
             say(f"attack {attack} on {artifact}: done already, skipped")
             out[attack] = res.to_json()
@@ -291,11 +296,11 @@ def ensure_attacked(root: Path, artifact: str, preset: str | None, threads: int,
         if "run" not in run_holder:
             run_holder["run"] = load_run(root)
         say(f"attack {attack} on {artifact} (preset {preset or 'default'})")
-        result, _ = attack_run(root, artifact, attack, preset=preset, run=run_holder["run"],
+        result, _ = attack_run(root, artifact, attack, preset=preset, params=kw, run=run_holder["run"],
                                threads=threads or None)
-        m = result.metrics
-        say(f"attack {attack}: mse {m.get('mse', float('nan')):.4f} ssim {m.get('ssim', float('nan')):.3f} "
-            f"in {result.timings.get('total_s', 0):.0f} s")
+        shown = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        say(f"attack {attack}: " + " ".join(f"{k} {v:.4g}" for k, v in list(shown.items())[:4])
+            + f" in {result.timings.get('total_s', 0):.0f} s")
         out[attack] = result.to_json()
     return out
 

@@ -57,10 +57,12 @@ RELEASE_STEP_PARAMS = {
     "dropout": ("p", 0.0, 1.0),
     "topk_prune": ("ratio", 0.0, 1.0),
     "additive_noise": ("tensors", None, None),  # K equal-length lists of floats (Shredder)
+    "vib_sample": ("log_sigma", -30.0, 30.0),  # D floats in this interval + "mask": D zeros/ones (vib-mask)
 }
 _REQUIRED = ("run", "created", "model", "dataset", "input", "features", "release", "artifacts",
              "tools", "warnings", "verification")
-_NOISE_STD = {"gaussian_noise": lambda s: s["sigma"], "laplace_noise": lambda s: math.sqrt(2) * s["scale"]}
+_NOISE_STD = {"gaussian_noise": lambda s: s["sigma"], "laplace_noise": lambda s: math.sqrt(2) * s["scale"],
+              "vib_sample": lambda s: max((math.exp(v) for v, m in zip(s["log_sigma"], s["mask"]) if m), default=0.0)}
 WIRE_SIGMAS = 4.0  # the wire range covers the encoder output range widened by this many noise stds
 
 
@@ -188,6 +190,13 @@ def _check_steps(steps: Any, key: str) -> None:
             if not ok:
                 _fail(f"{k}.tensors", "must be a non-empty list of equal-length lists of finite numbers")
             continue
+        if kind == "vib_sample":
+            if not (isinstance(v, list) and v and all(_is_num(x) and lo <= x <= hi for x in v)):
+                _fail(f"{k}.log_sigma", f"must be a non-empty list of numbers in [{lo}, {hi}]")
+            mask = step.get("mask")
+            if not (isinstance(mask, list) and len(mask) == len(v) and all(_is_num(x) and x in (0, 1) for x in mask)):
+                _fail(f"{k}.mask", f"must be a list of {len(v)} zeros and ones (one per log_sigma value)")
+            continue
         if not (_is_num(v) and lo <= v <= hi):
             _fail(f"{k}.{param}", f"must be a number in [{lo}, {hi}] for {kind}, got {v!r}")
 
@@ -232,6 +241,11 @@ def validate_manifest(m: Any) -> dict:
     if wire.get("dtype") != "int8" or not -128 <= wire["zero_point"] <= 127:
         _fail("features.wire", f"must be int8 with zero_point in [-128, 127], got {wire!r}")
     _check_steps(_need(m["release"], "steps", "release."), "release.steps")
+    per_element, channels = math.prod(feats["shape"]), feats["shape"][0]
+    for i, step in enumerate(m["release"]["steps"]):
+        if step["type"] == "vib_sample" and len(step["log_sigma"]) not in (per_element, channels):
+            _fail(f"release.steps[{i}].log_sigma", f"has {len(step['log_sigma'])} values, features {feats['shape']} "
+                  f"need {per_element} (per element) or {channels} (per channel)")
     arts = m["artifacts"]
     if not isinstance(arts, dict):
         _fail("artifacts", "must map artifact names to entries")

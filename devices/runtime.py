@@ -88,12 +88,31 @@ def _additive_noise(z, step, rng):
     return (z + bank[idx].reshape(z.shape)).astype(np.float32)
 
 
+def _vib_tensor(step: dict, key: str, shape: tuple) -> np.ndarray:
+    """A vib_sample list as a view of one sample's features: C*H*W values -> (C, H, W), C -> (C, 1, 1)."""
+    t, feat = np.asarray(step[key], np.float32), tuple(shape[1:])
+    if t.ndim == 1 and t.size == int(np.prod(feat)):
+        return t.reshape(feat)
+    if t.ndim == 1 and feat and t.size == feat[0]:
+        return t.reshape(feat[0], *[1] * (len(feat) - 1))
+    raise ArtifactError(f"vib_sample {key} has {t.size} values, features {tuple(shape)} need "
+                        f"{int(np.prod(feat))} (per element) or {feat[0] if feat else 1} (per channel): re-export the run")
+
+
+def _vib_sample(z, step, rng):
+    """mask * (z + exp(log_sigma) * N(0, 1)): the variational bottleneck's sampling and mask (vib-mask)."""
+    log_sigma, mask = _vib_tensor(step, "log_sigma", z.shape), _vib_tensor(step, "mask", z.shape)
+    eps = rng.standard_normal(z.shape, dtype=np.float32)
+    return (mask * (z + np.exp(log_sigma) * eps)).astype(np.float32)
+
+
 RELEASE_STEPS: dict[str, Callable[[np.ndarray, dict, np.random.Generator], np.ndarray]] = {
     "gaussian_noise": _gaussian_noise,
     "laplace_noise": _laplace_noise,
     "dropout": _dropout,
     "topk_prune": _topk_prune,
     "additive_noise": _additive_noise,
+    "vib_sample": _vib_sample,
 }
 
 

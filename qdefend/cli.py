@@ -17,7 +17,7 @@ app = typer.Typer(
     help="qdefend: quantization-aware edge deployment toolkit for private split inference.",
 )
 
-LISTABLE = ("datasets", "models", "defenses", "attacks")
+LISTABLE = ("datasets", "models", "defenses", "attacks", "devices")
 
 
 def _console():
@@ -178,6 +178,9 @@ def attack(
     preset: Optional[str] = typer.Option(None, "--preset", help="named settings, e.g. quick"),
     seed: int = typer.Option(0, "--seed"),
     output: str = typer.Option("probabilities", "--output", help="what a service answers: probabilities or labels"),
+    service_output: Optional[str] = typer.Option(
+        None, "--service-output", help="output defense on the service's probabilities, top-1 kept: round:2, "
+        "topk:3, reverse_sigmoid:beta=1,gamma=0.1 (join with +)"),
     overrides: list[str] = typer.Option([], "--set", help="attack parameter KEY=VALUE (repeatable), e.g. --set epochs=10"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress lines"),
 ):
@@ -186,7 +189,8 @@ def attack(
 
     console = _console()
     res, path = attack_run(run, artifact, attack_, preset=preset, params=parse_params(overrides), budget=budget,
-                           seed=seed, output=output, progress=None if quiet else (lambda m: console.print(f"  {m}")))
+                           seed=seed, output=output, progress=None if quiet else (lambda m: console.print(f"  {m}")),
+                           service_output=service_output)
     _print_attack(console, res, path)
 
 
@@ -318,6 +322,79 @@ def demo(
     console.print(f"report: {rep['out']}/report.md")
 
 
+@app.command("bundle")
+def bundle_(
+    run: Path = typer.Argument(..., help="exported run directory, e.g. runs/demo"),
+    device: str = typer.Option(..., "--device", help="device profile (qdefend list devices), e.g. rpi5"),
+    format_: Optional[str] = typer.Option(None, "--format", help="tflite or onnx (default: the device's)"),
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="litert, tflite-runtime or onnxruntime (default: the device's)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="archive path or folder (default RUN/bundles/)"),
+    with_wheels: bool = typer.Option(False, "--with-wheels", help="also pip download the device's wheels into wheels/ (needs network)"),
+):
+    """Package a run's int8 encoder for one device: artifact, runtime, standalone runner.py, pinned
+    requirements, reference outputs; one .tar.gz to copy onto it (then `python3 runner.py --check`)."""
+    from .devices.bundle import bundle_top, make_bundle
+
+    path = make_bundle(run, device, fmt=format_, runtime=runtime, out=out, with_wheels=with_wheels)
+    top = bundle_top(path)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)\non the device: tar xzf {path.name} && "
+               f"cd {top}, install as its README.md says, then: python3 runner.py --check")
+
+
+@app.command()
+def deploy(
+    bundle: Path = typer.Argument(..., help="a bundle archive made by `qdefend bundle`"),
+    ssh: Optional[str] = typer.Option(None, "--ssh", help="user@host[:dir] (dir default ~/qdefend-bundles)"),
+    adb: Optional[str] = typer.Option(None, "--adb", help="adb device serial (adb devices)"),
+    port: Optional[int] = typer.Option(None, "--port", help="ssh port"),
+    identity: Optional[Path] = typer.Option(None, "--identity", help="ssh private key file"),
+    python: str = typer.Option("python3", "--python", help="the device's Python (with numpy and the runtime)"),
+    ssh_option: list[str] = typer.Option([], "--ssh-option", help="extra ssh/scp -o KEY=VALUE (repeatable)"),
+    bench: bool = typer.Option(False, "--bench", help="after the check, also run runner.py --bench"),
+):
+    """Copy a bundle onto a device (ssh/scp or adb), unpack it, run its runner.py --check there; prints the JSON."""
+    import json
+
+    from .devices.deploy import deploy_adb, deploy_ssh
+
+    if (ssh is None) == (adb is None):
+        raise QdefendError("pass exactly one of --ssh user@host[:dir] or --adb SERIAL")
+    if ssh is not None:
+        res = deploy_ssh(bundle, ssh, port=port, identity=identity, python=python, options=ssh_option, bench=bench)
+    else:
+        res = deploy_adb(bundle, adb, python=python, bench=bench)
+    typer.echo(json.dumps(res, sort_keys=True))
+    if not res["ok"]:
+        raise QdefendError(f"the bundle check on {res['target']} failed: {res['check'].get('error', 'see the JSON above')}")
+
+
+devices_app = typer.Typer(no_args_is_help=True, help="Edge devices: run a bundle on an emulated Raspberry Pi.")
+app.add_typer(devices_app, name="devices")
+
+
+@devices_app.command("emulate")
+def devices_emulate(
+    bundle: Path = typer.Argument(..., help="a bundle .tar.gz or folder made by `qdefend bundle`"),
+    device: str = typer.Option("rpi4", "--device", help="rpi4 (qemu -cpu cortex-a72), rpi5 (cortex-a76) or generic-aarch64"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="cache folder (default $QDEFEND_CACHE or ~/.cache/qdefend)"),
+    timeout: float = typer.Option(1800.0, "--timeout", help="seconds allowed for the emulated runner.py --check"),
+    json_: bool = typer.Option(False, "--json", help="print only the runner's JSON result"),
+):
+    """Run a bundle's runner.py --check under QEMU user-mode arm64 (Debian bookworm, Python 3.11, glibc 2.36):
+    its int8 features must match the x86 reference bit for bit. The first run builds the arm64 rootfs (~2-3 min, as root)."""
+    import json
+
+    from .devices.emulate import emulate
+
+    res = emulate(bundle, device=device, cache_dir=cache_dir, timeout_s=timeout,
+                  progress=lambda m: typer.echo(m, err=True))
+    if not json_:
+        e = res["emulation"]
+        typer.echo(f"runner.py --check passed on emulated {e['device']} (qemu {e['qemu']} -cpu {e['qemu_cpu']}, "
+                   f"Python {e['python']}, glibc {e['glibc']}) in {e['seconds'].get('check', 0):.1f} s")
+    typer.echo(json.dumps(res, sort_keys=True))
+
+
 def registry_for(what: str):
     """The registry behind ``qdefend list WHAT``."""
     if what == "datasets":
@@ -328,14 +405,16 @@ def registry_for(what: str):
         from .defenses import DEFENSES as reg
     elif what == "attacks":
         from .attacks import ATTACKS as reg
+    elif what == "devices":
+        from .devices.profiles import DEVICES as reg
     else:
         raise QdefendError(f"cannot list '{what}'. Valid: {', '.join(LISTABLE)}")
     return reg
 
 
 @app.command("list")
-def list_(what: str = typer.Argument(..., help="datasets | models | defenses | attacks")):
-    """List the registered datasets, models, defenses or attacks."""
+def list_(what: str = typer.Argument(..., help="datasets | models | defenses | attacks | devices")):
+    """List the registered datasets, models, defenses, attacks or device profiles."""
     reg = registry_for(what)
     for name in reg.names():
         typer.echo(f"{name:16s} {reg.describe(name)}")

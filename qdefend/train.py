@@ -278,7 +278,7 @@ class Trainer:
         hook_stats = defense.on_epoch_end(hook_ctx)
         rec: dict[str, Any] = {
             "event": "epoch", "epoch": epoch + 1, "train_loss": tot_loss / seen, "train_acc": tot_correct / seen,
-            "lr": opt.param_groups[0]["lr"], "train_time_s": round(train_time, 2),
+            "lr": opt.param_groups[0]["lr"], "train_time_s": round(train_time, 2), "steps": steps_per_epoch,
             **{f"train_{k}": v / seen for k, v in extra.items()}, **{f"hook_{k}": v for k, v in hook_stats.items()},
         }
         rec["val_acc"] = accuracy(net.encoder, net.head, run.data.val, run, device=device)

@@ -174,7 +174,7 @@ def test_release_spec_is_a_runtime_step_that_releases_like_torch(name):
 
 @pytest.mark.parametrize("name", [n for n in DEFENSES.names() if n != "none"])
 def test_every_registered_defense_builds_with_defaults_and_keeps_the_shape(name):
-    d = stack("noise+cem" if name == "cem" else name)  # cem refuses to run without a noise floor
+    d = stack(f"noise+{name}" if name in ("cem", "cem-slot") else name)  # cem/cem-slot refuse to run without a noise floor
     z = sigmoid_features(8)
     assert d.release(z, gen(0)).shape == z.shape
     for step in d.release_spec()["steps"]:

@@ -114,7 +114,8 @@ def _random_release(target) -> bool:
     steps = target.release["steps"]
     return any(s.get("type") in ("gaussian_noise", "laplace_noise", "dropout") and
                any(float(v) > 0 for k, v in s.items() if k != "type") for s in steps) or \
-        any(s.get("type") == "additive_noise" and len(s["tensors"]) > 1 for s in steps)
+        any(s.get("type") == "additive_noise" and len(s["tensors"]) > 1 for s in steps) or \
+        any(s.get("type") == "vib_sample" and any(m > 0 for m in s["mask"]) for s in steps)
 
 
 @ATTACKS.register("decoder", help="black-box inverse network trained on released aux features (noise-aware)")

@@ -3,7 +3,10 @@
 Release transforms (train and inference, applied on the device): ``noise`` (Gaussian), ``laplace``,
 ``ldp`` (Laplace/Gaussian calibrated to a local-DP epsilon), ``dropout``, ``topk``, ``shredder``
 (learned additive noise). Training losses: ``nopeek`` (distance correlation), ``arl`` (SSIM hinge
-against a simulated decoder attacker), ``cem`` (conditional entropy maximisation, wraps a noise).
+against a simulated decoder attacker), ``cem`` (conditional entropy maximisation, wraps a noise),
+``cem-slot`` (CEM with learned Slot Attention components instead of k-means).
+Extraction, inside QAT: ``divqat`` (service-side output defenses: :mod:`.output`).
+Both: ``vib-mask`` (variational bottleneck: KL loss, learned-variance sampling and a dynamic mask).
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from ..registry import Registry
 from .base import Defense, DefenseStack, EpochContext, StepContext
 from .arl import ARL
 from .cem import CEM
+from .cem_slot import CEMSlot
+from .divqat import DivQAT
 from .dropout import FeatureDropout
 from .noise import GaussianNoise, LaplaceNoise, LocalDPNoise
 from .nopeek import NoPeek, distance_correlation
 from .shredder import Shredder
 from .topk import TopkPrune
+from .vib import VIBMask
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
 DEFENSES.register("none", help="no defense: features are released as the encoder computes them")(Defense)
@@ -33,6 +39,9 @@ DEFENSES.register("nopeek")(NoPeek)
 DEFENSES.register("arl")(ARL)
 DEFENSES.register("shredder")(Shredder)
 DEFENSES.register("cem", help="CEM: per-class cluster variances of z pushed under the noise floor (needs noise)")(CEM)
+DEFENSES.register("divqat", help="DivQAT: KL push of the fake-quant outputs away from the float twin (needs --qat int8)")(DivQAT)
+DEFENSES.register("cem-slot", help="CEM with learned Slot Attention components instead of k-means (needs noise)")(CEMSlot)
+DEFENSES.register("vib-mask", help="variational bottleneck (learned variance, sampled on the device) with a dynamic mask")(VIBMask)
 
 
 def parse_stack(stack: str) -> list[str]:
@@ -77,5 +86,6 @@ def resolved_params(stack: DefenseStack) -> dict[str, dict[str, Any]]:
 __all__ = [
     "DEFENSES", "Defense", "DefenseStack", "StepContext", "EpochContext",
     "build_defense", "parse_stack", "resolved_params", "distance_correlation",
-    "CEM", "GaussianNoise", "LaplaceNoise", "LocalDPNoise", "FeatureDropout", "TopkPrune", "NoPeek", "ARL", "Shredder",
+    "CEM", "CEMSlot", "GaussianNoise", "LaplaceNoise", "LocalDPNoise", "FeatureDropout", "TopkPrune", "NoPeek", "ARL", "Shredder",
+    "VIBMask", "DivQAT",
 ]

@@ -1,0 +1,210 @@
+"""DivQAT: an extraction defense folded into quantization-aware training.
+
+Besides the task cross-entropy of the quantized (fake-quant) network, a temperature-scaled KL term
+pushes the quantized network's output distribution away from its full-precision twin's:
+
+    L = CE(q, y) - weight * T^2 * mean_i  m_i * min(KL_i, max_kl)
+    KL_i = KL( softmax(fp_i / T) || softmax(q_i / T) ),   fp detached
+    m_i  = 1 if argmax q_i == y_i else 0                    (only_correct; 1 for every sample otherwise)
+
+so the soft answers the deployed int8 service gives differ from what the float weights compute,
+while the top-1 decision stays the label's.
+
+The full-precision twin. The twin is the *same* network, in the same step, with fake quantization
+switched off (torchao pt2e ``disable_fake_quant`` / ``disable_observer`` on every fake-quant module
+of the prepared graph), one extra forward without autograd; afterwards every buffer (fake-quant and
+observer switches, BatchNorm running statistics, which the twin's train-mode forward would update)
+is put back. This is the paper's setting: the quantized model diverges from its *own* float
+weights. A frozen float copy would instead diverge from a fixed reference that drifts away from the
+trained weights. Under ``--qat int8`` only the edge encoder is fake-quantized (the cloud head stays
+float unless ``quant.quantize_head``), and the service an extractor queries is the int8 encoder
+artifact + ``head.float.onnx``: exactly the fake-quant path q here, so the divergence acts on what
+the service answers; the float head is shared by both branches and carries the gradient into the
+encoder through the straight-through estimator. The twin gets no release transform (noise,
+dropout): it is the deterministic float reference.
+
+Keeping top-1. The KL against a detached reference is unbounded (q can put ~0 mass where fp has
+some), and its steepest direction lowers q's probability of fp's top class, i.e. of the label. Two
+guards: the per-sample clip ``max_kl`` (a sample past it gets no divergence gradient) bounds the
+term, and with ``only_correct`` the term acts only on samples the fake-quant network classifies
+correctly, so a sample the divergence pushed over the decision boundary is left to the CE alone
+until it is correct again. The divergence never trains a wrong decision.
+
+The defense releases nothing (``release_spec`` None): the exported encoder is a plain int8
+encoder. Service-side output post-processing (rounding, top-k, reverse sigmoid) that composes
+with it lives in :mod:`qdefend.defenses.output`.
+
+Paper: Khaled et al., "DivQAT", arXiv 2512.23948 (exact weight, sign and temperature are not
+public; definitions used here: /work/shared/ALGORITHMS.md, section DivQAT).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import quant as _quant  # noqa: F401  (sets TORCHAO_FORCE_SKIP_LOADING_SO_FILES before torchao loads)
+from ..errors import QdefendError
+from .base import Defense, EpochContext, StepContext
+
+__all__ = ["DivQATConfig", "DivQAT", "divergence", "divergence_loss", "float_twin", "has_fake_quant"]
+
+NO_TWIN = ("defense 'divqat' needs a fake-quantized network to diverge from its float twin, but this run "
+           "has none: train with --qat int8 (e.g. qdefend train --qat int8 --defense divqat)")
+
+
+def _fail(msg: str, fix: str) -> None:
+    raise QdefendError(f"divqat {msg}: {fix}")
+
+
+@dataclass
+class DivQATConfig:
+    weight: float = 0.5  # weight of the divergence term; 0 turns it off (plain QAT)
+    temperature: float = 4.0  # T of the softened distributions; the term is scaled by T^2
+    max_kl: float = 0.5  # per-sample clip of KL (nats, at temperature T), so the term is bounded
+    start_epoch: int = 1  # 1-based first epoch with the term (e.g. 2: one plain QAT epoch first)
+    only_correct: bool = True  # apply the term only where the fake-quant top-1 equals the label
+    eval_samples: int = 1000  # validation images for the epoch-end KL / agreement report (0: off)
+
+    def __post_init__(self):
+        p = "--set defense.params.divqat."
+        if not (isinstance(self.weight, (int, float)) and 0 <= self.weight < math.inf):
+            _fail(f"weight must be a finite number >= 0, got {self.weight!r}", f"e.g. {p}weight=0.5")
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < math.inf):
+            _fail(f"temperature must be a finite number > 0, got {self.temperature!r}", f"e.g. {p}temperature=4")
+        if not (isinstance(self.max_kl, (int, float)) and 0 < self.max_kl < math.inf):
+            _fail(f"max_kl must be a finite number > 0 (the KL term is unbounded without it), got {self.max_kl!r}",
+                  f"e.g. {p}max_kl=0.5")
+        if not _is_int(self.start_epoch) or self.start_epoch < 1:
+            _fail(f"start_epoch is 1-based and must be an integer >= 1, got {self.start_epoch!r}",
+                  f"e.g. {p}start_epoch=1")
+        if not isinstance(self.only_correct, bool):
+            _fail(f"only_correct must be true or false, got {self.only_correct!r}", f"e.g. {p}only_correct=true")
+        if not _is_int(self.eval_samples) or self.eval_samples < 0:
+            _fail(f"eval_samples must be an integer >= 0, got {self.eval_samples!r}", f"e.g. {p}eval_samples=1000")
+        self.start_epoch, self.eval_samples = int(self.start_epoch), int(self.eval_samples)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+
+
+# ------------------------------------------------------------------------------ the divergence
+
+
+def divergence(q_logits: torch.Tensor, fp_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-sample KL(softmax(fp / T) || softmax(q / T)), shape (N,); differentiable in q only."""
+    log_p = F.log_softmax(fp_logits.detach().float() / temperature, dim=1)
+    log_q = F.log_softmax(q_logits.float() / temperature, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1)
+
+
+def divergence_loss(q_logits: torch.Tensor, fp_logits: torch.Tensor, *, weight: float, temperature: float,
+                    max_kl: float = math.inf, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """-weight * T^2 * mean_i m_i * min(KL_i, max_kl); m_i = [argmax q_i == labels_i] when labels
+    are given (else 1). Minimising it raises the KL up to the clip; clipped samples get no gradient."""
+    kl = divergence(q_logits, fp_logits, temperature).clamp(max=max_kl)
+    if labels is not None:
+        kl = kl * (q_logits.detach().argmax(1) == labels).to(kl.dtype)
+    return -weight * temperature ** 2 * kl.mean()
+
+
+# ------------------------------------------------------------------------------ the float twin
+
+
+def _fake_quant_modules(modules) -> list[nn.Module]:
+    from torchao.quantization.pt2e import FakeQuantizeBase
+
+    return [m for mod in modules for m in mod.modules() if isinstance(m, FakeQuantizeBase)]
+
+
+def has_fake_quant(*modules: nn.Module) -> bool:
+    """True when any of ``modules`` holds a torchao pt2e fake-quant module (a QAT-prepared graph)."""
+    return bool(_fake_quant_modules(modules))
+
+
+@contextmanager
+def float_twin(*modules: nn.Module) -> Iterator[None]:
+    """Inside the block ``modules`` compute in full precision: every fake-quant module is switched
+    off (no rounding, no range update). On exit every buffer of ``modules`` gets its value from
+    before the block back: the fake-quant / observer switches and the BatchNorm running statistics
+    a train-mode forward updates. Restored through ``.data`` so that the autograd graph of a
+    forward made before the block (the fake-quant step whose backward comes later) stays valid."""
+    from torchao.quantization.pt2e import disable_fake_quant, disable_observer
+
+    saved = [(b, b.detach().clone()) for mod in modules for b in mod.buffers()]
+    try:
+        for fq in _fake_quant_modules(modules):
+            disable_observer(fq)
+            disable_fake_quant(fq)
+        yield
+    finally:
+        for b, v in saved:
+            if b.shape == v.shape:
+                b.data.copy_(v)
+            else:  # an observer buffer resized from its empty initial shape
+                b.data = v
+
+
+# ------------------------------------------------------------------------------ the defense
+
+
+class DivQAT(Defense):
+    """Divergence from the float twin inside QAT; see the module docstring."""
+
+    name = "divqat"
+    Config = DivQATConfig
+    requires_qat = True  # a pre-flight check can refuse --qat none before training starts
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self._checked = False
+
+    def _check(self, *modules: nn.Module) -> None:
+        if not self._checked:
+            if not has_fake_quant(*modules):
+                raise QdefendError(NO_TWIN)
+            self._checked = True
+
+    def twin_logits(self, x: torch.Tensor, encoder: nn.Module, head: nn.Module) -> torch.Tensor:
+        """head(encoder(x)) with fake quantization off, without autograd (the detached reference)."""
+        with torch.no_grad(), float_twin(encoder, head):
+            return head(encoder(x))
+
+    def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        self._check(ctx.encoder, ctx.head)
+        c = self.config
+        if c.weight == 0 or ctx.epoch + 1 < c.start_epoch:
+            return {}
+        fp = self.twin_logits(ctx.x, ctx.encoder, ctx.head)
+        return {"divergence": divergence_loss(ctx.logits, fp, weight=c.weight, temperature=c.temperature,
+                                              max_kl=c.max_kl, labels=ctx.y if c.only_correct else None)}
+
+    @torch.no_grad()
+    def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
+        """KL (unclipped, at T) and top-1 agreement between the fake-quant network and its float
+        twin on the first ``eval_samples`` validation images (networks in eval mode)."""
+        n = min(self.config.eval_samples, len(ctx.data.val))
+        if n == 0 or not has_fake_quant(ctx.encoder, ctx.head):
+            return {}
+        from ..data import batches
+
+        dev = next(ctx.head.parameters()).device
+        kls, agree, seen = [], 0, 0
+        for xb, _ in batches(ctx.data.val, 256, shuffle=False):
+            xb = xb[: n - seen]
+            x = torch.from_numpy(ctx.data.normalization.apply(xb)).to(dev)
+            q = ctx.head(ctx.encoder(x))
+            fp = self.twin_logits(x, ctx.encoder, ctx.head)
+            kls.append(divergence(q, fp, self.config.temperature))
+            agree += int((q.argmax(1) == fp.argmax(1)).sum())
+            seen += len(xb)
+            if seen >= n:
+                break
+        return {"kl": float(torch.cat(kls).mean()), "top1_agreement": agree / seen}

@@ -1,0 +1,297 @@
+"""Variational bottleneck with a dynamic mask at the cut (``vib-mask``), against input repurposing.
+
+The released features should serve one designated classifier (the run's cloud head) and as little
+else as possible. The encoder stays a plain conv net (what is exported), its output z is the mean
+mu of a Gaussian posterior q(z|x) = N(mu, diag(sigma^2)), and the device releases
+
+    z~ = mask * (mu + exp(0.5 * logvar) * eps),     eps ~ N(0, I), at training AND inference.
+
+* ``logvar`` is a learned tensor, not an encoder output: input-independent variance is a
+  simplification of the paper (whose encoder predicts logvar per input) so that the device applies
+  the sampling as a release step with fixed parameters and the exported encoder keeps one output.
+  ``granularity="element"`` (default) learns one logvar per element of z (C*H*W values) and masks
+  single elements: the finest unit, so the mask can keep the few locations of a channel that
+  matter to the head and drop the rest; ``"channel"`` shares one logvar and one mask bit per channel
+  (C values: a coarser, cheaper bottleneck). "Dimension" below means one such unit.
+* Loss = CE(head(z~), y) (the trainer's task loss) + ``beta`` * KL(q(z|x) || N(0, I)), with
+  KL = 0.5 * sum_j (mu_j^2 + exp(logvar_j) - 1 - logvar_j) SUMMED over all elements of z (masked
+  ones too) and averaged over the batch: ``beta`` weighs nats per sample, as in Alemi et al.'s
+  deep VIB (beta ~ 1e-3 there). No pixel reconstruction term.
+* Dynamic mask: none for the first ``warmup_epochs`` epochs; at the end of epoch
+  ``warmup_epochs`` and every ``mask_every`` epochs after it, on the noise-free features mu of the
+  first ``saliency_samples`` training images (a uniform sample: splits are in permutation order),
+  each dimension j gets
+      KL_j  = mean over images of its KL (the information it carries), and
+      S_j   = mean over images of |dCE/du_j|, the gradient saliency through the designated head
+              (eval mode, its weights untouched) at its input u = mask * mu (what it was trained on,
+              so a dropped dimension is scored by how much letting it back in would move the loss);
+      score_j = (KL_j / sum_k KL_k) * (S_j / sum_k S_k)
+  and the round(``keep_ratio`` * D) highest scores are kept (ties: lower index first), the rest
+  zeroed. The product keeps dimensions that carry information AND matter to the designated head;
+  information only other models could use (high KL, low saliency) is dropped. The mask is a buffer
+  of the defense module (checkpointed with the run). The head needs an epoch with a new mask to
+  adapt to it, so a recompute at the end of the last epoch is best avoided: the defaults (warm-up 1,
+  every 2) compute one mask after epoch 1 of the default 2-epoch run, then epochs 3, 5, ...
+* ``logvar`` trains with its own Adam (``lr``): the trainer's optimizer holds only the network's
+  parameters. As in :mod:`.shredder`, the trainer's backward fills its gradient (CE through the
+  release, and the KL term) and the step is applied at the next ``release`` of the training run;
+  attacks back-propagating through ``release`` never change it.
+
+Release on a device: a step ``{"type": "vib_sample", "log_sigma": [...], "mask": [...]}`` (log_sigma
+= logvar / 2; D values each, D = C*H*W for element granularity or C for channel; mask values 0/1),
+implemented by ``devices/runtime.py`` (numpy) and :func:`vib_release_step` (torch, for attacks).
+
+Paper: Guo et al., "Variational bottleneck with dynamic mask against input repurposing"
+(arXiv 2604.06644); Alemi et al., "Deep Variational Information Bottleneck", ICLR 2017.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import QdefendError
+from .arl import ShapeBuilt
+from .base import Defense, EpochContext, OwnOptimizer, StepContext
+
+__all__ = ["VIBMaskConfig", "VIBMask", "GRANULARITIES", "kl_per_dim", "kl_to_prior", "kept_count",
+           "select_mask", "vib_sample", "vib_release_step"]
+
+GRANULARITIES = ("element", "channel")
+LOGVAR_RANGE = (-20.0, 8.0)  # logvar is clamped here after each step (sigma 4.5e-5 .. 55): no overflow
+
+
+def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(N(mu, exp(logvar)) || N(0, 1)) = 0.5 (mu^2 + exp(logvar) - 1 - logvar)."""
+    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar)
+
+
+def kl_to_prior(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(q(z|x) || N(0, I)) in nats: :func:`kl_per_dim` summed over all but dim 0."""
+    return kl_per_dim(mu, logvar).flatten(1).sum(1)
+
+
+def kept_count(keep_ratio: float, dims: int) -> int:
+    """How many dimensions the mask keeps: round(keep_ratio * D), at least 1."""
+    return max(1, int(round(keep_ratio * dims)))
+
+
+def select_mask(kl: torch.Tensor, saliency: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """0/1 mask (the shape of ``kl``) keeping the round(keep_ratio * D) highest
+    score_j = (KL_j / sum KL) * (S_j / sum S); ties go to the lower flat index."""
+    kl, sal = kl.detach().float(), saliency.detach().float()
+    score = (kl / kl.sum().clamp_min(1e-30)) * (sal / sal.sum().clamp_min(1e-30))
+    keep = torch.argsort(score.flatten(), descending=True, stable=True)[:kept_count(keep_ratio, score.numel())]
+    mask = torch.zeros(score.numel(), device=score.device)
+    mask[keep] = 1.0
+    return mask.reshape(kl.shape)
+
+
+def vib_sample(z: torch.Tensor, log_sigma: torch.Tensor, mask: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """mask * (z + exp(log_sigma) * eps), broadcasting log_sigma and mask over the batch."""
+    return mask * (z + log_sigma.exp() * eps)
+
+
+def _unit_view(t: torch.Tensor, feature_shape) -> torch.Tensor:
+    """A flat per-dimension tensor as a broadcastable view of one sample's features: C*H*W values
+    -> (C, H, W); C values -> (C, 1, 1) (the runtime's rule)."""
+    feature_shape = tuple(feature_shape)
+    if t.numel() == math.prod(feature_shape):
+        return t.reshape(feature_shape)
+    if feature_shape and t.numel() == feature_shape[0]:
+        return t.reshape(feature_shape[0], *[1] * (len(feature_shape) - 1))
+    raise QdefendError(f"vib_sample has {t.numel()} values per tensor, features {feature_shape} need "
+                       f"{math.prod(feature_shape)} (per element) or {feature_shape[0]} (per channel): re-export the run")
+
+
+def vib_release_step(z: torch.Tensor, step: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The manifest step ``vib_sample`` in torch (differentiable in z); draws eps as the defense does."""
+    log_sigma, mask = (_unit_view(torch.tensor(step[k], dtype=z.dtype, device=z.device), z.shape[1:])
+                       for k in ("log_sigma", "mask"))
+    eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    return vib_sample(z, log_sigma, mask, eps)
+
+
+class _Bottleneck(ShapeBuilt):
+    """logvar (a parameter) and mask (a buffer), one value per dimension unit, built at the first batch."""
+
+    def __init__(self, granularity: str, init_logvar: float):
+        super().__init__()
+        self.granularity, self.init_logvar = granularity, init_logvar
+        self.logvar: nn.Parameter | None = None
+        self.register_buffer("mask", None)
+        self.register_buffer("mask_updates", torch.zeros((), dtype=torch.int64))  # masks computed so far
+
+    def _build(self, shapes):
+        (z_shape,) = shapes
+        unit = tuple(z_shape) if self.granularity == "element" else tuple(z_shape[:1])
+        self.logvar = nn.Parameter(torch.full(unit, float(self.init_logvar)))
+        self.mask = torch.ones(unit)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return self._decode(self.shapes.cpu())[0]
+
+    def full(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-unit tensor as a view broadcastable over one sample's features."""
+        return _unit_view(t, self.feature_shape)
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-element values of one sample's features (C, ...) summed onto the units."""
+        return t if self.granularity == "element" else t.reshape(t.shape[0], -1).sum(1)
+
+
+@dataclass
+class VIBMaskConfig:
+    beta: float = 1e-3  # weight of KL(q(z|x) || N(0, I)) in nats per sample (summed over dims)
+    warmup_epochs: int = 1  # epochs trained without the mask; the first mask is computed after them
+    mask_every: int = 2  # recompute the mask every this many epochs after the warm-up (see the docstring)
+    keep_ratio: float = 0.5  # fraction of dimensions the mask keeps: round(keep_ratio * D)
+    saliency_samples: int = 2048  # training images scored for the mask (0 = the whole train split)
+    init_logvar: float = -6.0  # initial logvar (sigma = exp(logvar / 2) = 0.05)
+    granularity: str = "element"  # "element": one logvar/mask bit per element of z; "channel": per channel
+    lr: float = 1e-2  # Adam learning rate of logvar
+
+    def __post_init__(self):
+        p = "--set defense.params.vib-mask"
+
+        def need(ok: bool, what: str, got, fix: str) -> None:
+            if not ok:
+                raise QdefendError(f"vib-mask {what}, got {got!r}: e.g. {p}.{fix}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def finite(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(finite(self.beta) and self.beta >= 0, "beta must be a finite number >= 0", self.beta, "beta=0.001")
+        need(is_int(self.warmup_epochs) and self.warmup_epochs >= 1,
+             "warmup_epochs must be an integer >= 1 (the mask needs trained features)", self.warmup_epochs,
+             "warmup_epochs=1")
+        need(is_int(self.mask_every) and self.mask_every >= 1, "mask_every must be an integer >= 1",
+             self.mask_every, "mask_every=2")
+        need(finite(self.keep_ratio) and 0 < self.keep_ratio <= 1, "keep_ratio must be in (0, 1]",
+             self.keep_ratio, "keep_ratio=0.5")
+        need(is_int(self.saliency_samples) and self.saliency_samples >= 0,
+             "saliency_samples must be an integer >= 0 (0 = the whole train split)", self.saliency_samples,
+             "saliency_samples=2048")
+        need(finite(self.init_logvar) and LOGVAR_RANGE[0] <= self.init_logvar <= LOGVAR_RANGE[1],
+             f"init_logvar must be a number in [{LOGVAR_RANGE[0]:g}, {LOGVAR_RANGE[1]:g}]", self.init_logvar,
+             "init_logvar=-6")
+        need(self.granularity in GRANULARITIES, f"granularity must be one of {', '.join(GRANULARITIES)}",
+             self.granularity, "granularity=element")
+        need(finite(self.lr) and self.lr > 0, "lr must be a finite number > 0", self.lr, "lr=0.01")
+
+
+class VIBMask(OwnOptimizer, Defense):
+    """Variational bottleneck (learned variance, sampled on the device) with a dynamic top-k mask."""
+
+    name = "vib-mask"
+    Config = VIBMaskConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.bottleneck = _Bottleneck(self.config.granularity, self.config.init_logvar)
+        self._pending = False  # loss_terms ran: the trainer's backward will fill logvar's grad
+        self._learning = False  # loss_terms ran once: this object is being trained
+
+    def module(self) -> nn.Module:
+        return self.bottleneck
+
+    def _apply_pending(self) -> None:
+        if not self._pending:
+            return
+        self._pending = False
+        logvar = self.bottleneck.logvar
+        if logvar.grad is None:
+            return
+        opt = self._adam([logvar], self.config.lr)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            logvar.clamp_(*LOGVAR_RANGE)
+
+    def _logvar(self, track: bool) -> torch.Tensor:
+        lv = self.bottleneck.logvar
+        return self.bottleneck.full(lv if track else lv.detach())
+
+    def release(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        self._apply_pending()
+        self.bottleneck.ensure(z.shape[1:], device=z.device)
+        track = torch.is_grad_enabled() and (z.requires_grad or self._learning)
+        log_sigma = 0.5 * self._logvar(track)
+        eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        return vib_sample(z, log_sigma.to(z.dtype), self.bottleneck.full(self.bottleneck.mask).to(z.dtype), eps)
+
+    def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        self._pending = self._learning = True
+        self.bottleneck.ensure(ctx.z.shape[1:], device=ctx.z.device)
+        kl = kl_to_prior(ctx.z.float(), self._logvar(True).float()).mean()
+        return {"kl": self.config.beta * kl}
+
+    # -- the dynamic mask --------------------------------------------------------------------
+    def mask_due(self, epoch: int) -> bool:
+        """Whether the mask is recomputed at the end of 0-based ``epoch``."""
+        done, c = epoch + 1, self.config
+        return done >= c.warmup_epochs and (done - c.warmup_epochs) % c.mask_every == 0
+
+    def scores(self, z: torch.Tensor, y: torch.Tensor, head: nn.Module, batch_size: int = 512):
+        """Per-unit (KL_j, S_j) on noise-free features z (N, ...) with labels y (see the docstring)."""
+        b = self.bottleneck
+        with torch.no_grad():
+            kl = b.reduce(kl_per_dim(z.float(), self._logvar(False).float()).mean(0))
+        u_all = (z * b.full(b.mask).to(z.dtype)).detach()
+        grad_sum = torch.zeros(z.shape[1:], device=z.device)
+        was_training = head.training
+        head.eval()
+        try:
+            with torch.enable_grad():
+                for i in range(0, len(z), batch_size):
+                    u = u_all[i:i + batch_size].clone().requires_grad_(True)
+                    loss = F.cross_entropy(head(u), y[i:i + batch_size], reduction="sum")
+                    (g,) = torch.autograd.grad(loss, u)
+                    grad_sum += g.abs().sum(0).float()
+        finally:
+            head.train(was_training)
+        return kl, b.reduce(grad_sum / max(1, len(z)))
+
+    def update_mask(self, z: torch.Tensor, y: torch.Tensor, head: nn.Module) -> dict[str, float]:
+        """Recompute the mask from features z, labels y and the designated head."""
+        b = self.bottleneck
+        b.ensure(z.shape[1:], device=z.device)
+        kl, sal = self.scores(z, y, head)
+        new = select_mask(kl, sal, self.config.keep_ratio).to(b.mask.device)
+        changed = float((new != b.mask).sum())
+        b.mask = new
+        b.mask_updates += 1
+        return {"mask_changed": changed, "kl_nats": float(kl.sum())}
+
+    def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
+        self._apply_pending()
+        if not self.bottleneck.built:
+            return {}
+        out = {}
+        if self.mask_due(ctx.epoch):
+            train = ctx.data.train
+            n = self.config.saliency_samples
+            split = train if not n or n >= len(train) else type(train)(
+                train.images[:n], train.labels[:n], None if train.indices is None else train.indices[:n])
+            z, y = ctx.features(split)
+            out.update(self.update_mask(z, y, ctx.head))
+        b = self.bottleneck
+        kept = b.mask > 0
+        out["kept"] = float(kept.float().mean())
+        out["sigma_mean"] = float((0.5 * b.logvar.detach()).exp()[kept].mean()) if kept.any() else 0.0
+        return out
+
+    def release_spec(self):
+        b = self.bottleneck
+        if not b.built:
+            raise QdefendError("vib-mask has no learned variance yet: train the run (qdefend train) before exporting it")
+        return {"type": "vib_sample", "log_sigma": (0.5 * b.logvar.detach()).float().cpu().flatten().tolist(),
+                "mask": b.mask.detach().float().cpu().flatten().tolist()}
