@@ -103,15 +103,19 @@ def build_run(cfg: RunConfig, *, data: SplitData | None = None, float_init: dict
     (fine-tuning a float checkpoint with ``--from``).
     """
     torch.manual_seed(cfg.train.seed)
-    data = data if data is not None else load_dataset(cfg.data)
     defense = build_defense(cfg.defense)
+    q = cfg.quant.scheme == "int8"
+    if defense.requires_qat and not q:
+        need = next(d.name for d in defense.defenses if d.requires_qat)
+        raise QdefendError(f"defense '{need}' needs a fake-quantized network, but this run is --qat none: "
+                           f"train with --qat int8 (e.g. qdefend train --qat int8 --defense {cfg.defense.stack})")
+    data = data if data is not None else load_dataset(cfg.data)
     model = build_model(cfg.model, data.shape, data.num_classes)
     if float_init is not None:
         model.encoder.load_state_dict(float_init["encoder"])
         model.head.load_state_dict(float_init["head"])
     z_shape = tuple(feature_shape(model, data.shape))
     encoder, head = model.encoder, model.head
-    q = cfg.quant.scheme == "int8"
     if q:
         encoder = quant.prepare_qat(encoder, torch.randn(2, *data.shape))
         if cfg.quant.quantize_head:

@@ -200,13 +200,20 @@ class Trainer:
             self._checkpoint(run, opt, 0, step, best, {}, is_best=False)
 
         steps_per_epoch = math.ceil(len(run.data.train) / cfg.train.batch_size)
+        # the best checkpoint is picked among the epochs the defense has shaped (the last one at least)
+        first = run.defense.first_defended_epoch
+        if first > cfg.train.epochs and start_epoch < cfg.train.epochs:
+            self._say(f"warning: defense '{cfg.defense.stack}' acts from epoch {first} but the run trains "
+                      f"{cfg.train.epochs}: it has no effect; raise --epochs to at least {first}")
+        first = min(first, cfg.train.epochs)
         last: dict[str, Any] = {}
         for epoch in range(start_epoch, cfg.train.epochs):
             last = self._epoch(run, opt, epoch, step, steps_per_epoch, device)
             step += steps_per_epoch
             score = last.get("val_acc_int8", last["val_acc"])
-            is_best = score > best
-            best = max(best, score)
+            is_best = epoch + 1 >= first and score > best
+            if is_best:
+                best = score
             self._checkpoint(run, opt, epoch + 1, step, best, last, is_best=is_best)
             self._log(last)
         return self._final_eval(device)
@@ -272,7 +279,7 @@ class Trainer:
         train_time = time.perf_counter() - t0
         net.eval()
         hook_ctx = EpochContext(
-            epoch=epoch, encoder=net.encoder, head=net.head, data=run.data,
+            epoch=epoch, encoder=net.encoder, head=net.head, data=run.data, epochs=cfg.train.epochs,
             features=lambda split: features(net.encoder, split, run, device=device),
         )
         hook_stats = defense.on_epoch_end(hook_ctx)

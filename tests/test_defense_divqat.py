@@ -234,10 +234,15 @@ def _tiny_cfg(scheme="int8", **divqat):
 
 
 def test_training_without_qat_is_refused_before_any_step(tmp_path):
+    from qdefend.run import build_run
     from qdefend.train import Trainer
 
-    with pytest.raises(QdefendError, match="needs a fake-quantized network .* train with --qat int8"):
+    msg = "defense 'divqat' needs a fake-quantized network, .* train with --qat int8"
+    with pytest.raises(QdefendError, match=msg):
+        build_run(_tiny_cfg("none"), data=object())  # refused before the data or the network is touched
+    with pytest.raises(QdefendError, match=msg):
         Trainer(_tiny_cfg("none"), tmp_path / "f", progress=False).fit()
+    assert not (tmp_path / "f" / "checkpoints").exists()
 
 
 @pytest.mark.slow

@@ -119,6 +119,9 @@ def test_mask_update_scores_kl_and_saliency_through_the_head():
 def test_no_mask_before_the_warm_up_then_every_mask_every_epochs():
     d = vib(warmup_epochs=2, mask_every=2, keep_ratio=0.25, saliency_samples=30)
     assert [d.mask_due(e) for e in range(6)] == [False, True, False, True, False, True]
+    # a run of 4 epochs: no new mask at the end of the last one; a run of 2: its first mask still
+    assert [d.mask_due(e, 4) for e in range(4)] == [False, True, False, False]
+    assert [d.mask_due(e, 2) for e in range(2)] == [False, True]
     n = 100
     train = Split(np.zeros((n, 1, 2, 2), np.uint8), np.arange(n) % 3, np.arange(n))
     seen = []
@@ -128,7 +131,7 @@ def test_no_mask_before_the_warm_up_then_every_mask_every_epochs():
         return torch.rand(len(split), *Z_SHAPE, generator=gen(len(seen))), torch.from_numpy(split.labels)
 
     head = nn.Sequential(nn.Flatten(1), nn.Linear(36, 3))
-    ctx = SimpleNamespace(epoch=0, features=features, head=head, data=SimpleNamespace(train=train))
+    ctx = SimpleNamespace(epoch=0, epochs=0, features=features, head=head, data=SimpleNamespace(train=train))
     d.release(torch.rand(2, *Z_SHAPE))
     out = d.on_epoch_end(ctx)
     assert seen == [] and out["kept"] == 1.0 and bool(d.bottleneck.mask.all())  # warm-up: no mask

@@ -94,6 +94,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in parts["encoder"].values() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("stack, params, best", [
+    ("noise", {"noise": {"sigma": 0.05}}, "epoch-0001"),
+    # CEM acts from epoch 2: epoch 1's network (its best val) is the undefended one, never picked
+    ("noise+cem", {"noise": {"sigma": 0.05}, "cem": {"lam": 8.0, "clusters": 2}}, "epoch-0003"),
+])
+def test_best_checkpoint_is_picked_among_the_defended_epochs(tmp_path, monkeypatch, stack, params, best):
+    vals = iter([0.9, 0.5, 0.6])
+    real_epoch = Trainer._epoch
+
+    def epoch_with_val(self, *a, **k):  # the real epoch, then a fixed validation accuracy
+        rec = real_epoch(self, *a, **k)
+        rec["val_acc"] = rec["val_acc_int8"] = next(vals)
+        return rec
+
+    monkeypatch.setattr(Trainer, "_epoch", epoch_with_val)
+    cfg = tiny_cfg(epochs=3)
+    cfg.data.limit_train = 256
+    cfg.defense.stack, cfg.defense.params = stack, params
+    Trainer(cfg, tmp_path / "r", progress=False).fit()
+    assert json.loads((tmp_path / "r" / "checkpoints" / "best.json").read_text())["tag"] == best
+    assert _records(tmp_path / "r", "test")[0]["checkpoint"] == best
+
+
 def test_corrupted_checkpoint_is_refused_on_resume(tmp_path):
     Trainer(tiny_cfg(epochs=1), tmp_path / "r").fit()
     f = next((tmp_path / "r" / "checkpoints").glob("epoch-0001/model.safetensors"))

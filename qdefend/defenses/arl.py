@@ -172,6 +172,11 @@ class ARL(OwnOptimizer, Defense):
         self.attacker = _Attacker(self.config.width)
         self._ssim_sum, self._seen = 0.0, 0
 
+    @property
+    def first_defended_epoch(self) -> int:
+        """The encoder pays from the epoch after the attacker's ``warmup_epochs``."""
+        return self.config.warmup_epochs + 1 if self.config.alpha > 0 else 1
+
     def module(self) -> nn.Module:
         return self.attacker
 

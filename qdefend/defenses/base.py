@@ -9,6 +9,9 @@ A defense contributes up to four things:
 * ``encoder_loss_terms(ctx)``: terms whose gradient is taken first, w.r.t. the encoder alone, kept,
   and added to the encoder's gradients after the task backward (the CEM optimisation order).
 * ``on_epoch_end(ctx)``: epoch hooks (cluster statistics, masks, ...).
+* ``first_defended_epoch``: the first (1-based) epoch whose checkpoint the defense has shaped; the
+  trainer picks its best checkpoint from that epoch on, so a run never ships (nor is attacked as)
+  the undefended network of a defense that starts late (CEM from epoch 2, ARL after its warm-up).
 
 Defenses compose: ``noise+nopeek`` builds a :class:`DefenseStack` applying each in order.
 """
@@ -49,6 +52,7 @@ class EpochContext:
     head: nn.Module
     features: Any  # callable(split) -> (z, y) over a data split, encoder in eval mode, no release
     data: Any  # qdefend.data.SplitData
+    epochs: int = 0  # epochs the run trains in all (0: not known)
 
 
 class Defense:
@@ -56,9 +60,14 @@ class Defense:
 
     name: ClassVar[str] = "none"
     Config: ClassVar[type] = type("NoConfig", (), {})
+    requires_qat: ClassVar[bool] = False  # needs a fake-quantized network (--qat int8); build_run refuses others
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
+
+    @property
+    def first_defended_epoch(self) -> int:
+        return 1
 
     def release(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return z
@@ -130,6 +139,14 @@ class DefenseStack(Defense):
     @property
     def names(self) -> list[str]:
         return [d.name for d in self.defenses]
+
+    @property
+    def requires_qat(self) -> bool:
+        return any(d.requires_qat for d in self.defenses)
+
+    @property
+    def first_defended_epoch(self) -> int:
+        return max([d.first_defended_epoch for d in self.defenses], default=1)
 
     def release(self, z, generator=None):
         for d in self.defenses:

@@ -191,6 +191,11 @@ class CEM(Defense):
         self.stats = CEMStats()
         self._stack_sigma: float | None = None
 
+    @property
+    def first_defended_epoch(self) -> int:
+        """The term acts from ``start_epoch``."""
+        return self.config.start_epoch if self.config.lam > 0 else 1
+
     # -- the noise floor ---------------------------------------------------------------------
     def bind_stack(self, defenses: list[Defense]) -> None:
         """Read sigma from the Gaussian noise released by the other defenses of the stack."""

@@ -40,6 +40,13 @@ floor read from the stack's ``noise`` and the lambda schedule are cem's own (``b
 with epoch statistics: the slot module's parameters are the memory across batches. The slot module
 trains from the first step, so it is fitted when the term starts at ``start_epoch``.
 
+Strength. cem mixes each batch variance with its epoch statistic, v = rho * vhat + (1 - rho) * vbar,
+and rho = 10 n_batch_ck / n_ck is about 0.06 at batch 128 on 20,000 images, so its encoder gradient
+is damped ~15x; cem-slot's dispersion is the batch's own. At the same lambda cem-slot therefore
+acts much harder (Fashion-MNIST, 3 epochs: lambda 16 drives the dispersion onto the floor and costs
+~8 accuracy points; lambda 1 is about cem's lambda 16 in accuracy): compare the two at equal
+accuracy, not at equal lambda (``benchmarks/defenses_ii.py --study cem``).
+
 It releases nothing (stack it after noise: ``--defense noise+cem-slot``) and adds nothing to the
 exported encoder; the slot module and its Adam state are checkpointed with the run.
 
@@ -257,6 +264,11 @@ class CEMSlot(OwnOptimizer, Defense):
         self._sums = {"dispersion": 0.0, "hinge": 0.0, "steps": 0}
 
     # -- what cem provides, told as cem-slot ---------------------------------------------------
+    @property
+    def first_defended_epoch(self) -> int:
+        """The term acts from ``start_epoch`` (the slot module trains before, the encoder does not pay)."""
+        return self.config.start_epoch if self.config.lam > 0 else 1
+
     def bind_stack(self, defenses: list[Defense]) -> None:
         with _as_cem_slot():
             self.cem.bind_stack([d for d in defenses if d is not self])

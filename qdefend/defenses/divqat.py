@@ -30,6 +30,15 @@ term, and with ``only_correct`` the term acts only on samples the fake-quant net
 correctly, so a sample the divergence pushed over the decision boundary is left to the CE alone
 until it is correct again. The divergence never trains a wrong decision.
 
+What it can and cannot do. Under straight-through rounding the fake-quant network's gradient is
+its float twin's (but for the activation clamps), so a step that moves q moves the next step's fp
+along with it: the term has almost no direction that separates the two. Measured (Fashion-MNIST,
+3 epochs, T 4): the epoch-end KL stays ~1e-4 nats at weight 0.5 and 3, ~1e-3 at T 1, and
+KnockoffNets fidelity does not move; a large weight only costs accuracy. More generally, any
+defense that keeps the top-1 answer on in-distribution queries leaves the attacker the labels, so
+it cannot push a clone's fidelity below a labels-only clone's (``copycat``, measured 0.8 points
+under KnockoffNets at 5,000 queries): ``benchmarks/defenses_ii.py --study divqat`` reports both.
+
 The defense releases nothing (``release_spec`` None): the exported encoder is a plain int8
 encoder. Service-side output post-processing (rounding, top-k, reverse sigmoid) that composes
 with it lives in :mod:`qdefend.defenses.output`.
@@ -160,11 +169,16 @@ class DivQAT(Defense):
 
     name = "divqat"
     Config = DivQATConfig
-    requires_qat = True  # a pre-flight check can refuse --qat none before training starts
+    requires_qat = True  # build_run refuses --qat none before training starts (NO_TWIN)
 
     def __init__(self, config=None):
         super().__init__(config)
         self._checked = False
+
+    @property
+    def first_defended_epoch(self) -> int:
+        """The divergence acts from ``start_epoch``."""
+        return self.config.start_epoch if self.config.weight > 0 else 1
 
     def _check(self, *modules: nn.Module) -> None:
         if not self._checked:

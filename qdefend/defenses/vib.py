@@ -30,8 +30,9 @@ mu of a Gaussian posterior q(z|x) = N(mu, diag(sigma^2)), and the device release
   zeroed. The product keeps dimensions that carry information AND matter to the designated head;
   information only other models could use (high KL, low saliency) is dropped. The mask is a buffer
   of the defense module (checkpointed with the run). The head needs an epoch with a new mask to
-  adapt to it, so a recompute at the end of the last epoch is best avoided: the defaults (warm-up 1,
-  every 2) compute one mask after epoch 1 of the default 2-epoch run, then epochs 3, 5, ...
+  adapt to it, so the mask is never recomputed at the end of the run's last epoch (a first mask
+  still is, when the warm-up fills the run): the defaults (warm-up 1, every 2) compute one mask
+  after epoch 1, then after epochs 3, 5, ... that are not the last.
 * ``logvar`` trains with its own Adam (``lr``): the trainer's optimizer holds only the network's
   parameters. As in :mod:`.shredder`, the trainer's backward fills its gradient (CE through the
   release, and the KL term) and the step is applied at the next ``release`` of the training run;
@@ -200,6 +201,11 @@ class VIBMask(OwnOptimizer, Defense):
         self._pending = False  # loss_terms ran: the trainer's backward will fill logvar's grad
         self._learning = False  # loss_terms ran once: this object is being trained
 
+    @property
+    def first_defended_epoch(self) -> int:
+        """The first mask is computed at the end of epoch ``warmup_epochs`` (the KL acts from epoch 1)."""
+        return self.config.warmup_epochs
+
     def module(self) -> nn.Module:
         return self.bottleneck
 
@@ -235,10 +241,13 @@ class VIBMask(OwnOptimizer, Defense):
         return {"kl": self.config.beta * kl}
 
     # -- the dynamic mask --------------------------------------------------------------------
-    def mask_due(self, epoch: int) -> bool:
-        """Whether the mask is recomputed at the end of 0-based ``epoch``."""
+    def mask_due(self, epoch: int, epochs: int = 0) -> bool:
+        """Whether the mask is recomputed at the end of 0-based ``epoch`` of a run of ``epochs``
+        (0: unknown). The end of the last epoch gets only a first mask, never a new one: the head
+        would have no epoch left to adapt to it."""
         done, c = epoch + 1, self.config
-        return done >= c.warmup_epochs and (done - c.warmup_epochs) % c.mask_every == 0
+        due = done >= c.warmup_epochs and (done - c.warmup_epochs) % c.mask_every == 0
+        return due and not (done == epochs and done > c.warmup_epochs)
 
     def scores(self, z: torch.Tensor, y: torch.Tensor, head: nn.Module, batch_size: int = 512):
         """Per-unit (KL_j, S_j) on noise-free features z (N, ...) with labels y (see the docstring)."""
@@ -276,7 +285,7 @@ class VIBMask(OwnOptimizer, Defense):
         if not self.bottleneck.built:
             return {}
         out = {}
-        if self.mask_due(ctx.epoch):
+        if self.mask_due(ctx.epoch, ctx.epochs):
             train = ctx.data.train
             n = self.config.saliency_samples
             split = train if not n or n >= len(train) else type(train)(
