@@ -12,8 +12,13 @@ the feature map) for several tasks:
   ``large`` (>= 5); CIFAR-10: ``vehicle``; any other data set: class-index ``parity`` and
   ``upper_half``), replaced by ``groups`` (name -> positive classes, "footwear=5,7,9;bags=8")
   and/or ``mappings`` (name -> one new label per class) when given;
-* with ``attributes``: ``bright``, whether an image's mean pixel is above the median of the
-  attacker's own images, a property of the input rather than of its class.
+* with ``attributes``, properties of the input rather than of its class (:func:`attribute_tasks`):
+  ``bright``, whether an image's mean pixel is above the median of the attacker's own images (it
+  partly follows the class: pullovers are brighter than sandals); and two *within-class*
+  attributes, balanced inside every class by construction, so the class label says nothing about
+  them and a probe above chance reads information the designated task does not need:
+  ``bright_in_class`` (mean pixel above the median of the attacker's images of the same class)
+  and ``area_in_class`` (fraction of pixels above 0.1, the object's extent, above its class median).
 
 Probes are scored on the released features of the first ``eval_limit`` test images.
 
@@ -47,8 +52,8 @@ from torch.nn import functional as F
 
 from .base import ATTACKS, Attack, AttackError, check_positive
 
-__all__ = ["RepurposeConfig", "RepurposeAttack", "PROBES", "default_groups", "derive_tasks", "suppression",
-           "build_probe", "ADV_FLOOR"]
+__all__ = ["RepurposeConfig", "RepurposeAttack", "PROBES", "default_groups", "derive_tasks", "attribute_tasks",
+           "suppression", "build_probe", "ADV_FLOOR"]
 
 PROBES = ("linear", "mlp", "cnn")
 ADV_FLOOR = 0.01
@@ -67,7 +72,7 @@ class RepurposeConfig:
     probes: list[str] = field(default_factory=lambda: list(PROBES))
     groups: Any = None  # {name: [positive classes]} or "name=1,2;other=3"; None = the data set's defaults
     mappings: Any = None  # {name: [new label of class 0, of class 1, ...]}
-    attributes: bool = True  # add the input-attribute task "bright"
+    attributes: bool = True  # add the input-attribute tasks bright, bright_in_class, area_in_class
     n_train: int = 0  # aux images to train on; 0 = the whole aux split
     eval_limit: int = 5000  # test images to score on; 0 = the whole test split
     epochs: int = 15
@@ -135,6 +140,39 @@ def derive_tasks(cfg: RepurposeConfig, dataset: str, num_classes: int) -> dict[s
             raise AttackError(f"repurpose task '{name}' gives every class the same label: it cannot be learned; "
                               "name a proper subset of the classes")
     return tasks
+
+
+AREA_LEVEL = 0.1  # a pixel above this (of [0, 1]) counts toward an object's area
+
+
+def _above_median(v_tr: np.ndarray, v_ev: np.ndarray, c_tr: np.ndarray | None = None,
+                  c_ev: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Binary labels v > the median of the attacker's values v_tr, per class when classes are
+    given (a class without attacker images falls back to the overall median); also the cut(s)."""
+    cut = np.full(1, np.median(v_tr))
+    if c_tr is not None:
+        cut = np.full(int(max(c_tr.max(), c_ev.max())) + 1, cut[0])
+        for c in np.unique(c_tr):
+            cut[c] = np.median(v_tr[c_tr == c])
+    c_tr, c_ev = (np.zeros(len(v), np.int64) if c is None else c for v, c in ((v_tr, c_tr), (v_ev, c_ev)))
+    return (v_tr > cut[c_tr]).astype(np.int64), (v_ev > cut[c_ev]).astype(np.int64), cut
+
+
+def attribute_tasks(x_tr: np.ndarray, c_tr: np.ndarray, x_ev: np.ndarray, c_ev: np.ndarray):
+    """Input-attribute tasks from images in [0, 1] (N, C, H, W) and their classes: name ->
+    (train labels, eval labels) and name -> description (see the module docstring). Thresholds
+    come from the attacker's images (x_tr) only."""
+    bright_tr, bright_ev = x_tr.mean(axis=(1, 2, 3)), x_ev.mean(axis=(1, 2, 3))
+    area_tr, area_ev = ((x > AREA_LEVEL).mean(axis=(1, 2, 3)) for x in (x_tr, x_ev))
+    b_tr, b_ev, cut = _above_median(bright_tr, bright_ev)
+    bc_tr, bc_ev, _ = _above_median(bright_tr, bright_ev, c_tr, c_ev)
+    ac_tr, ac_ev, _ = _above_median(area_tr, area_ev, c_tr, c_ev)
+    labels = {"bright": (b_tr, b_ev), "bright_in_class": (bc_tr, bc_ev), "area_in_class": (ac_tr, ac_ev)}
+    desc = {"bright": f"mean pixel > {cut[0]:.4f} (median of the attacker's aux images)",
+            "bright_in_class": "mean pixel > the median of the attacker's aux images of its class",
+            "area_in_class": f"fraction of pixels > {AREA_LEVEL} above the median of the attacker's aux images "
+                             "of its class"}
+    return labels, desc
 
 
 # ---------------------------------------------------------------------------------------- probes
@@ -227,10 +265,10 @@ class RepurposeAttack(Attack):
         z_ev = target.features(x_ev, release=True, seed=seed * 1000 + 2)
         timings["features_s"] = round(time.perf_counter() - t0, 3)
         labels = {k: (t[c_tr], t[c_ev]) for k, t in tasks.items()}
+        attr_desc = {}
         if cfg.attributes:
-            cut = float(np.median(x_tr.mean(axis=(1, 2, 3))))
-            labels["bright"] = ((x_tr.mean(axis=(1, 2, 3)) > cut).astype(np.int64),
-                                (x_ev.mean(axis=(1, 2, 3)) > cut).astype(np.int64))
+            attr, attr_desc = attribute_tasks(x_tr, c_tr, x_ev, c_ev)
+            labels.update(attr)
 
         mu, sd = z_tr.mean(axis=0, keepdims=True), z_tr.std(axis=0, keepdims=True) + 1e-6
         zt_tr, zt_ev = torch.from_numpy((z_tr - mu) / sd), torch.from_numpy((z_ev - mu) / sd)
@@ -277,8 +315,7 @@ class RepurposeAttack(Attack):
                  "evaluation_images": n_eval, "notes": notes + [
                      "suppression_ratio = designated accuracy / best unintended accuracy; suppression_ratio_adv "
                      f"uses accuracy above chance, (acc - chance) / (1 - chance), floored at {ADV_FLOOR}"]}
-        if cfg.attributes:
-            extra["tasks"]["bright"] = f"mean pixel > {cut:.4f} (median of the attacker's aux images)"
+        extra["tasks"].update(attr_desc)
         return self.result(target, seed, metrics, timings=timings, extra=extra)
 
 

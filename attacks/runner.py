@@ -87,14 +87,24 @@ def target_fingerprint(run_dir: str | Path, spec: str) -> dict[str, str]:
     return fp
 
 
+def _service_result_path(run_dir: str | Path, attack: str, spec: str, post) -> Path:
+    """Where a result is saved: ``ATTACK-TARGET.json``, or ``ATTACK-TARGET@TAG.json`` behind a
+    service-side output defense ``post`` (an OutputStack, or None)."""
+    return result_path(run_dir, attack, spec if post is None else f"{spec}@{post.tag()}")
+
+
 def cached_result(run_dir: str | Path, spec: str, attack: Attack, *, seed: int = 0,
-                  preset: str | None = None) -> AttackResult | None:
-    """The saved result of ``attack`` on target ``spec`` if it was made with the same attack config,
-    seed and preset against the same checkpoint and artifacts (:func:`target_fingerprint`);
+                  preset: str | None = None, service_output: str | None = None) -> AttackResult | None:
+    """The saved result of ``attack`` on target ``spec`` (behind ``service_output``, as
+    :func:`attack_run` takes it) if it was made with the same attack config, seed, preset and
+    service output against the same checkpoint and artifacts (:func:`target_fingerprint`);
     None means: run the attack again."""
     import json
 
-    path = result_path(run_dir, attack.name, spec)
+    from qdefend.defenses.output import parse_output_defense
+
+    post = parse_output_defense(service_output)
+    path = _service_result_path(run_dir, attack.name, spec, post)
     if not path.is_file():
         return None
     try:
@@ -103,6 +113,7 @@ def cached_result(run_dir: str | Path, spec: str, attack: Attack, *, seed: int =
         return None
     same = (r.seed == seed and r.extra.get("preset") == (preset or "default")
             and r.config == json.loads(json.dumps(attack.config_dict()))
+            and r.extra.get("service_output") == (None if post is None else post.spec())
             and r.extra.get("fingerprint") == target_fingerprint(run_dir, spec))
     return r if same else None
 
@@ -142,7 +153,7 @@ def attack_run(run_dir: str | Path, spec: str, attack: str, *, preset: str | Non
     post = getattr(target, "post", None)
     if post is not None:
         result.extra["service_output"] = post.spec()
-    path = result_path(run_dir, attack, spec if post is None else f"{spec}@{post.tag()}")
+    path = _service_result_path(run_dir, attack, spec, post)
     if save:
         result.save(path)
         if result.reconstructions is not None:

@@ -209,6 +209,19 @@ def test_saved_results_are_reused_only_for_the_same_target_files(small_run):
         path.write_text(saved)
 
 
+def test_saved_results_behind_a_service_output_are_reused_for_that_output_only(small_run):
+    from qdefend.attacks.runner import cached_result
+
+    root, run = small_run
+    spec, atk = "service:encoder.int8.tflite", build_attack("copycat", preset="quick")
+    _, path = attack_run(root, spec, "copycat", preset="quick", run=run, service_output="round:2")
+    assert path.name == "copycat-service_encoder.int8.tflite@round2.json"
+    assert cached_result(root, spec, atk, preset="quick", service_output="round:2") is not None
+    assert cached_result(root, spec, atk, preset="quick", service_output="round:decimals=2") is not None
+    assert cached_result(root, spec, atk, preset="quick", service_output="round:3") is None
+    assert cached_result(root, spec, atk, preset="quick") is None  # the plain service has no result yet
+
+
 # ------------------------------------------------------------------ the undefended model leaks
 
 
