@@ -3,13 +3,14 @@ run of the script on a tiny exported run (2 repeats, batch 1, 1 thread) that che
 writes. No timing is asserted: speed is measured by the benchmark, not by tests.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "latency.py"
@@ -19,14 +20,7 @@ ENGINES = {("onnxruntime", "int8"), ("onnxruntime", "float"), ("litert", "int8")
 
 @pytest.fixture(scope="module")
 def latency():
-    spec = importlib.util.spec_from_file_location("qdefend_bench_latency", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_benchmark("latency")
 
 
 def _row(engine, precision, batch, threads, ms):

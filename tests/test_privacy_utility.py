@@ -5,7 +5,6 @@ the JSON, CSV and PNG it writes and that a second run skips every stage.
 """
 
 import csv
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "privacy_utility.py"
 
@@ -23,14 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def pu():
-    spec = importlib.util.spec_from_file_location("qdefend_bench_privacy_utility", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_benchmark("privacy_utility")
 
 
 def test_config_table_builds_valid_runs_and_defenses(pu):
