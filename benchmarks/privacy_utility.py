@@ -191,12 +191,12 @@ def plot(points: list[tuple[str, float, float]], path: Path, *, size: tuple[int,
     pts = [(lab, float(x), float(y)) for lab, x, y in points if math.isfinite(x) and math.isfinite(y)]
     xs, ys = [p[1] for p in pts] or [0.0, 1.0], [p[2] for p in pts] or [0.0, 1.0]
 
-    def span(vals: list[float]) -> tuple[float, float]:
+    def span(vals: list[float], right: float = 1.0) -> tuple[float, float]:
         lo, hi = min(vals), max(vals)
         pad = (hi - lo) * 0.1 or max(abs(hi) * 0.1, 0.01)
-        return lo - pad, hi + pad
+        return lo - pad, hi + pad * right
 
-    (x0, x1), (y0, y1) = span(xs), span(ys)
+    (x0, x1), (y0, y1) = span(xs, right=3.0), span(ys)  # room on the right for the point labels
     px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
     py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)  # noqa: E731
     d.text((left, 12), title, fill="black", font=font)

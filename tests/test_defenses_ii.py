@@ -1,0 +1,154 @@
+"""Tests for benchmarks/defenses_ii.py: the config table (every entry builds a valid RunConfig and
+defense stack), the run plan, the numbers each study takes from fixed attack results, mean/std
+aggregation and the README tables on fixed rows, and (slow) a quick end-to-end run of one config
+per study that checks the JSON and Markdown it writes and that a second run skips every stage.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import load_benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "defenses_ii.py"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def d2():
+    yield from load_benchmark("defenses_ii")
+
+
+def test_every_config_builds_a_valid_int8_run_and_stack(d2):
+    from qdefend.config import RunConfig
+    from qdefend.defenses import build_defense
+
+    for study in d2.STUDIES.values():
+        assert set(study["configs"]) | set(study["ablations"]) <= set(d2.CONFIGS)
+    for size in d2.SIZES:
+        for name, spec in d2.CONFIGS.items():
+            cfg = RunConfig.from_dict(d2.run_config(name, size, seed=2))
+            assert cfg.quant.scheme == "int8" and cfg.train.seed == 2 and cfg.data.name == "fashion-mnist"
+            stack = build_defense(cfg.defense)
+            assert [d.name for d in stack.defenses] == ([] if name == "none" else spec["stack"].split("+"))
+    pair = [d2.CONFIGS[n] for n in ("noise+cem", "noise+cem-slot")]
+    assert {c["params"][c["stack"].split("+")[1]]["lam"] for c in pair} == {d2.LAM}  # cem vs cem-slot: same lambda
+    assert {"noise", "noise+cem", "noise+cem-slot"} <= set(d2.STUDIES["cem"]["configs"])
+    assert all(c["params"]["noise"] == d2.NOISE for n, c in d2.CONFIGS.items() if n.startswith("noise"))
+    assert d2.run_dirname("noise+cem-slot", 1) == "noise_cem-slot-s1"
+
+
+def test_plan_runs_every_seed_then_ablations_at_the_first(d2):
+    a = d2.parse_args(["--study", "cem", "--size", "medium", "--seeds", "1,0", "--ablations"])
+    jobs = d2.plan(a)
+    n = 2 * len(d2.STUDIES["cem"]["configs"])
+    assert [(c, s) for _, c, s in jobs[:n]] == [(c, s) for s in (1, 0) for c in d2.STUDIES["cem"]["configs"]]
+    assert [(c, s) for _, c, s in jobs[n:]] == [(c, 1) for c in d2.STUDIES["cem"]["ablations"]]
+    only = d2.plan(d2.parse_args(["--study", "vib,divqat", "--configs", "none"]))
+    assert only == [("vib", "none", 0), ("divqat", "none", 0)]
+    with pytest.raises(SystemExit):
+        d2.parse_args(["--study", "cme"])
+    with pytest.raises(SystemExit):
+        d2.parse_args(["--configs", "noise+cme"])
+
+
+REPURPOSE = {"metrics": {
+    "designated_acc": 0.85, "best_unintended_acc": 0.9, "suppression_ratio": 0.85 / 0.9, "suppression_ratio_adv": 1.2,
+    "acc_designated_linear": 0.8, "acc_designated_mlp": 0.9, "chance_bright_in_class": 0.5,
+    "acc_bright_in_class_linear": 0.6, "acc_bright_in_class_mlp": 0.7, "chance_area_in_class": 0.52,
+    "acc_area_in_class_linear": 0.52}}
+KNOCKOFF = {"metrics": {"fidelity@1000": 0.8, "fidelity@5000": 0.9, "fidelity": 0.9, "clone_acc@5000": 0.85,
+                        "victim_acc": 0.88, "queries": 5000.0}}
+
+
+def test_attack_metrics_take_each_studys_numbers(d2):
+    m = d2.attack_metrics("repurpose", REPURPOSE)
+    assert m["same_task_probe_acc"] == 0.9 and m["acc_designated_linear"] == 0.8
+    assert m["bright_in_class_adv"] == pytest.approx(0.4) and m["area_in_class_adv"] == pytest.approx(0.0)
+    assert d2.attack_metrics("knockoff", KNOCKOFF) == {"fidelity@1000": 0.8, "fidelity@5000": 0.9, "fidelity": 0.9,
+                                                       "clone_acc@5000": 0.85, "victim_acc": 0.88}
+    cc = d2.attack_metrics("copycat", KNOCKOFF)
+    assert cc["copycat_fidelity@5000"] == 0.9 and "fidelity@5000" not in cc  # no clash with knockoff's keys
+    dec = d2.attack_metrics("decoder", {"metrics": {"mse": 0.02, "ssim": 0.5, "baseline_mse": 0.09, "psnr": 17}})
+    assert dec == {"decoder_mse": 0.02, "decoder_ssim": 0.5, "decoder_floor": 0.09}
+    recs = [{"event": "epoch", "train_time_s": 10.0, "steps": 100}, {"event": "epoch", "train_time_s": 30.0, "steps": 100},
+            {"event": "epoch", "train_time_s": 12.0, "steps": 100}, {"event": "test"}]
+    assert d2.step_time(recs) == pytest.approx(0.12) and d2.step_time([]) is None
+
+
+def test_build_row_from_a_run_directory(d2, tmp_path):
+    recs = [{"event": "epoch", "epoch": 1, "time_s": 20.0, "train_time_s": 15.0, "steps": 50},
+            {"event": "epoch", "epoch": 2, "time_s": 22.0, "train_time_s": 16.0, "steps": 50},
+            {"event": "test", "checkpoint": "epoch-0002", "test_acc_int8": 0.871, "test_acc_fakequant": 0.872}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    manifest = {"verification": {"artifacts": {d2.ARTIFACT: {"test_acc": 0.86, "test_acc_release": 0.865}}}}
+    row = d2.build_row("divqat", "divqat", 0, tmp_path, manifest,
+                       {"": {"knockoff": KNOCKOFF}, "reverse_sigmoid": {"knockoff": KNOCKOFF}})
+    assert (row["checkpoint"], row["test_acc"], row["test_acc_artifact"]) == ("epoch-0002", 0.871, 0.865)
+    assert row["train_time_s"] == 42.0 and row["step_s"] == pytest.approx(0.31)
+    assert row["fidelity@5000"] == row["fidelity@5000@reverse_sigmoid"] == 0.9 and row["defense"] == d2.CONFIGS["divqat"]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(recs[0]) + "\n")  # no final evaluation yet
+    assert d2.build_row("divqat", "divqat", 0, tmp_path, manifest, {})["test_acc"] == 0.865
+
+
+def test_aggregate_and_tables_on_fixed_rows(d2):
+    rows = [{"study": "cem", "config": "noise", "seed": s, "defense": {}, "test_acc": a, "decoder_mse": m,
+             "decoder_ssim": 0.6, "step_s": 0.3, "note": "x"} for s, a, m in ((0, 0.86, 0.010), (1, 0.88, 0.014))]
+    rows.append({"study": "cem", "config": "noise+cem", "seed": 0, "defense": {}, "test_acc": 0.85,
+                 "decoder_mse": 0.018, "decoder_ssim": 0.5, "step_s": 0.45})
+    aggs = d2.aggregate(rows)
+    noise = next(a for a in aggs if a["config"] == "noise")
+    assert noise["seeds"] == [0, 1] and noise["test_acc"] == pytest.approx(0.87)
+    assert noise["decoder_mse_std"] == pytest.approx(math.sqrt(2) * 0.002) and "note" not in noise
+    md = d2.markdown(aggs).splitlines()
+    assert md[2] == "| noise | 2 | 87.00 ± 1.41 | 0.0120 ± 0.0028 | 1.00x | 0.600 ± 0.000 | 300 ± 0 |"
+    assert md[3] == "| noise+cem | 1 | 85.00 | 0.0180 | 1.50x | 0.500 | 450 |"
+
+    vib = dict(d2.attack_metrics("repurpose", REPURPOSE), study="vib", config="vib-mask", seed=0, defense={})
+    fid = [dict(d2.attack_metrics("knockoff", KNOCKOFF), study="divqat", config=c, seed=0, defense={}, test_acc=0.88)
+           for c in ("none", "divqat")]
+    fid[1]["fidelity@5000"] = 0.6
+    fid[1].update({f"{k}@reverse_sigmoid": v for k, v in d2.attack_metrics("knockoff", KNOCKOFF).items()})
+    fid[1]["fidelity@5000@reverse_sigmoid"] = 0.5
+    fid[1].update({f"copycat_{k}": v for k, v in d2.attack_metrics("knockoff", KNOCKOFF).items()})
+    md = d2.markdown(d2.aggregate([vib, *fid]))
+    assert "| vib-mask | 1 | 85.00 | 90.00 | 90.00 | 0.94 | 0.400 | 0.000 |" in md
+    assert "| none | 1 | 88.00 | 80.00 | 90.00 | 1.000x | - | - |" in md
+    assert "| divqat | 1 | 88.00 | 80.00 | 60.00 | 0.667x | 50.00 | 90.00 |" in md
+
+
+@pytest.mark.slow
+def test_quick_run_of_one_config_per_study_writes_tables_and_resumes(tmp_path):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    cmd = [sys.executable, str(SCRIPT), "--size", "quick", "--configs", "noise+cem-slot,vib-mask,divqat",
+           "--threads", "2", "--out", str(out), "--runs-dir", str(runs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads((out / "defenses_ii.json").read_text())
+    assert d["benchmark"] == "qdefend.defenses_ii" and d["settings"]["attack_preset"] == "quick"
+    rows = {r["config"]: r for r in d["rows"]}
+    assert set(rows) == {"noise+cem-slot", "vib-mask", "divqat"}
+    for r in rows.values():
+        assert 0 < r["test_acc"] <= 1 and r["step_s"] > 0
+    assert rows["noise+cem-slot"]["decoder_mse"] > 0
+    assert 0 <= rows["vib-mask"]["designated_acc"] <= 1 and rows["vib-mask"]["suppression_ratio"] > 0
+    assert rows["vib-mask"]["bright_in_class_adv"] is not None
+    dq = rows["divqat"]
+    assert {"fidelity@500", "fidelity@500@reverse_sigmoid", "copycat_fidelity@500"} <= set(dq)
+    md = (out / "defenses_ii.md").read_text()
+    assert md.count("| config | seeds |") == 3 and "| vib-mask | 1 |" in md
+    assert (out / "cem_tradeoff.png").stat().st_size > 1000
+    # the vib plot leaves out runs under 50% accuracy, which a quick run's near-chance vib-mask is
+    assert (out / "vib_tradeoff.png").exists() == (rows["vib-mask"]["designated_acc"] >= 0.5)
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    # train + export per config; attacks: decoder, repurpose, knockoff x 2 service outputs + copycat
+    assert again.stderr.count("done already, skipped") == 3 * 2 + 1 + 1 + 3
+    assert json.loads((out / "defenses_ii.json").read_text())["rows"] == d["rows"]
