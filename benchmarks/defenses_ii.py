@@ -9,25 +9,32 @@ Three studies, each a set of QAT int8 runs (``qdefend.train.Trainer``) exported 
 int8 artifact a device ships (the stages are those of ``privacy_utility.py``, re-used):
 
 * ``cem``: ``noise`` (sigma 0.1) vs ``noise+cem`` vs ``noise+cem-slot`` at the same lambda (16),
-  every seed; the black-box decoder inversion attack (He et al., ACSAC 2019) on each; plus the
-  training step time (median of the epochs' time per step). Ablations (seed 0): slot count K and
-  gate strength. Papers: CEM, Xia et al., CVPR 2025 (arXiv 2503.00383); Slot Attention,
-  Locatello et al., NeurIPS 2020; gated cross-attention, Alayrac et al. (Flamingo), 2022.
+  and ``noise+cem-slot`` at lambda 1 (about cem's accuracy: at equal lambda cem-slot acts much
+  harder, see its docstring), every seed; the black-box decoder inversion attack (He et al., ACSAC
+  2019) on each; plus the training step time (median of the epochs' time per step). Ablations
+  (seed 0): slot count K, gate strength, and a lambda sweep of both (cem-slot 4, cem 64 and 256).
+  Papers: CEM, Xia et al., CVPR 2025 (arXiv 2503.00383); Slot Attention, Locatello et al.,
+  NeurIPS 2020; gated cross-attention, Alayrac et al. (Flamingo), 2022.
 * ``vib``: ``none`` vs ``vib-mask``; the input-repurposing probe (linear / MLP / CNN probes
   trained by the adversary on the released features for other tasks and for the designated one):
-  designated accuracy and suppression ratios. Ablations: beta and the mask's keep ratio. Paper:
-  Guo et al., arXiv 2604.06644.
+  designated accuracy, suppression ratios and what the probes read of within-class input
+  attributes (advantage over chance). Ablations: beta (1e-4 .. 0.1) and the mask's keep ratio.
+  Paper: Guo et al., arXiv 2604.06644.
 * ``divqat``: plain QAT (``none``) vs ``divqat``; KnockoffNets (Orekondy et al., CVPR 2019)
   against the service (int8 encoder + cloud head, probabilities) at fixed query budgets, with and
-  without a service-side output defense (``--service-output``-style, e.g. reverse sigmoid).
-  Ablations: the divergence weight and temperature. Paper: Khaled et al., arXiv 2512.23948.
+  without a service-side output defense (``--service-output``-style, e.g. reverse sigmoid), and
+  Copycat (labels only) at the same budgets: the fidelity any defense that keeps top-1 leaves to
+  an attacker who keeps only the argmax. Ablations: the divergence weight and temperature.
+  Paper: Khaled et al., arXiv 2512.23948.
 
 Sizes: ``quick`` (CI smoke: 512 training images, 2 epochs of batch 32, attack preset "quick",
 seed 0) and ``medium`` (20,000 training images, 3 epochs of batch 128, so the CEM terms, which
 start at epoch 2, act for two epochs; the attacks at the settings in MEDIUM_ATTACKS).
 
 Output under --out: ``defenses_ii.json`` (rows, per-config means and standard deviations over
-seeds, machine, settings) and ``defenses_ii.md`` (the README tables). Rows are rebuilt from the
+seeds, machine, settings), ``defenses_ii.md`` (the README tables) and accuracy-vs-privacy plots
+``cem_tradeoff.png`` and ``vib_tradeoff.png``. Each row names the checkpoint attacked (the best
+validation epoch among those the defense shaped). Rows are rebuilt from the
 run directories, so a re-run skips every stage already done.
 """
 
@@ -94,7 +101,8 @@ STUDIES: dict[str, dict[str, Any]] = {
             "ablations": ["noise+cem-slot-K3", "noise+cem-slot-K10", "noise+cem-slot-gate1", "noise+cem-slot-lam4",
                           "noise+cem-lam64", "noise+cem-lam256"],
             "attacks": {"decoder": ARTIFACT}},
-    "vib": {"configs": ["none", "vib-mask"], "ablations": ["vib-mask-beta1e-4", "vib-mask-beta3e-3", "vib-mask-beta0.01", "vib-mask-beta0.1",
+    "vib": {"configs": ["none", "vib-mask"],
+            "ablations": ["vib-mask-beta1e-4", "vib-mask-beta3e-3", "vib-mask-beta0.01", "vib-mask-beta0.1",
                           "vib-mask-keep0.25"],
             "attacks": {"repurpose": ARTIFACT}},
     "divqat": {"configs": ["none", "divqat"], "ablations": ["divqat-w3", "divqat-T1"],

@@ -263,12 +263,12 @@ class CEMSlot(OwnOptimizer, Defense):
         self.slots = SlotSurrogate(c.slots, c.dim, c.iters, c.temperature, c.gate_init)
         self._sums = {"dispersion": 0.0, "hinge": 0.0, "steps": 0}
 
-    # -- what cem provides, told as cem-slot ---------------------------------------------------
     @property
     def first_defended_epoch(self) -> int:
         """The term acts from ``start_epoch`` (the slot module trains before, the encoder does not pay)."""
         return self.config.start_epoch if self.config.lam > 0 else 1
 
+    # -- what cem provides, told as cem-slot ---------------------------------------------------
     def bind_stack(self, defenses: list[Defense]) -> None:
         with _as_cem_slot():
             self.cem.bind_stack([d for d in defenses if d is not self])

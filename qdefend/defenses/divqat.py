@@ -36,7 +36,7 @@ along with it: the term has almost no direction that separates the two. Measured
 3 epochs, T 4): the epoch-end KL stays ~1e-4 nats at weight 0.5 and 3, ~1e-3 at T 1, and
 KnockoffNets fidelity does not move; a large weight only costs accuracy. More generally, any
 defense that keeps the top-1 answer on in-distribution queries leaves the attacker the labels, so
-it cannot push a clone's fidelity below a labels-only clone's (``copycat``, measured 0.8 points
+it cannot push a clone's fidelity below a labels-only clone's (``copycat``, measured 0.4 points
 under KnockoffNets at 5,000 queries): ``benchmarks/defenses_ii.py --study divqat`` reports both.
 
 The defense releases nothing (``release_spec`` None): the exported encoder is a plain int8
@@ -169,7 +169,7 @@ class DivQAT(Defense):
 
     name = "divqat"
     Config = DivQATConfig
-    requires_qat = True  # build_run refuses --qat none before training starts (NO_TWIN)
+    requires_qat = True  # build_run refuses --qat none before training starts
 
     def __init__(self, config=None):
         super().__init__(config)
