@@ -181,6 +181,9 @@ class Attack:
     @classmethod
     def _make_config(cls, params: dict[str, Any]) -> Any:
         fields = {f.name for f in dataclasses.fields(cls.config_cls)} if dataclasses.is_dataclass(cls.config_cls) else set()
+        # `--set attacker.aux_size=N` names the attacker-data fields (qdefend.attacks.attacker) by section
+        params = {k[len("attacker."):] if k.startswith("attacker.") and k[len("attacker."):] in fields else k: v
+                  for k, v in params.items()}
         unknown = sorted(set(params) - fields)
         if unknown:
             valid = ", ".join(sorted(fields)) or "(none)"

@@ -15,13 +15,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
 
 __all__ = [
     "image_metrics", "mean_image_baseline", "bootstrap_ci", "leak_summary",
-    "train_oracle", "classifier_accuracy_on", "inversion_metrics",
+    "train_oracle", "classifier_accuracy_on", "inversion_metrics", "convergence",
 ]
 
 PSNR_MSE_FLOOR = 1e-10
@@ -144,20 +145,38 @@ def classifier_accuracy_on(recon01: np.ndarray, labels: np.ndarray, classifier: 
     return float((pred.numpy() == np.asarray(labels)).mean())
 
 
-def inversion_metrics(data, idx: np.ndarray, recon01: np.ndarray, *, seed: int = 0,
-                      oracle_epochs: int = 10) -> tuple[dict[str, float], dict]:
+def convergence(curve, tail: float = 0.2, tol: float = 0.02, min_epochs: int = 5) -> dict:
+    """Did a training curve (held-out MSE per epoch, lower is better) converge?
+
+    ``converged`` when the last ``tail`` share of the epochs improved the best value by less than
+    ``tol`` (relative): best over the whole curve vs best before the tail. A curve shorter than
+    ``min_epochs`` never counts as converged. Returns {"converged", "tail_gain"}."""
+    c = [float(v) for v in curve]
+    if len(c) < min_epochs or not all(math.isfinite(v) for v in c):
+        return {"converged": False, "tail_gain": float("nan") if not c else 1.0}
+    k = max(1, math.ceil(tail * len(c)))
+    before = min(c[:-k])
+    gain = (before - min(c)) / before if before > 0 else 0.0
+    return {"converged": bool(gain < tol), "tail_gain": round(float(gain), 6)}
+
+
+def inversion_metrics(data, idx: np.ndarray, recon01: np.ndarray, *, seed: int = 0, oracle_epochs: int = 10,
+                      attacker_images: np.ndarray | None = None, attacker_labels: np.ndarray | None = None,
+                      ) -> tuple[dict[str, float], dict]:
     """Everything an inversion attack reports for reconstructions of ``data.test`` rows ``idx``.
 
-    The floor is the mean image of the attacker's own training pixels (the aux split); the
-    oracle (``oracle_epochs`` > 0) is trained on the same aux pixels. Returns (metrics, extra)."""
+    The floor is the mean image of the attacker's own pixels (``attacker_images``; default the aux
+    split); the oracle (``oracle_epochs`` > 0) is trained on the same pixels. Returns (metrics, extra)."""
     orig = data.test.floats(idx)
-    metrics, per = leak_summary(orig, recon01, data.aux.floats(), seed=seed)
+    if attacker_images is None:
+        attacker_images, attacker_labels = data.aux.floats(), data.aux.labels
+    metrics, per = leak_summary(orig, recon01, attacker_images, seed=seed)
     if oracle_epochs:
-        oracle = train_oracle(data.aux.floats(), data.aux.labels, data.num_classes, epochs=oracle_epochs, seed=seed)
+        oracle = train_oracle(attacker_images, attacker_labels, data.num_classes, epochs=oracle_epochs, seed=seed)
         labels = data.test.labels[idx]
         metrics["oracle_acc"] = classifier_accuracy_on(recon01, labels, oracle)
         metrics["oracle_acc_original"] = classifier_accuracy_on(orig, labels, oracle)
     extra = {"per_image": per, "test_indices": [int(i) for i in idx],
-             "baseline": "mean image of the attacker's aux split",
-             "oracle": f"small CNN trained {oracle_epochs} epochs on aux pixels" if oracle_epochs else None}
+             "baseline": "mean image of the attacker's own images",
+             "oracle": f"small CNN trained {oracle_epochs} epochs on the attacker's pixels" if oracle_epochs else None}
     return metrics, extra

@@ -45,11 +45,35 @@ REPORT_VERSION = 1
 PRIVACY_SIGN = {"mse": 1, "psnr": -1, "ssim": -1, "fidelity": -1, "clone_acc": -1}
 
 
+# The demo's attack budgets on 2 CPU cores: the decoder's "fast" preset (CEM's residual decoder,
+# fewer blocks and epochs); benchmarks/attack_strength.py measures how far it is from the default.
+DEMO_PRESETS = {"decoder": "fast"}
+STRENGTH_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "attack_strength" / \
+    "attack_strength.json"
+
+
+def preset_gap(attack: str, preset: str, results: Path = STRENGTH_RESULTS) -> str:
+    """One sentence: ``attack`` runs ``preset``, not its full-strength default, and how far apart the
+    two were in benchmarks/attack_strength.py on the undefended artifact (when its results are here)."""
+    head = (f"{attack} runs its lighter '{preset}' preset here, not the full-strength default "
+            f"(`qdefend attack RUN --attack {attack}`), to fit 2 CPU cores")
+    try:
+        rows = [r for r in json.loads(results.read_text())["rows"] if r.get("target") == "undefended"]
+        full = next(r for r in rows if r["cell"] == "default")["metrics"]
+        lite = next(r for r in rows if r["cell"] == f"{preset}-preset")["metrics"]
+    except (OSError, ValueError, KeyError, StopIteration):
+        return head + "; its distance from full strength is measured by benchmarks/attack_strength.py"
+    return (head + f"; measured on the undefended int8 TFLite artifact (benchmarks/attack_strength.py): MSE "
+            f"{lite['mse']:.4f} vs {full['mse']:.4f} at full strength ({100 * (lite['mse'] / full['mse'] - 1):+.0f}%), "
+            f"SSIM {lite['ssim']:.3f} vs {full['ssim']:.3f}: its figures understate the leak by that much")
+
+
 @dataclass
 class CompareConfig:
     attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
     artifacts: list[str] = field(default_factory=lambda: list(DEFAULT_ARTIFACTS))
     quick: bool = False  # the attacks' quick presets (tests, smoke runs)
+    presets: dict[str, str] = field(default_factory=dict)  # attack -> preset (e.g. {"decoder": "fast"}); quick wins
     seed: int = 0
     force: bool = False  # re-run attacks whose results are already in runs/NAME/attacks
     jobs: int = 0  # worker processes (one target each); 0 = one per CPU
@@ -58,9 +82,25 @@ class CompareConfig:
     def __post_init__(self):
         for a in self.attacks:
             ATTACKS.get(a)  # unknown names list the valid ones
+        for a, p in self.presets.items():
+            cls = ATTACKS.get(a)
+            if p not in ("default", *cls.presets):
+                raise AttackError(f"attack '{a}' has no preset '{p}'. Valid presets: "
+                                  f"{', '.join(['default', *sorted(cls.presets)])}")
         if not self.attacks or not self.artifacts:
             raise AttackError("compare needs at least one attack and one artifact: e.g. --attacks decoder "
                               "--artifacts encoder.float.onnx,encoder.int8.tflite")
+
+
+def parse_presets(items: list[str]) -> dict[str, str]:
+    """``["decoder=fast", "gan=fast"]`` -> {"decoder": "fast", "gan": "fast"}."""
+    out = {}
+    for item in items:
+        a, sep, p = item.partition("=")
+        if not sep or not a.strip() or not p.strip():
+            raise AttackError(f"--preset expects ATTACK=PRESET, got {item!r}: e.g. --preset decoder=fast")
+        out[a.strip()] = p.strip()
+    return out
 
 
 # ---------------------------------------------------------------------------------------- verdicts
@@ -209,12 +249,17 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _preset(cfg: CompareConfig, attack: str) -> str | None:
+    p = "quick" if cfg.quick else cfg.presets.get(attack)
+    return None if p == "default" else p
+
+
 def _where(run_dir: Path, art: str, attack: str, cfg: CompareConfig):
     """(result path, attack object, target spec) of ``attack`` on ``art`` as compare runs it."""
     from .base import build_attack
     from .runner import resolve_spec, result_path
 
-    atk = build_attack(attack, preset="quick" if cfg.quick else None, **cfg.params.get(attack, {}))
+    atk = build_attack(attack, preset=_preset(cfg, attack), **cfg.params.get(attack, {}))
     spec, _ = resolve_spec(atk, art)
     return result_path(run_dir, attack, spec), atk, spec
 
@@ -224,7 +269,7 @@ def _reusable(run_dir: Path, art: str, attack: str, cfg: CompareConfig) -> tuple
     from .runner import cached_result
 
     path, atk, spec = _where(run_dir, art, attack, cfg)
-    return path, cached_result(run_dir, spec, atk, seed=cfg.seed, preset="quick" if cfg.quick else None)
+    return path, cached_result(run_dir, spec, atk, seed=cfg.seed, preset=_preset(cfg, attack))
 
 
 def _attack_target(run_dir: str, art: str, cfg_dict: dict, threads: int | None,
@@ -256,7 +301,7 @@ def _attack_target(run_dir: str, art: str, cfg_dict: dict, threads: int | None,
         run = run if run is not None else load_run(run_dir)
         t0 = time.perf_counter()
         say(f"{attack} on {art}")
-        res, path = attack_run(run_dir, art, attack, preset="quick" if cfg.quick else None,
+        res, path = attack_run(run_dir, art, attack, preset=_preset(cfg, attack),
                                params=cfg.params.get(attack), seed=cfg.seed, run=run, progress=lambda m: say(f"  {m}"))
         say(f"{attack} on {art}: done in {time.perf_counter() - t0:.0f} s -> {path}")
 
@@ -318,7 +363,9 @@ def _ci(m: dict, key: str) -> str:
 def render_markdown(report: dict, out: Path) -> str:
     lines = ["# qdefend compare: does privacy survive int8 quantization?", ""]
     cfg = report["config"]
-    lines += [f"Attacks: {', '.join(cfg['attacks'])} ({'quick presets' if cfg['quick'] else 'default settings'}, "
+    named = ", ".join(f"{a}: {p}" for a, p in sorted(cfg.get("presets", {}).items()))
+    how = "quick presets" if cfg["quick"] else ("presets " + named if named else "default settings")
+    lines += [f"Attacks: {', '.join(cfg['attacks'])} ({how}, "
               f"seed {cfg['seed']}). Artifacts: {', '.join(cfg['artifacts'])}. Every number is on the private "
               "test images; inversion figures are means with 95% bootstrap intervals, next to the mean-image "
               "floor (an attack that does not beat it learned nothing about the individual image).", ""]
@@ -326,21 +373,28 @@ def render_markdown(report: dict, out: Path) -> str:
         lines += [f"## {entry['run']}", ""]
         steps = entry.get("defense", {}).get("steps", [])
         lines += [f"Release transform: {', '.join(json.dumps(s) for s in steps) if steps else 'none (undefended)'}", ""]
-        lines += ["| artifact | test acc | attack | MSE | PSNR | SSIM | floor MSE | clone acc | fidelity | time s |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| artifact | test acc | attack | MSE | PSNR | SSIM | floor MSE | converged | clone acc | fidelity "
+                  "| time s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        unconverged = False
         for art, a in entry["artifacts"].items():
             for attack, r in a["attacks"].items():
                 m = r["metrics"]
+                conv = "-" if "converged" not in m else ("yes" if m["converged"] else "**no: lower bound**")
+                unconverged |= conv.startswith("**no")
                 lines.append("| " + " | ".join([
                     f"`{art}`", _fmt(a.get("test_acc"), "acc"), attack,
                     _fmt(m.get("mse"), "mse") + _ci(m, "mse") if "mse" in m else "-",
                     _fmt(m.get("psnr"), "psnr") if "psnr" in m else "-",
                     _fmt(m.get("ssim"), "ssim") + _ci(m, "ssim") if "ssim" in m else "-",
-                    _fmt(m.get("baseline_mse"), "mse") if "baseline_mse" in m else "-",
+                    _fmt(m.get("baseline_mse"), "mse") if "baseline_mse" in m else "-", conv,
                     _fmt(m.get("clone_acc"), "clone_acc") if "clone_acc" in m else "-",
                     _fmt(m.get("fidelity"), "fidelity") if "fidelity" in m else "-",
                     f"{r['timings'].get('total_s', 0):.0f}"]) + " |")
         lines.append("")
+        if unconverged:
+            lines += ["An inversion attack marked *no* had not converged (its held-out MSE still fell by 2% or more "
+                      "over its last 20% of epochs): its figures are a lower bound on what leaks, not a privacy "
+                      "figure. Re-run it with more epochs (`qdefend attack RUN --attack NAME --set epochs=N`).", ""]
         curves = [(art, attack, r) for art, a in entry["artifacts"].items() for attack, r in a["attacks"].items()
                   if any(k.startswith("fidelity@") for k in r["metrics"])]
         if curves:

@@ -20,7 +20,8 @@ from .grid import save_grid
 __all__ = ["attack_run", "parse_params", "result_path", "resolve_spec", "BUDGET_PARAMS"]
 
 # what --budget sets, per attack family / name (queries the attacker may spend)
-BUDGET_PARAMS = {"extraction": "budgets", "decoder": "n_train", "repurpose": "n_train", "clone_rmle": "budget"}
+BUDGET_PARAMS = {"extraction": "budgets", "decoder": "aux_size", "gan": "aux_size", "repurpose": "n_train",
+                 "clone_rmle": "budget"}
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from .base import CAPABILITIES, AttackError
 
 __all__ = [
     "TARGET_KINDS", "Target", "TorchTarget", "RuntimeTarget", "ServiceTarget", "open_target",
-    "target_specs", "torch_release",
+    "target_specs", "torch_release", "wire_torch", "random_release",
 ]
 
 TARGET_KINDS = ("torch-float", "torch-int8", "onnxruntime", "litert", "service")
@@ -79,6 +79,26 @@ def torch_release(z, steps: list[dict], generator=None):
     return z
 
 
+def wire_torch(z, wire: dict | None):
+    """Torch twin of the runtime's quantise-then-dequantise onto the int8 wire grid (round half to
+    even, as np.rint), so a simulated release lands on exactly the values a device sends."""
+    if wire is None:
+        return z
+    import torch
+
+    inv = torch.tensor(1.0 / float(wire["scale"]), dtype=torch.float32)  # float32 arithmetic, as the runtime
+    s, zp = torch.tensor(float(wire["scale"]), dtype=torch.float32), float(wire["zero_point"])
+    return ((torch.clamp(torch.round(z.float() * inv) + zp, -128, 127) - zp) * s).to(z.dtype)
+
+
+def random_release(steps: list[dict]) -> bool:
+    """Whether the release steps draw randomness (fresh noise per query)."""
+    return any(s.get("type") in ("gaussian_noise", "laplace_noise", "dropout") and
+               any(float(v) > 0 for k, v in s.items() if k != "type") for s in steps) or \
+        any(s.get("type") == "additive_noise" and len(s["tensors"]) > 1 for s in steps) or \
+        any(s.get("type") == "vib_sample" and any(m > 0 for m in s["mask"]) for s in steps)
+
+
 def _wire(z: np.ndarray, wire: dict | None) -> np.ndarray:
     """Put float features on the int8 wire grid and read them back (what the cloud sees)."""
     if wire is None:
@@ -114,6 +134,7 @@ class Target:
         self.num_classes = num_classes
         self.notes = list(notes or [])
         self.batch_size = batch_size
+        self.wire: dict | None = None  # the int8 wire grid released features are put on (None: float)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, kind={self.kind!r}, offers={sorted(self.offers)})"
@@ -164,6 +185,21 @@ class Target:
     def release_torch(self, z, generator=None):
         """``z`` with the known release transform applied (for noise-aware attackers)."""
         return torch_release(z, self.release["steps"], generator)
+
+    @property
+    def random_release(self) -> bool:
+        """Whether each query's released features carry fresh randomness (noise, dropout)."""
+        return random_release(self.release["steps"])
+
+    def encoder_output(self, images01: np.ndarray) -> np.ndarray:
+        """The encoder's float output before the release transform and the wire (N, *feature_shape)."""
+        raise self._refuse("encoder outputs", "attack an encoder target (an artifact or torch-float)")
+
+    def simulate_release(self, z, generator=None):
+        """Torch: ``encoder_output`` values -> what the device would send for them, with fresh
+        randomness from ``generator``: the release transform, then the wire grid. A noise-aware
+        attacker uses it to draw new noise every batch (as CEM's attacker does)."""
+        return wire_torch(self.release_torch(z, generator), self.wire)
 
     def twin(self) -> "Target | None":
         """A white-box (gradients) target computing the same function, when one exists."""
@@ -249,6 +285,15 @@ class TorchTarget(Target):
         z = np.concatenate(out) if out else np.zeros((0, *self.feature_shape), np.float32)
         return _wire(z, self.wire)
 
+    def encoder_output(self, images01):
+        import torch
+
+        x = self._pixels(images01)
+        with torch.no_grad():
+            out = [self._forward(torch.from_numpy(x[i:i + self.batch_size])).float().numpy()
+                   for i in range(0, len(x), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, *self.feature_shape), np.float32)
+
     def features_torch(self, x01):
         if "gradients" not in self.offers:
             return super().features_torch(x01)
@@ -288,6 +333,7 @@ class RuntimeTarget(Target):
     def __init__(self, runtime: Any, *, run: Any = None, **kw):
         super().__init__(offers={"features"}, **kw)
         self.runtime = runtime
+        self.wire = dict(runtime.manifest["features"]["wire"])
         self.run_dir = Path(runtime.run_dir)
         self._run = run
         self._twin: Target | None = None
@@ -315,6 +361,9 @@ class RuntimeTarget(Target):
     def features(self, images01, *, release=True, seed=None):
         x = self._pixels(images01)
         return self.runtime.encode(x, release=release, seed=seed, batch_size=self.batch_size).dequantize()
+
+    def encoder_output(self, images01):
+        return self.runtime.encoder_output(self._pixels(images01), batch_size=self.batch_size)
 
     def _loaded_run(self):
         if self._run is None:

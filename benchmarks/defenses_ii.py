@@ -124,7 +124,7 @@ SIZES: dict[str, dict[str, Any]] = {
 # third of the CPU time (measured on the undefended run: SSIM 0.65 in 6 epochs); 12 epochs, two noisy
 # query rounds of the 5,000 aux images. Knockoff: the default budgets up to 5,000 queries.
 MEDIUM_ATTACKS: dict[str, dict[str, Any]] = {
-    "decoder": {"epochs": 12, "batch_size": 64, "lr": 2e-3, "query_rounds": 2, "oracle_epochs": 0},
+    "decoder": {"blocks": 4, "width": 48, "epochs": 12, "lr": 2e-3, "patience": 0, "oracle_epochs": 0},  # its "fast" preset
     "repurpose": {},
     "knockoff": {"budgets": [1000, 5000]},
     "copycat": {"budgets": [1000, 5000]},

@@ -397,16 +397,25 @@ class Runtime:
             raise ArtifactError("pass either seed or rng to encode(), not both")
         if batch_size < 1:
             raise ArtifactError(f"batch_size must be >= 1, got {batch_size}")
-        x = self._pixels(images)
-        norm = self.manifest["input"]["normalization"]
-        mean, std = (np.asarray(norm[k], np.float32).reshape(-1, 1, 1) for k in ("mean", "std"))
-        x = (x - mean) / std
-        z = np.concatenate([self.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-                           or [self.run(x)])
+        z = self.encoder_output(images, batch_size=batch_size)
         if release:
             z = apply_release(z, self.manifest["release"]["steps"], rng or np.random.default_rng(seed))
         wire = self.manifest["features"]["wire"]
         return Features(quantize(z, wire["scale"], wire["zero_point"]), wire["scale"], wire["zero_point"])
+
+    def encoder_output(self, images: Any, *, batch_size: int = 256) -> np.ndarray:
+        """The encoder's own float output for `images` (normalised, run, dequantised): what
+        `encode` releases and puts on the wire. Noise-aware attackers simulate the release on it."""
+        if self.entry["role"] != "encoder":
+            raise ArtifactError(f"{self.name} is a {self.entry['role']}, not an encoder: use .run(features)")
+        if batch_size < 1:
+            raise ArtifactError(f"batch_size must be >= 1, got {batch_size}")
+        x = self._pixels(images)
+        norm = self.manifest["input"]["normalization"]
+        mean, std = (np.asarray(norm[k], np.float32).reshape(-1, 1, 1) for k in ("mean", "std"))
+        x = (x - mean) / std
+        return np.concatenate([self.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+                              or [self.run(x)])
 
     def info(self) -> dict:
         """What `qdefend inspect` shows: the artifact, its interpreter and its tensors."""

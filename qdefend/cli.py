@@ -222,14 +222,15 @@ def compare(
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="re-run attacks whose results already exist"),
     jobs: int = typer.Option(0, "--jobs", help="worker processes, one target each (0 = one per CPU)"),
+    presets: list[str] = typer.Option([], "--preset", help="ATTACK=PRESET (repeatable), e.g. --preset decoder=fast"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress lines"),
 ):
     """Float vs int8: run the attacks on each run's artifacts; write report.md, report.json, figures."""
-    from .attacks.report import CompareConfig, compare as run_compare
+    from .attacks.report import CompareConfig, compare as run_compare, parse_presets
 
     console = _console()
     cfg = CompareConfig(attacks=[a for a in attacks.split(",") if a], artifacts=[a for a in artifacts.split(",") if a],
-                        quick=quick, seed=seed, force=force, jobs=jobs)
+                        quick=quick, seed=seed, force=force, jobs=jobs, presets=parse_presets(presets))
     rep = run_compare(runs, cfg, out, progress=None if quiet else (lambda m: console.print(m)))
     for entry in rep["runs"]:
         for v in entry["verdicts"]:
@@ -314,9 +315,14 @@ def demo(
 
     from .attacks.report import CompareConfig, compare as run_compare
 
+    from .attacks.report import DEMO_PRESETS, preset_gap
+
     console.print(f"[bold]qdefend demo[/bold] -> {out}: compare float vs int8 under attack "
                   f"(decoder, clone_rmle, knockoff{'; quick presets' if quick_attacks else ''})")
-    rep = run_compare([out], CompareConfig(quick=quick_attacks), progress=None if quiet else console.print)
+    if not quick_attacks:
+        console.print(f"note: {preset_gap('decoder', DEMO_PRESETS['decoder'])}")
+    rep = run_compare([out], CompareConfig(quick=quick_attacks, presets=dict(DEMO_PRESETS)),
+                      progress=None if quiet else console.print)
     for v in rep["runs"][0]["verdicts"]:
         console.print(f"{v['attack']}: {v['text']}")
     console.print(f"report: {rep['out']}/report.md")

@@ -169,7 +169,7 @@ def test_bad_config_fails_at_construction(kw, needle):
 # ----------------------------------------------------------------------------- end to end
 
 TINY = dict(model="vgg11_bn", width=0.125, limit_train=256, limit_eval=96, entropy_samples=64, similarity_samples=32)
-TINY_DECODER = {"epochs": 1, "n_train": 128, "n_eval": 32, "batch_size": 32, "width": 4, "query_rounds": 2,
+TINY_DECODER = {"epochs": 1, "aux_size": 128, "n_eval": 32, "batch_size": 32, "width": 4,
                 "keep_images": 4}
 
 

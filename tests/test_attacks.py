@@ -2,9 +2,9 @@
 verdicts on hand-computable inputs, and the attacks themselves on a small real QAT run exported to
 ONNX and TFLite.
 
-The leak tests are the point: on an undefended run the decoder attack must reconstruct
-recognisably (SSIM >= 0.6 and MSE at most a third of the mean-image floor) through the int8 TFLite
-artifact, so a weakened attack fails CI. They train for a minute and carry the ``slow`` marker
+The leak tests are the point: on an undefended run the decoder attack (CEM's residual decoder at
+the demo's budget) must reconstruct recognisably (SSIM >= 0.68 and MSE at most a seventh of the
+mean-image floor) through the int8 TFLite artifact, so a weakened attack fails CI. They train for a minute and carry the ``slow`` marker
 (CI runs them); the fast tests use the ``quick`` presets.
 """
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_registry_lists_every_attack_family():
     names = set(ATTACKS.names())
-    assert {"decoder", "rmle", "shadow", "clone_rmle", "knockoff", "copycat", "jbda", "repurpose"} <= names
+    assert {"decoder", "gan", "rmle", "shadow", "clone_rmle", "knockoff", "copycat", "jbda", "repurpose"} <= names
     with pytest.raises(QdefendError, match="decoder"):
         build_attack("no-such-attack")
 
@@ -77,6 +77,20 @@ def test_paired_verdict_directions():
     assert tiny["keeps_privacy"] and "negligible" in tiny["text"]
     fid = fidelity_verdict("fidelity", 0.90, 0.95, 5000)
     assert not fid["keeps_privacy"] and fid["ci"][0] > 0
+
+
+def test_the_demo_says_how_far_its_lighter_preset_is_from_full_strength(tmp_path):
+    from qdefend.attacks.report import preset_gap
+
+    rows = [{"target": "undefended", "cell": "default", "metrics": {"mse": 0.0100, "ssim": 0.75}},
+            {"target": "undefended", "cell": "fast-preset", "metrics": {"mse": 0.0110, "ssim": 0.72}},
+            {"target": "noise-0.1", "cell": "default", "metrics": {"mse": 0.5, "ssim": 0.1}}]
+    path = tmp_path / "attack_strength.json"
+    path.write_text(json.dumps({"rows": rows}))
+    text = preset_gap("decoder", "fast", path)
+    assert "lighter 'fast' preset" in text and "MSE 0.0110 vs 0.0100 at full strength (+10%)" in text
+    assert "SSIM 0.720 vs 0.750" in text
+    assert "measured by benchmarks/attack_strength.py" in preset_gap("decoder", "fast", tmp_path / "none.json")
 
 
 def test_result_round_trip_and_grid(tmp_path):
@@ -137,6 +151,52 @@ def test_targets_state_what_they_offer_and_agree(small_run):
         open_target(root, "encoder.int4.tflite", run=run)
 
 
+def test_simulated_release_is_what_the_device_sends(small_run):
+    import torch
+
+    root, run = small_run
+    x = run.data.test.floats(slice(0, 64))
+    for spec in ("encoder.int8.tflite", "encoder.int8.onnx", "torch-float"):
+        t = open_target(root, spec, run=run)
+        z = t.encoder_output(x)
+        assert z.shape == (64, *t.feature_shape) and not t.random_release
+        sim = t.simulate_release(torch.from_numpy(z), torch.Generator().manual_seed(0)).numpy()
+        assert np.array_equal(sim, t.features(x, release=True)), spec  # the wire grid, bit for bit
+    t = open_target(root, "encoder.int8.tflite", run=run)
+    t.release = {"steps": [{"type": "gaussian_noise", "sigma": 0.1}]}  # as a noise run's manifest says
+    assert t.random_release
+    z = t.encoder_output(x)
+    a, b = (t.simulate_release(torch.from_numpy(z), torch.Generator().manual_seed(s)).numpy() for s in (1, 2))
+    mid = (z > 0.35) & (z < 0.65)  # away from this [0, 1] wire grid's clipping
+    assert not np.array_equal(a, b) and abs(float((a - z)[mid].std()) - 0.1) < 0.01  # fresh draws, the right sigma
+
+
+def test_attack_strength_cache_serves_the_artifacts_features(small_run, tmp_path):
+    from conftest import load_benchmark
+
+    root, run = small_run
+    gen = load_benchmark("attack_strength")
+    bench = next(gen)
+    try:
+        bench.N_TRAIN_IMAGES = 200
+        path = bench.build_cache(str(root), "encoder.int8.tflite", "small", tmp_path)
+        t = bench.CachedTarget.load(path)
+        real = open_target(root, "encoder.int8.tflite", run=run)
+        data = bench.cached_data(t)
+        x = data.test.floats(slice(0, 50))
+        assert np.array_equal(t.features(x, seed=3), real.features(x, seed=3))
+        assert np.array_equal(t.encoder_output(x), real.encoder_output(x))
+        bench.ROWS = tmp_path / "rows"
+        row = bench.run_cell((str(path), "default", "cpu", {"epochs": 1, "blocks": 0, "width": 8, "n_eval": 50,
+                                                             "protocol": "train_time", "aux_size": 300,
+                                                             "oracle_epochs": 0}))
+        assert row["cell"] == "default" and row["attacker"]["attacker_images"] == 300 and row["metrics"]["mse"] > 0
+        assert (tmp_path / "rows" / "small--default.json").is_file() and "cpu" in row["machine"]
+        assert "| small | default | 300 | 1 |" in bench.table([row])
+    finally:
+        gen.close()
+
+
 def test_rmle_refuses_an_int8_artifact_and_names_the_alternative(small_run):
     root, run = small_run
     t = open_target(root, "encoder.int8.tflite", run=run)
@@ -154,7 +214,7 @@ def test_the_same_decoder_code_runs_on_all_four_encoder_targets(small_run, spec)
     assert res.target == spec and m["mse"] < m["baseline_mse"] and m["ssim_lo"] <= m["ssim"] <= m["ssim_hi"]
 
 
-@pytest.mark.parametrize("attack", ["decoder", "rmle", "shadow", "clone_rmle", "knockoff", "copycat", "jbda",
+@pytest.mark.parametrize("attack", ["decoder", "gan", "rmle", "shadow", "clone_rmle", "knockoff", "copycat", "jbda",
                                     "repurpose"])
 def test_every_attack_runs_quick_and_writes_its_result(small_run, attack):
     root, run = small_run
@@ -166,6 +226,13 @@ def test_every_attack_runs_quick_and_writes_its_result(small_run, attack):
     if ATTACKS.get(attack).family == "inversion":
         assert path.with_suffix(".png").is_file() and res.reconstructions.shape[1:] == (1, 28, 28)
         assert 0 < d["metrics"]["mse"] and d["metrics"]["baseline_mse"] > 0
+    if attack in ("decoder", "gan"):  # the learning attackers record their curve, data split and convergence
+        tr = d["extra"]["training"]
+        assert len(tr["curve"]) == tr["epochs_run"] and d["metrics"]["converged"] in (0.0, 1.0)
+        assert d["extra"]["attacker"]["protocol"] == "train_time" and d["extra"]["attacker"]["holdout"] > 0
+        assert any("had not converged" in n or "not settled" in n for n in d["extra"]["notes"])  # 2-3 epochs
+    if attack == "gan":
+        assert {"decoder_mse", "sharpness", "decoder_sharpness"} <= set(d["metrics"])
     if ATTACKS.get(attack).family == "extraction":
         assert d["target"] == "service:encoder.int8.tflite" and 0 <= d["metrics"]["fidelity"] <= 1
 
@@ -180,6 +247,7 @@ def test_compare_quick_writes_report_with_verdicts(small_run, tmp_path):
     verdicts = rep["runs"][0]["verdicts"]
     assert {v["metric"] for v in verdicts} == {"mse", "psnr", "ssim", "fidelity", "clone_acc"}
     assert all("95% interval" in v["text"] for v in verdicts)
+    assert "| converged |" in md and "**no: lower bound**" in md and "not a privacy figure" in md
     assert (tmp_path / "rep" / "figures" / "small-reconstructions.png").is_file()
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["runs"][0]["name"] == "small"
 
@@ -235,12 +303,14 @@ def test_saved_results_behind_a_service_output_are_reused_for_that_output_only(s
 @pytest.mark.slow
 def test_undefended_int8_artifact_leaks_to_the_decoder(small_run):
     root, run = small_run
-    # the default decoder with more, smaller steps (batch 64, lr 2e-3): SSIM ~0.65 in 6 epochs, ~2 min
-    res, _ = attack_run(root, "encoder.int8.tflite", "decoder", run=run,
-                        params={"epochs": 6, "batch_size": 64, "lr": 2e-3, "n_eval": 200, "oracle_epochs": 0})
+    # CEM's residual decoder at the demo's CPU budget (the "fast" preset) on the 5,000 aux images
+    # (train_time: this run keeps only 1,000 test images); ~4 min on one thread
+    res, _ = attack_run(root, "encoder.int8.tflite", "decoder", run=run, preset="fast",
+                        params={"protocol": "train_time", "n_eval": 200, "oracle_epochs": 0})
     m = res.metrics
-    assert m["ssim"] >= 0.6, m
-    assert m["mse"] <= m["baseline_mse"] / 3, m
+    assert m["ssim"] >= 0.68, m  # measured 0.720 (MSE 0.0090, floor 0.087); the plain decoder's test asked 0.6
+    assert m["mse"] <= m["baseline_mse"] / 7, m
+    assert res.extra["training"]["curve"][-1] < res.extra["training"]["curve"][0] / 2
 
 
 @pytest.mark.slow

@@ -32,6 +32,11 @@ def test_list_commands(capsys):
         (["attack", "{tmp}/nothing", "--attack", "decoder", "--set", "epochs=-2"], "--set epochs="),
         (["compare", "{tmp}/nothing", "--attacks", "decoder,zap"], "Valid attacks:"),
         (["compare", "{tmp}/nothing"], "not a qdefend run"),
+        (["compare", "{tmp}/nothing", "--preset", "decoder"], "ATTACK=PRESET"),
+        (["compare", "{tmp}/nothing", "--preset", "decoder=huge"], "Valid presets: default, cem, fast, plain, quick"),
+        (["attack", "{tmp}/nothing", "--attack", "decoder", "--set", "attacker.protocol=test_time"],
+         "protocol must be one of infer_time, train_time"),
+        (["attack", "{tmp}/nothing", "--attack", "gan", "--set", "decoder_preset=huge"], "decoder_preset must be one of"),
     ],
 )
 def test_user_mistakes_get_one_line(argv, needle, tmp_path, capsys):
