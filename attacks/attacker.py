@@ -85,13 +85,13 @@ def attacker_split(data: Any, cfg: AttackerData) -> AttackerSplit:
                               f"not aux_size={n}: lower it, or use --set attacker.protocol=train_time "
                               f"--set attacker.overlap=true for more")
         pool, labels = data.test.floats(slice(0, n)), data.test.labels[:n]
-        sources = {"test[0:%d]" % n: n}
+        sources, overlap = {"test[0:%d]" % n: n}, False
     else:
         n_aux = len(data.aux)
         n = cfg.aux_size or n_aux
         if n <= n_aux:
             pool, labels = data.aux.floats(slice(0, n)), data.aux.labels[:n]
-            sources = {"aux": n}
+            sources, overlap = {"aux": n}, False
         else:
             extra = n - n_aux
             if not cfg.overlap:
@@ -103,13 +103,12 @@ def attacker_split(data: Any, cfg: AttackerData) -> AttackerSplit:
                                   f"aux_size={n}: lower it")
             pool = np.concatenate([data.aux.floats(), data.train.floats(slice(0, extra))])
             labels = np.concatenate([data.aux.labels, data.train.labels[:extra]])
-            sources = {"aux": n_aux, "train (overlaps the victim's training set)": extra}
+            sources, overlap = {"aux": n_aux, "train (overlaps the victim's training set)": extra}, True
     n_hold = int(round(cfg.holdout * len(pool)))
     if len(pool) - n_hold < 2:
         raise AttackError(f"the attacker has {len(pool)} images, too few to train on: raise aux_size")
     desc = {"protocol": cfg.protocol, "attacker_images": int(len(pool)), "train": int(len(pool) - n_hold),
-            "holdout": n_hold, "sources": sources, "overlap_with_victim_training": "train (overlaps" in
-            " ".join(sources), "inverted": f"test[{n_test - n_eval}:{n_test}]", "n_eval": int(n_eval)}
+            "holdout": n_hold, "sources": sources, "overlap_with_victim_training": overlap, "inverted": f"test[{n_test - n_eval}:{n_test}]", "n_eval": int(n_eval)}
     return AttackerSplit(x_train=pool[: len(pool) - n_hold], x_holdout=pool[len(pool) - n_hold:],
                          eval_idx=eval_idx, x_eval=data.test.floats(eval_idx), pool=pool,
                          pool_labels=np.asarray(labels), describe=desc)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..attacker import AttackerData, attacker_split
+from ..attacker import ATTACKER_FIELDS, AttackerData, attacker_split
 from ..base import ATTACKS, Attack, AttackError, check_positive
 from ..metrics import convergence, inversion_metrics
 from .decoder import DecoderAttack, _layout, decode, decoder_mse, fit_decoder, resolve_device
@@ -194,7 +194,7 @@ class GanAttack(Attack):
 
     def _run(self, target, data, seed, say):
         cfg = self.config
-        data_fields = {k: getattr(cfg, k) for k in ("protocol", "aux_size", "overlap", "n_eval", "holdout")}
+        data_fields = {k: getattr(cfg, k) for k in ATTACKER_FIELDS}
         dec_atk = DecoderAttack.from_preset(None if cfg.decoder_preset == "default" else cfg.decoder_preset,
                                             **data_fields, device=cfg.device, oracle_epochs=0)
         timings = {}
