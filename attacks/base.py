@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -139,16 +140,22 @@ class AttackResult:
     @classmethod
     def load(cls, path: str | Path) -> "AttackResult":
         """Read back what :meth:`save` wrote (the JSON, and the images when the .npz is there)."""
+        import zipfile
+
         path = Path(path)
-        d = json.loads(path.read_text())
-        arrays: dict[str, np.ndarray] = {}
-        npz = path.with_suffix(".npz")
-        if npz.is_file():
-            with np.load(npz, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        return cls(attack=d["attack"], target=d["target"], metrics=d["metrics"], config=d["config"],
-                   seed=d["seed"], timings=d.get("timings", {}), originals=arrays.get("originals"),
-                   reconstructions=arrays.get("reconstructions"), extra=d.get("extra", {}))
+        try:
+            d = json.loads(path.read_text())
+            arrays: dict[str, np.ndarray] = {}
+            npz = path.with_suffix(".npz")
+            if npz.is_file():
+                with np.load(npz, allow_pickle=False) as f:
+                    arrays = {k: f[k] for k in f.files}
+            return cls(attack=d["attack"], target=d["target"], metrics=d["metrics"], config=d["config"],
+                       seed=d["seed"], timings=d.get("timings", {}), originals=arrays.get("originals"),
+                       reconstructions=arrays.get("reconstructions"), extra=d.get("extra", {}))
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise QdefendError(f"{path} is not a readable attack result ({type(e).__name__}): delete it "
+                               "(and its .npz) and run the attack again") from None
 
 
 # ---------------------------------------------------------------------------------------- attacks
@@ -188,6 +195,11 @@ class Attack:
         if unknown:
             valid = ", ".join(sorted(fields)) or "(none)"
             raise AttackError(f"attack '{cls.name}' has no parameter '{unknown[0]}'. Valid parameters: {valid}")
+        if fields:
+            from qdefend.config import check_value
+
+            hints = typing.get_type_hints(cls.config_cls)
+            params = {k: check_value(v, hints[k], f"{cls.name}.{k}", parsed_lists=True) for k, v in params.items()}
         return cls.config_cls(**params)
 
     @classmethod

@@ -87,6 +87,8 @@ class CompareConfig:
             if p not in ("default", *cls.presets):
                 raise AttackError(f"attack '{a}' has no preset '{p}'. Valid presets: "
                                   f"{', '.join(['default', *sorted(cls.presets)])}")
+        if self.jobs < 0:
+            raise AttackError(f"--jobs must be >= 1 (or 0 for one per CPU), got {self.jobs}: e.g. --jobs 2")
         if not self.attacks or not self.artifacts:
             raise AttackError("compare needs at least one attack and one artifact: e.g. --attacks decoder "
                               "--artifacts encoder.float.onnx,encoder.int8.tflite")

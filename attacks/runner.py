@@ -74,7 +74,7 @@ def target_fingerprint(run_dir: str | Path, spec: str) -> dict[str, str]:
     try:
         tag = resolve_tag(ckpt, "best" if (ckpt / "best.json").is_file() else "latest")
         fp["checkpoint"] = json.loads((ckpt / tag / STATE_FILE).read_text())["files"][MODEL_FILE]
-    except (QdefendError, OSError, ValueError, KeyError):  # no/unreadable checkpoint: nothing to pin
+    except (QdefendError, OSError, ValueError, KeyError, TypeError):  # no/unreadable checkpoint: nothing to pin
         pass
     names = [n for n in spec.split(":") if n.endswith((".onnx", ".tflite"))]
     if spec.startswith("service:"):
@@ -103,6 +103,7 @@ def cached_result(run_dir: str | Path, spec: str, attack: Attack, *, seed: int =
     import json
 
     from qdefend.defenses.output import parse_output_defense
+    from qdefend.errors import QdefendError
 
     post = parse_output_defense(service_output)
     path = _service_result_path(run_dir, attack.name, spec, post)
@@ -110,7 +111,7 @@ def cached_result(run_dir: str | Path, spec: str, attack: Attack, *, seed: int =
         return None
     try:
         r = AttackResult.load(path)
-    except (OSError, ValueError, KeyError):
+    except QdefendError:  # unreadable: run the attack again, which rewrites it
         return None
     same = (r.seed == seed and r.extra.get("preset") == (preset or "default")
             and r.config == json.loads(json.dumps(attack.config_dict()))
@@ -136,7 +137,10 @@ def attack_run(run_dir: str | Path, spec: str, attack: str, *, preset: str | Non
         key = budget_param(cls)
         if key is None:
             raise AttackError(f"attack '{attack}' has no query budget; set its parameters with --set KEY=VALUE")
-        params[key] = budget if key == "budgets" else int(budget)
+        try:
+            params[key] = budget if key == "budgets" else int(budget)
+        except ValueError:
+            raise AttackError(f"--budget {budget!r} is not a number of images: e.g. --budget 5000") from None
     atk = build_attack(attack, preset=preset, **params)
     spec, notes = resolve_spec(atk, spec)
     RunPaths(run_dir).require_trained()

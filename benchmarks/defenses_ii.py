@@ -176,7 +176,9 @@ def attack_metrics(attack: str, res: dict) -> dict[str, Any]:
 
 def build_row(study: str, name: str, seed: int, root: Path, manifest: dict,
               results: dict[str, dict[str, dict]]) -> dict[str, Any]:
-    records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from qdefend.run import RunPaths
+
+    records = RunPaths(root).read_metrics()
     ver = manifest.get("verification", {}).get("artifacts", {}).get(ARTIFACT, {})
     summ = train_summary(records)
     checkpoint = next((r.get("checkpoint") for r in reversed(records) if r.get("event") == "test"), None)

@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     from qdefend.attacks import AttackError
     from qdefend.devices.manifest import ArtifactError
     from qdefend.errors import QdefendError
+    from qdefend.run import RunPaths
 
     sys.path.insert(0, str(HERE))
     from latency import _loadavg, machine_info  # the same machine description as the latency benchmark
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             say = lambda msg, tag=f"[{i}/{len(args.configs)} {name}]": print(f"{tag} {msg}", file=sys.stderr, flush=True)  # noqa: E731
             ensure_trained(name, root, args.size, args.threads, say)
             manifest = ensure_exported(root, args.artifacts, size["verify_images"], say)
-            records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            records = RunPaths(root).read_metrics()
             holder: dict = {}
             for art in args.artifacts:
                 results = ensure_attacked(root, art, size["preset"], args.threads, holder, say)

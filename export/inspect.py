@@ -53,7 +53,14 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
         info["sha256_ok"] = None  # nothing to compare with
         precision = "int8" if ".int8." in path.name else "float"
         info["precision"] = precision
-    info["checks"] = static_checks(path, fmt, precision)
+    try:
+        info["checks"] = static_checks(path, fmt, precision)
+    except QdefendError:
+        raise
+    except Exception as e:  # the onnx / onnxruntime / LiteRT loaders: garbage, empty or truncated files
+        why = " ".join(str(e).split())[:160] or type(e).__name__
+        raise QdefendError(f"{path} is not a loadable {fmt} model ({why}): it is empty, truncated or another "
+                           "kind of file; export it again with `qdefend export RUN`") from None
     float_ref = (manifest or {}).get("artifacts", {}).get("encoder.float.onnx")
     if float_ref and name.startswith("encoder.") and name != "encoder.float.onnx":
         info["size_vs_float_onnx"] = round(info["size_bytes"] / float_ref["size_bytes"], 4)

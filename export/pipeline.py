@@ -156,6 +156,10 @@ def export_run(run_dir: str | Path, formats: str | Iterable[str] = FORMATS, *, c
     (refused without it). progress: called with one line per step. verify_images: use only the
     first N test images for parity and accuracy (default: the whole test split).
     """
+    for flag, n in (("--verify-images", verify_images), ("--calibrate", calibrate)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise QdefendError(f"{flag} {n!r} is out of range: it is a number of images >= 1, e.g. {flag} 512 "
+                               "(or leave it out)")
     with warnings.catch_warnings():  # torch's exporters trip their own pytree deprecation, per node
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         return _export_run(run_dir, formats, calibrate, progress, verify_images)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,20 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_lines_atomic(path: Path, lines: list[str]) -> None:
+    """Replace a text file by ``lines`` (one per line) atomically: a kill leaves the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+TAG_RE = re.compile(r"epoch-\d{4,}")
 
 
 def flatten_state(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -159,9 +174,28 @@ def resolve_tag(ckpt_dir: Path, which: str) -> str:
     if not ptr.is_file():
         raise QdefendError(f"no '{which}' checkpoint in {ckpt_dir}: train the run first with `qdefend train`")
     try:
-        return json.loads(ptr.read_text())["tag"]
-    except (json.JSONDecodeError, KeyError):
-        raise QdefendError(f"{ptr} is corrupted: delete it and point to a checkpoint directory explicitly") from None
+        tag = json.loads(ptr.read_text())["tag"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+        tag = None
+    if not isinstance(tag, str) or not TAG_RE.fullmatch(tag):
+        found = sorted(p.name for p in Path(ckpt_dir).glob("epoch-*") if p.is_dir())
+        fix = (f'write {{"tag": "{found[-1]}"}} into it (the newest checkpoint there)' if found
+               else "retrain the run")
+        raise QdefendError(f"{ptr} is corrupted (it must hold {{\"tag\": \"epoch-NNNN\"}}): {fix}")
+    return tag
+
+
+def _valid_state(state: Any) -> bool:
+    """state.json as :func:`save_checkpoint` writes it: an epoch, the model file's digest (and a step,
+    when training wrote it)."""
+    if not isinstance(state, dict):
+        return False
+    files = state.get("files")
+    ints = all(isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and state[k] >= 0
+               for k in ("epoch", "step") if k == "epoch" or k in state)
+    return (ints and isinstance(files, dict) and MODEL_FILE in files
+            and all(isinstance(k, str) and "/" not in k and isinstance(v, str) for k, v in files.items())
+            and isinstance(state.get("metrics", {}), dict))
 
 
 def has_checkpoint(ckpt_dir: Path) -> bool:
@@ -178,8 +212,10 @@ def load_checkpoint(ckpt_dir: Path, which: str = "latest", *, with_optimizer: bo
     )
     try:
         state = json.loads((d / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         raise QdefendError(f"checkpoint {d} is unreadable or incomplete (state.json): {hint}") from None
+    if not _valid_state(state):
+        raise QdefendError(f"checkpoint {d} has a corrupted state.json (no epoch, step or file digests): {hint}")
     for fname, digest in state.get("files", {}).items():
         p = d / fname
         if not p.is_file() or sha256_file(p) != digest:

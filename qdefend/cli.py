@@ -28,18 +28,13 @@ def _console():
 
 def _resolve_config(config: Optional[Path], flags: dict, overrides: list[str]):
     """defaults < --config file < command-line flags < --set KEY=VALUE."""
-    import tomllib
-
-    from .config import RunConfig, apply_overrides
+    from .config import RunConfig, apply_overrides, read_toml
 
     d: dict = {}
     if config is not None:
         if not config.is_file():
             raise QdefendError(f"--config {config}: no such file")
-        try:
-            d = tomllib.loads(config.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise QdefendError(f"--config {config} is not valid TOML: {e}") from None
+        d = read_toml(config, f"--config {config}")
     for key, value in flags.items():
         if value is not None:
             section, name = key.split(".", 1)
@@ -69,16 +64,22 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ):
     """Train a split network (edge encoder + cloud head), with int8 QAT and privacy defenses."""
-    from .config import RunConfig
+    from .config import RunConfig, resume_config
     from .train import Trainer
 
     console = _console()
+    changed = None
     if resume:
         if out is None:
             raise QdefendError("--resume needs --out RUN_DIR naming the run to continue")
-        cfg = RunConfig.load(out / "config.toml")
-        if epochs is not None:
-            cfg.train.epochs = epochs
+        fixed = {"--qat": qat, "--model": model, "--cut": cut, "--dataset": dataset, "--data-dir": data_dir,
+                 "--defense": defense, "--sigma": sigma, "--seed": seed, "--config": config, "--from": from_run}
+        given = [flag for flag, v in fixed.items() if v is not None]
+        if given:
+            raise QdefendError(f"--resume continues {out} as it was configured, so {given[0]} cannot be given: drop it, "
+                               "or train a new run with another --out")
+        flags = {"train.epochs": epochs, "train.device": device, "train.num_threads": threads}
+        cfg, changed = resume_config(RunConfig.load(out / "config.toml"), list(set_), flags)
     else:
         flags = {
             "quant.scheme": qat, "model.name": model, "model.cut": cut, "data.name": dataset,
@@ -97,7 +98,7 @@ def train(
         if out is None:
             out = Path("runs") / f"{cfg.model.name}-{cfg.data.name}-{cfg.defense.stack.replace('+', '_')}-{cfg.quant.scheme}"
     console.print(f"[bold]qdefend train[/bold] -> {out}  ({cfg.model.name} on {cfg.data.name}, qat {cfg.quant.scheme}, defense {cfg.defense.stack})")
-    rec = Trainer(cfg, out, console=console, progress=not quiet).fit(resume=resume)
+    rec = Trainer(cfg, out, console=console, progress=not quiet).fit(resume=resume, changed=changed)
     _print_test(console, rec)
 
 
@@ -426,31 +427,76 @@ def list_(what: str = typer.Argument(..., help="datasets | models | defenses | a
         typer.echo(f"{name:16s} {reg.describe(name)}")
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, aborts) of every click the installed typer may raise from: typer >= 0.20
+    bundles its own copy as ``typer._click``, older ones use the ``click`` package."""
+    import importlib
+
+    usage, abort = [], [typer.Abort]
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(mod.ClickException)
+        if hasattr(mod, "Abort"):
+            abort.append(mod.Abort)
+    return tuple(usage), tuple(abort)
+
+
+def _usage_line(e) -> str:
+    """A click usage error on one line, with where to read the usage: 'No such option: --bogus
+    (see `qdefend train --help`)'."""
+    msg = " ".join(str(e.format_message()).split())
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None and getattr(ctx, "command_path", "") else "qdefend"
+    return f"{msg} (see `{where} --help`)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line on stderr and exit 2, never a traceback."""
     import warnings
 
-    import click
-
     from .devices.manifest import ArtifactError
 
+    usage_errors, aborts = _click_exceptions()
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch/torchao internals, not the user's
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
-        app(args=argv, standalone_mode=False, prog_name="qdefend")
-        return 0
+        rc = app(args=argv, standalone_mode=False, prog_name="qdefend")
+        return rc if isinstance(rc, int) else 0
     except (QdefendError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except click.exceptions.ClickException as e:
-        e.show()
-        return e.exit_code
-    except click.exceptions.Abort:
+    except usage_errors as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `qdefend` / `qdefend attack`: the help is the answer
+            if str(e.format_message()).strip():
+                e.show()
+            return 0
+        print(f"error: {_usage_line(e)}", file=sys.stderr)
+        return 2
+    except aborts:
         print("aborted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted: the last completed epoch is checkpointed; continue with --resume", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a read-only folder, a file that vanished under us
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}: free space or fix the permissions, then run the command again",
+              file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug of ours: still one line, with where it happened; the full stack on request
+        import os
+        import traceback
+
+        if os.environ.get("QDEFEND_TRACEBACK"):
+            raise
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        why = " ".join(str(e).split())[:200]
+        print(f"error: internal error {type(e).__name__}: {why} (at {Path(frame.filename).name}:{frame.lineno}); "
+              "this is a bug in qdefend: rerun with QDEFEND_TRACEBACK=1 and report the traceback", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the single source of truth when the run is resumed, exported or attacked.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -45,6 +46,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # epoch checkpoints kept besides the best one
     channels_last: bool = True  # NHWC activations in training: ~18% faster convs on CPU (mkldnn)
     freeze: str = "none"  # none | encoder | head | network: parts kept fixed (eval mode, no step); needs --from
+    max_loss: float | None = None  # a batch's task loss above this is divergence (unset: 25 x ln(classes))
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -53,6 +55,20 @@ class TrainConfig:
             raise QdefendError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lr <= 0:
             raise QdefendError(f"lr must be > 0, got {self.lr}: e.g. --set train.lr=0.05")
+        for key in ("momentum", "weight_decay", "gamma"):
+            if getattr(self, key) < 0:
+                raise QdefendError(f"train.{key} must be >= 0, got {getattr(self, key)}: e.g. --set train.{key}=0")
+        if self.num_threads < 0:
+            raise QdefendError(f"num_threads must be >= 1 (or 0 for torch's default), got {self.num_threads}: "
+                               "e.g. --threads 2")
+        if self.eval_batch_size < 1:
+            raise QdefendError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}: e.g. --set train.eval_batch_size=512")
+        if self.keep_checkpoints < 1:
+            raise QdefendError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}: e.g. --set train.keep_checkpoints=2")
+        if any(m < 1 for m in self.milestones):
+            raise QdefendError(f"milestones are epochs >= 1, got {self.milestones}: e.g. --set train.milestones=[10,20]")
+        if self.max_loss is not None and self.max_loss <= 0:
+            raise QdefendError(f"max_loss must be > 0 (or unset for the automatic rule), got {self.max_loss}")
         if self.optimizer not in ("sgd", "adam"):
             raise QdefendError(f"unknown optimizer '{self.optimizer}'. Valid optimizers: adam, sgd")
         if self.schedule not in ("cosine", "step", "none"):
@@ -104,11 +120,7 @@ class RunConfig:
         path = Path(path)
         if not path.is_file():
             raise QdefendError(f"no config at {path}: is this a run directory made by `qdefend train`?")
-        try:
-            d = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise QdefendError(f"{path} is not valid TOML ({e}); fix or delete it") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_toml(path, str(path)))
 
 
 def from_dict(cls, d: dict[str, Any], where: str = ""):
@@ -127,32 +139,73 @@ def from_dict(cls, d: dict[str, Any], where: str = ""):
             f"unknown config key {where + '.' if where else ''}{unknown[0]}. "
             f"Valid keys{' of [' + where + ']' if where else ''}: {', '.join(sorted(names))}"
         )
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     kwargs = {}
     for k, v in d.items():
         t = hints[k]
         if dataclasses.is_dataclass(t):
             v = from_dict(t, v, f"{where}.{k}" if where else k)
-        kwargs[k] = _coerce(v, t, f"{where}.{k}" if where else k)
+        kwargs[k] = check_value(v, t, f"{where}.{k}" if where else k, example=defaults.get(k))
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise QdefendError(f"bad config section '{where or cls.__name__}': {e}") from None
 
 
-def _coerce(v: Any, t: Any, key: str) -> Any:
-    """Light type coercion for values that arrive from the command line or TOML (int -> float)."""
+def _fix(key: str, example: Any) -> str:
+    """': e.g. --set key=<default>' when the default is a plain finite scalar, else ''."""
+    if isinstance(example, bool):
+        return f": e.g. --set {key}={str(example).lower()}"
+    if isinstance(example, (int, float)) and math.isfinite(example):
+        return f": e.g. --set {key}={example}"
+    if isinstance(example, str):
+        return f": e.g. --set {key}='{example}'"
+    return ""
+
+
+def check_value(v: Any, t: Any, key: str, *, parsed_lists: bool = False, example: Any = None) -> Any:
+    """Type-check (and lightly coerce: int -> float) a value that arrives from the command line or
+    TOML. Floats must be finite: TOML spells ``nan`` and ``inf``, and ``lr <= 0`` is False for NaN,
+    so a range check alone would let them through. Lists and tables are checked element-wise;
+    with ``parsed_lists`` a list field also takes what its config parses itself (``"1000,5000"``)."""
     origin = typing.get_origin(t)
     args = typing.get_args(t)
+    if t is Any:
+        return v
     if origin in (typing.Union, types.UnionType):
         if v is None:
             return None
         non_none = [a for a in args if a is not type(None)]
-        return _coerce(v, non_none[0], key) if len(non_none) == 1 else v
+        return check_value(v, non_none[0], key, parsed_lists=parsed_lists, example=example) if len(non_none) == 1 else v
+    if origin is list:
+        if parsed_lists and not isinstance(v, list):
+            return v
+        if not isinstance(v, list):
+            raise QdefendError(f"config key {key} must be a list such as [2, 4], got {v!r}")
+        return [check_value(e, args[0], f"{key}[{i}]") for i, e in enumerate(v)] if args else v
+    if origin is dict:
+        if not isinstance(v, dict):
+            raise QdefendError(f"config key {key} must be a table such as {{ a = 1 }}, got {v!r}")
+        return {k: check_value(e, args[1], f"{key}.{k}") for k, e in v.items()} if args else v
     if t is float and isinstance(v, int) and not isinstance(v, bool):
         return float(v)
-    if t in (int, float, str, bool) and not isinstance(v, t):
-        raise QdefendError(f"config key {key} must be {t.__name__}, got {v!r}")
+    if t in (int, float, str, bool) and (not isinstance(v, t) or (t is int and isinstance(v, bool))):
+        raise QdefendError(f"config key {key} must be {t.__name__}, got {v!r}{_fix(key, example)}")
+    if t is float and not math.isfinite(v):
+        raise QdefendError(f"config key {key} must be a finite number, got {v!r}{_fix(key, example)}")
     return v
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict, or a one-line error naming ``what`` (e.g. '--config x.toml')."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise QdefendError(f"{what} is not a text file (not UTF-8): pass a TOML config such as a run's config.toml") from None
+    except tomllib.TOMLDecodeError as e:
+        raise QdefendError(f"{what} is not valid TOML ({e}): fix or replace it") from None
+    except IsADirectoryError:
+        raise QdefendError(f"{what} is a folder: pass a TOML file") from None
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -173,6 +226,45 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
                 raise QdefendError(f"--set {key}: '{p}' is not a config section")
         node[parts[-1]] = value
     return d
+
+
+# What a resume may change: how the optimisation continues and where it runs. Everything else (data,
+# model, quantization, defenses, batch size, seed) makes another run, so a resume refuses it.
+RESUMABLE = tuple(f"train.{k}" for k in (
+    "epochs", "lr", "momentum", "weight_decay", "schedule", "milestones", "gamma", "device", "num_threads",
+    "eval_batch_size", "keep_checkpoints", "max_loss"))
+
+
+def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_config(cfg: RunConfig, overrides: list[str], flags: dict[str, Any] | None = None
+                  ) -> tuple[RunConfig, dict[str, list]]:
+    """``cfg`` (a run's config.toml) with the command-line ``flags`` (``{"train.epochs": 4}``, None
+    = not given) and ``--set`` ``overrides`` a resume may apply, and what changed as
+    ``{key: [old, new]}``; a key outside :data:`RESUMABLE` is refused with a message."""
+    before = cfg.to_dict()
+    d = cfg.to_dict()
+    for key, value in (flags or {}).items():
+        if value is not None:
+            section, name = key.split(".", 1)
+            d.setdefault(section, {})[name] = value
+    new = RunConfig.from_dict(apply_overrides(d, overrides))
+    a, b = _leaves(before), _leaves(new.to_dict())
+    changed = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    refused = [k for k in changed if k not in RESUMABLE]
+    if refused:
+        raise QdefendError(
+            f"--resume cannot change {refused[0]} (it would make another run): drop that --set, or train a new run "
+            f"with another --out. A resume may change {', '.join(RESUMABLE)}")
+    return new, changed
 
 
 def _drop_none(x: Any) -> Any:

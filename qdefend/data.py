@@ -311,9 +311,18 @@ def _idx_reader(title: str, class_names: list[str], default_dir: bool) -> Callab
             lost = ", ".join(s + "[.gz]" for s, p in zip(_IDX_STEMS, paths) if p is None)
             raise QdefendError(f"{title} not found at {d} (missing {lost}): {need}")
         tx, ty, sx, sy = (read_idx(p) for p in paths)
-        for x, y, p in ((tx, ty, paths[0]), (sx, sy, paths[2])):
-            if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or x.dtype != np.uint8:
-                raise QdefendError(f"{p}: images {x.shape} do not match labels {y.shape}; {d} is corrupt")
+        for x, y, p, q in ((tx, ty, paths[0], paths[1]), (sx, sy, paths[2], paths[3])):
+            if x.dtype != np.uint8:
+                raise QdefendError(f"{p} holds {x.dtype.name} values; {title} images are unsigned bytes (IDX type 0x08): "
+                                   "pass the original idx3-ubyte files")
+            if not np.issubdtype(y.dtype, np.integer):
+                raise QdefendError(f"{q} holds {y.dtype.name} values; labels are unsigned bytes (IDX type 0x08): "
+                                   "pass the original idx1-ubyte files")
+            if x.ndim != 3 or y.ndim != 1:
+                raise QdefendError(f"{p} has {x.ndim} dimensions and {q} {y.ndim}; expected N x H x W images "
+                                   "and N labels: pass the idx3 image and idx1 label files")
+            if len(x) != len(y):
+                raise QdefendError(f"{p} holds {len(x)} images but {q} {len(y)} labels; {d} is corrupt or mixed")
         return RawData(tx[:, None], ty.astype(np.int64), sx[:, None], sy.astype(np.int64), class_names, str(d))
 
     return read
@@ -345,15 +354,64 @@ def _cifar_dir(cfg: DataConfig, title: str, folder: str, tarball: str, probe: st
     raise QdefendError(f"{title} not found at {d}: expected the folder {folder} (with {probe}) there or in it; {hint}")
 
 
+# The only globals a CIFAR pickle names: numpy's array reconstruction (the py2 archives say
+# numpy.core, numpy 2 writes numpy._core). Anything else, os.system or a __reduce__ payload, is refused.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how protocol 2 spells bytes from Python 3: encode(str, "latin1")
+}
+
+
+def _latin1(text, encoding="latin1"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"a data pickle may encode text as latin1 only, not {encoding!r}")
+    return text.encode("latin1")
+
+
+class UnsafePickleError(QdefendError):
+    """A data pickle names a global outside the few that data files hold."""
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """An unpickler for data files: dicts, lists, tuples, bytes, str, numbers and numpy arrays only."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise UnsafePickleError(
+                f"refusing to load {self.path}: it asks to run {module}.{name}, which no CIFAR data file does "
+                "(it may be malicious); use the python version of the archive from cs.toronto.edu/~kriz/cifar.html")
+        import numpy as _np
+
+        if name == "_reconstruct":
+            return _np._core.multiarray._reconstruct
+        if name == "encode":
+            return _latin1
+        if name == "scalar":
+            return _np._core.multiarray.scalar
+        return getattr(_np, name)
+
+
+def safe_unpickle(path: Path, f) -> Any:
+    """Unpickle data file ``f`` (opened from ``path``) admitting only data types, never code."""
+    u = _DataUnpickler(f, encoding="bytes")
+    u.path = path
+    return u.load()
+
+
 def _unpickle(path: Path, keys: tuple[bytes, ...]) -> dict:
     if not path.is_file():
         raise QdefendError(f"{path} is missing: the CIFAR folder is incomplete; unpack the archive again")
     try:
         with open(path, "rb") as f:
             # The CIFAR archives ship only as Python-2 pickles of plain dicts of bytes, lists and
-            # arrays (data, not model weights); encoding="bytes" is how their authors say to read them.
-            d = pickle.load(f, encoding="bytes")
-    except Exception as e:  # any unpickling failure means a corrupt file
+            # arrays; encoding="bytes" is how their authors say to read them. A restricted
+            # unpickler: a user's file can name no callable but numpy's array reconstruction.
+            d = safe_unpickle(path, f)
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # any other unpickling failure means a corrupt file
         raise QdefendError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}): unpack it again") from None
     lost = [k.decode() for k in keys if not isinstance(d, dict) or k not in d]
     if lost:
@@ -407,6 +465,16 @@ def _class_files(root: Path) -> dict[str, list[Path]]:
     }
 
 
+def _image_mode(path: Path) -> str:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.mode
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise QdefendError(f"cannot read image {path} ({e}): delete or replace it") from None
+
+
 def _decode(paths: list[Path], mode: str, size: int | None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
@@ -418,7 +486,7 @@ def _decode(paths: list[Path], mode: str, size: int | None) -> np.ndarray:
                 if size is not None:
                     im = im.resize((size, size), Image.Resampling.BILINEAR)
                 a = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise QdefendError(f"cannot read image {p} ({e}): delete or replace it") from None
         if out is None:
             out = np.empty((len(paths), *a.shape), np.uint8)
@@ -453,10 +521,7 @@ def _imagefolder(cfg: DataConfig) -> RawData:
     else:  # hold out every 6th image of each class: fixed, stratified, independent of the split seed
         tr = [(p, y) for y, c in enumerate(names) for i, p in enumerate(train[c]) if i % 6 != 5]
         te = [(p, y) for y, c in enumerate(names) for i, p in enumerate(train[c]) if i % 6 == 5]
-    from PIL import Image
-
-    with Image.open(tr[0][0]) as first:  # the first image decides grey or RGB for all
-        mode = "L" if first.mode in _GREY_MODES else "RGB"
+    mode = "L" if _image_mode(tr[0][0]) in _GREY_MODES else "RGB"  # the first image decides grey or RGB
     x = _decode([p for p, _ in tr + te], mode, cfg.image_size)
     y = np.array([y for _, y in tr + te], dtype=np.int64)
     return RawData(x[: len(tr)], y[: len(tr)], x[len(tr) :], y[len(tr) :], names, str(d))

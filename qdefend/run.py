@@ -47,10 +47,26 @@ class RunPaths:
                 f"{self.root} has no checkpoint yet: finish training with `qdefend train --out {self.root} --resume`"
             )
 
-    def read_metrics(self) -> list[dict[str, Any]]:
+    def read_metrics(self, *, skip_bad: bool = False) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl. A last line torn by a kill is skipped; any other line that
+        is not a record is refused, naming the line (or skipped too, with ``skip_bad``)."""
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        lines = [(i, line) for i, line in enumerate(self.metrics.read_text(errors="replace").splitlines(), 1)
+                 if line.strip()]
+        out = []
+        for j, (i, line) in enumerate(lines):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = None
+            if isinstance(rec, dict) and isinstance(rec.get("event"), str):
+                out.append(rec)
+            elif not (skip_bad or j == len(lines) - 1):
+                raise QdefendError(
+                    f"{self.metrics} line {i} is not a metrics record ({line[:40]!r}): delete that line "
+                    f"(a resume with `qdefend train --out {self.root} --resume` restores the latest epoch's line)")
+        return out
 
 
 class SplitNet(nn.Module):

@@ -21,12 +21,30 @@ import torch
 import torch.nn.functional as F
 
 from . import quant
-from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import has_checkpoint, load_checkpoint, resolve_tag, save_checkpoint, write_lines_atomic
 from .config import RunConfig
 from .data import Split, batches
 from .defenses import StepContext, EpochContext, resolved_params
 from .errors import NonFiniteLossError, QdefendError
 from .run import Run, RunPaths, build_run, load_parts
+
+
+MAX_LOSS_PER_NAT = 25.0  # divergence: a batch's task loss above 25 x ln(classes) (57.6 for 10 classes)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one reduction per tensor, one sync)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def state_finite(key: str, v) -> bool:
+    """Whether a state-dict entry is sound: no NaN, and finite unless it is an observer's min/max,
+    which start at +-inf until the observer sees data."""
+    if not (torch.is_tensor(v) and v.is_floating_point()):
+        return True
+    if key.endswith(("min_val", "max_val")):
+        return not bool(torch.isnan(v).any())
+    return bool(torch.isfinite(v).all())
 
 
 def pick_device(name: str) -> torch.device:
@@ -150,7 +168,10 @@ class Trainer:
         return t.lr
 
     # -- main loop --------------------------------------------------------------------------
-    def fit(self, *, resume: bool = False) -> dict[str, Any]:
+    def fit(self, *, resume: bool = False, changed: dict[str, list] | None = None) -> dict[str, Any]:
+        """Train (or, with ``resume``, continue) the run; ``changed`` lists the config keys a resume
+        changed (``{key: [old, new]}``, see :func:`qdefend.config.resume_config`), recorded in
+        config.toml and as a ``resume`` event in metrics.jsonl."""
         cfg, paths = self.cfg, self.paths
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
@@ -190,8 +211,19 @@ class Trainer:
             if opt_state is not None:
                 opt.load_state_dict(opt_state)
             run.defense.load_optimizer_states(state.get("extra_optimizers", {}))
+            if not isinstance(state.get("step"), int):
+                raise QdefendError(f"{paths.checkpoints} latest checkpoint has no training step in its state.json: "
+                                   "it was not written by `qdefend train`; retrain the run")
             start_epoch, step, best = state["epoch"], state["step"], state.get("best_val", -1.0)
-            self._say(f"resuming {paths.root} after epoch {start_epoch} (step {step})")
+            if cfg.train.epochs < start_epoch:
+                raise QdefendError(f"--epochs {cfg.train.epochs} is fewer than the {start_epoch} epochs {paths.root} "
+                                   f"has trained: pass --epochs {start_epoch} or more to continue it")
+            self._reconcile_metrics(start_epoch, state.get("metrics") or {})
+            if changed:
+                cfg.save(paths.config)
+                self._log({"event": "resume", "after_epoch": start_epoch, "changed": changed})
+            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in (changed or {}).items())
+            self._say(f"resuming {paths.root} after epoch {start_epoch} (step {step})" + (f"; changed: {what}" if what else ""))
         else:
             paths.root.mkdir(parents=True, exist_ok=True)
             cfg.save(paths.config)
@@ -232,6 +264,8 @@ class Trainer:
         it = batches(run.data.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, epoch=epoch)
         bar = self._bar(f"epoch {epoch + 1}/{cfg.train.epochs}", steps_per_epoch)
         enc_params = [p for p in net.encoder.parameters() if p.requires_grad]
+        trainable = [p for p in net.parameters() if p.requires_grad]
+        max_loss = cfg.train.max_loss or MAX_LOSS_PER_NAT * math.log(max(2, run.data.num_classes))
         for i, (xb, yb) in enumerate(it):
             step = step0 + i
             for g in opt.param_groups:
@@ -240,9 +274,16 @@ class Trainer:
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(yb).to(device)
-            z = net.encoder(x)
-            zr = defense.release(z, gen)
-            logits = net.head(zr)
+            try:
+                z = net.encoder(x)
+                if not torch.isfinite(z).all():
+                    self._diverged("the encoder's output at the cut is not finite", epoch, i)
+                zr = defense.release(z, gen)
+                logits = net.head(zr)
+            except AssertionError as e:  # torchao's observers assert min <= max, which NaN fails
+                if not run.quantized:
+                    raise
+                self._diverged(f"a fake-quant observer saw non-finite values ({e})", epoch, i)
             task = F.cross_entropy(logits, y)
             ctx = StepContext(x=x, y=y, z=z, z_released=zr, logits=logits, epoch=epoch, step=step,
                               encoder=net.encoder, head=net.head, normalization=norm, lr=opt.param_groups[0]["lr"])
@@ -256,6 +297,9 @@ class Trainer:
                 self._check_finite(sep, epoch, i)
                 kept = torch.autograd.grad(sep, enc_params, retain_graph=True, allow_unused=True)
             self._check_finite(loss, epoch, i)
+            if task.item() > max_loss:
+                self._diverged(f"the task loss reached {task.item():.3g}, above train.max_loss={max_loss:.3g} "
+                               f"(a network at chance scores {math.log(run.data.num_classes):.2f})", epoch, i)
             if not loss.requires_grad:
                 raise QdefendError(
                     f"nothing to train: train.freeze={cfg.train.freeze} fixes the network and the defense stack "
@@ -266,6 +310,8 @@ class Trainer:
                     if g is not None:
                         p.grad = g if p.grad is None else p.grad + g
             opt.step()
+            if trainable and not all_finite(trainable):
+                self._diverged("a weight became non-finite in the optimiser step", epoch, i)
             n = len(yb)
             tot_loss += task.item() * n
             tot_correct += float((logits.argmax(1) == y).sum())
@@ -277,6 +323,10 @@ class Trainer:
         if bar is not None:
             bar[0].stop()
         train_time = time.perf_counter() - t0
+        bad = [k for part in (net.encoder, net.head) for k, v in part.state_dict().items() if not state_finite(k, v)]
+        if bad:
+            self._diverged(f"{bad[0]} (weights, BatchNorm statistics or quantization ranges) is not finite",
+                           epoch, steps_per_epoch - 1)
         net.eval()
         hook_ctx = EpochContext(
             epoch=epoch, encoder=net.encoder, head=net.head, data=run.data, epochs=cfg.train.epochs,
@@ -316,12 +366,31 @@ class Trainer:
     # -- helpers ----------------------------------------------------------------------------
     def _check_finite(self, loss: torch.Tensor, epoch: int, i: int) -> None:
         if not torch.isfinite(loss).all():
-            latest = json.loads((self.paths.checkpoints / "latest.json").read_text())["tag"]
-            raise NonFiniteLossError(
-                f"loss became {loss.item()} at epoch {epoch + 1}, batch {i}: training stopped, the last good "
-                f"checkpoint {self.paths.checkpoints / latest} is kept. Lower the learning rate "
-                f"(--set train.lr=...) or the defense weights, then run again with --resume"
-            )
+            self._diverged(f"loss became {loss.item()}", epoch, i)
+
+    def _diverged(self, what: str, epoch: int, i: int) -> None:
+        """Stop training: nothing of this epoch is saved, the last good checkpoint stays latest."""
+        latest = resolve_tag(self.paths.checkpoints, "latest")
+        lr = self.cfg.train.lr
+        raise NonFiniteLossError(
+            f"training diverged at epoch {epoch + 1}, batch {i}: {what}. Training stopped; the last good "
+            f"checkpoint {self.paths.checkpoints / latest} is kept. Lower the learning rate or the defense "
+            f"weights and continue: qdefend train --out {self.paths.root} --resume --set train.lr={lr / 10:g}"
+        )
+
+    def _reconcile_metrics(self, epoch: int, rec: dict) -> None:
+        """Make metrics.jsonl agree with checkpoint ``epoch`` before training on: a line torn by a kill
+        (or a line that is not a record) is dropped, and the checkpoint's own copy of its epoch line is written back when a kill came
+        between the checkpoint and the line (the checkpoint and its line are one unit)."""
+        records = self.paths.read_metrics(skip_bad=True)
+        keep = [r for r in records if not (r.get("event") == "epoch" and r.get("epoch", 0) > epoch)]
+        if epoch >= 1 and rec.get("epoch") == epoch and not any(
+                r.get("event") == "epoch" and r.get("epoch") == epoch for r in keep):
+            keep.append(rec)
+            self._say(f"metrics.jsonl lacked epoch {epoch}'s line (interrupted after its checkpoint): restored")
+        lines = self.paths.metrics.read_text(errors="replace").splitlines() if self.paths.metrics.is_file() else []
+        if keep != records or len([x for x in lines if x.strip()]) != len(records):
+            write_lines_atomic(self.paths.metrics, [json.dumps(r, sort_keys=True) for r in keep])
 
     def _checkpoint(self, run: Run, opt, epoch: int, step: int, best: float, rec: dict, *, is_best: bool) -> None:
         parts = {"encoder": run.net.encoder.state_dict(), "head": run.net.head.state_dict()}

@@ -1,7 +1,12 @@
 """Shared test fixtures."""
 
+import os
+
 import pytest
 import torch
+
+# in-process `qdefend.cli.main` re-raises a bug (not a user error) so the test shows its traceback
+os.environ.setdefault("QDEFEND_TRACEBACK", "1")
 
 
 @pytest.fixture(scope="module")

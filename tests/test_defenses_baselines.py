@@ -213,7 +213,7 @@ def test_composition_noise_nopeek():
         ("arl", {"steps": 0}, "defense.params.arl.steps=2"),
         ("shredder", {"alpha": -1.0}, "defense.params.shredder.alpha=0.1"),
         ("shredder", {"n_tensors": 0}, "defense.params.shredder.n_tensors=8"),
-        ("noise", {"sigma": float("nan")}, "defense.params.noise.sigma=0.05"),
+        ("noise", {"sigma": float("nan")}, "--set defense.params.noise.sigma="),
         ("topk", {"rate": 0.5}, "Valid keys of [defense.params.topk]: ratio"),
     ],
 )
