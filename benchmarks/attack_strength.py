@@ -13,7 +13,7 @@ test images (the last 1,000 of the test set):
       ``fast`` CPU preset the demo runs;
   (d) the decoder vs decoder + GAN refinement (``gan``, CEM's train_gan.py schedule).
 
-Features are computed once per target through the artifact (``qdefend.devices.runtime``) and kept
+Features are computed once per target through the artifact (``qdefend.edge.runtime``) and kept
 in ``CACHE/NAME.npz`` (the encoder's outputs for every image the grid uses, the manifest's release
 steps and wire grid), so the grid can run on another machine, a GPU one say, with only torch and
 numpy: :class:`CachedTarget` applies the release and the wire exactly as the runtime does (the same
@@ -48,7 +48,7 @@ import numpy as np
 
 from qdefend.attacks.targets import Target
 from qdefend.data import Normalization, Split, SplitData
-from qdefend.devices.runtime import apply_release, dequantize, quantize
+from qdefend.edge.release import apply_release, dequantize, quantize
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "attack_strength"

@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from latency import _loadavg, machine_info
     from qdefend.attacks import AttackError
-    from qdefend.devices.manifest import ArtifactError
+    from qdefend.edge.manifest import ArtifactError
     from qdefend.errors import QdefendError
 
     if args.threads:

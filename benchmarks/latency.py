@@ -4,7 +4,7 @@
                                  [--warmup N] [--out FILE] [--ort-default] [--profile]
 
 RUN_DIR is an exported run (``qdefend export RUN``). Every artifact is timed through
-``qdefend.devices.runtime.Runtime.open(...).run(x)``, what a device runs (for ONNX Runtime that
+``qdefend.edge.runtime.Runtime.open(...).run(x)``, what a device runs (for ONNX Runtime that
 includes ``session.x64quantprecision=1``, needed for exact int8 on x86 without VNNI). The run has
 no float .tflite, so one is exported here from the run's float twin into a temporary directory
 with a one-artifact manifest, so LiteRT float goes through the same Runtime code (verification,
@@ -119,7 +119,7 @@ def _loadavg() -> list[float] | None:
 def float_tflite(run, example, root: Path) -> Path:
     """root/ with artifacts/encoder.float.tflite (the float twin, dynamic batch) and a manifest
     holding only that artifact (the run's manifest otherwise), so Runtime.open can load it."""
-    from qdefend.devices.manifest import artifact_entry, load_manifest, write_manifest
+    from qdefend.edge.manifest import artifact_entry, load_manifest, write_manifest
     from qdefend.export.pipeline import float_twin
     from qdefend.export.tflite import export_tflite
 
@@ -139,7 +139,7 @@ def build_configs(run_dir: Path, run, x: np.ndarray, batches: list[int], threads
     """Every (engine, precision, batch, threads) configuration, each with its own interpreter."""
     import torch
 
-    from qdefend.devices.runtime import Runtime
+    from qdefend.edge.runtime import Runtime
     from qdefend.export.pipeline import float_twin
 
     enc = float_twin(run, "encoder").eval()
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from qdefend.devices.manifest import ArtifactError
+    from qdefend.edge.manifest import ArtifactError
     from qdefend.errors import QdefendError
     from qdefend.run import load_run
 

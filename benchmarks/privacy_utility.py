@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qdefend.attacks import AttackError
-    from qdefend.devices.manifest import ArtifactError
+    from qdefend.edge.manifest import ArtifactError
     from qdefend.errors import QdefendError
     from qdefend.run import RunPaths
 

@@ -12,8 +12,8 @@ __all__ = ["QdefendError", "__version__"]
 
 
 def _quiet_known_import_noise() -> None:
-    """Drop two harmless log lines torchao/torch print on every import of a CPU build (see
-    DESIGN.md): the skipped CUDA .so notice and a pytree register_constant deprecation."""
+    """Drop two harmless log lines torchao/torch print on every import of a CPU build: the skipped
+    CUDA .so notice and a pytree register_constant deprecation."""
     import logging
 
     noise = ("Skipping import of cpp extensions", "is an Enum subclass and is now natively supported")

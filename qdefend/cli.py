@@ -301,7 +301,7 @@ def demo(
         rec = Trainer(cfg, out, console=console, progress=not quiet).fit()
     _print_test(console, rec)
 
-    from .devices.manifest import ArtifactError, load_manifest, verify_artifact
+    from .edge.manifest import ArtifactError, load_manifest, verify_artifact
     from .export.pipeline import export_run
 
     console.print(f"[bold]qdefend demo[/bold] -> {out}: export (int8 ONNX + TFLite, verified)")
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line on stderr and exit 2, never a traceback."""
     import warnings
 
-    from .devices.manifest import ArtifactError
+    from .edge.manifest import ArtifactError
 
     usage_errors, aborts = _click_exceptions()
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch/torchao internals, not the user's

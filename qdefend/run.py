@@ -24,7 +24,7 @@ from .models import build_model, feature_shape
 
 
 class RunPaths:
-    """Where a run keeps its files (see DESIGN.md, 'The run directory')."""
+    """Where a run keeps its files (the layout is in the README, 'A run directory')."""
 
     def __init__(self, root: Path | str):
         self.root = Path(root)

@@ -16,7 +16,7 @@ from qdefend.attacks.inversion.decoder import (DecoderConfig, InverseNet, ResBlo
                                                train_decoder)
 from qdefend.attacks.inversion.gan import Critic, GanConfig, gradient_penalty, sharpness, train_gan
 from qdefend.attacks.metrics import convergence
-from qdefend.attacks.targets import wire_torch
+from qdefend.edge.release import wire_torch
 from qdefend.config import DataConfig
 from qdefend.data import load_dataset
 
@@ -193,7 +193,7 @@ def test_attacker_settings_are_checked_and_take_the_attacker_section():
 
 
 def test_torch_wire_grid_is_the_runtimes():
-    from qdefend.devices.runtime import dequantize, quantize
+    from qdefend.edge.release import dequantize, quantize
 
     wire = {"scale": 1 / 255, "zero_point": -128}
     rng = np.random.default_rng(0)

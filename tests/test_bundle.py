@@ -23,7 +23,8 @@ import pytest
 
 from qdefend.cli import main
 from qdefend.devices.bundle import bundle_top, extract_bundle, make_bundle
-from qdefend.devices.manifest import artifact_entry, load_manifest, sha256_file, wire_quant_params, write_manifest
+from qdefend.edge.manifest import artifact_entry, load_manifest, sha256_file, write_manifest
+from qdefend.edge.release import wire_quant_params
 from qdefend.devices.profiles import DEVICES, RUNTIME_FORMAT, get_profile
 from qdefend.errors import QdefendError
 
@@ -32,7 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SIGMA = 0.1
 SHAPE, FEAT = [1, 28, 28], [4, 7, 7]
 IN_Q, OUT_Q = {"scale": 1 / 64, "zero_point": -128}, {"scale": 1 / 256, "zero_point": -128}
-LAYOUT = {"encoder.int8.onnx", "manifest.json", "runtime.py", "manifest.py", "runner.py", "requirements.txt",
+LAYOUT = {"encoder.int8.onnx", "manifest.json", "errors.py", "release.py", "runtime.py", "manifest.py", "runner.py",
+          "requirements.txt",
           "reference/images.npy", "reference/features.npy", "reference/reference.json", "bundle.json", "README.md"}
 
 
@@ -172,9 +174,11 @@ def test_bundle_layout_hashes_and_pins(bundle, run_dir):
     assert m["artifacts"]["encoder.int8.onnx"]["sha256"] == run_m["artifacts"]["encoder.int8.onnx"]["sha256"]
     assert m["release"] == run_m["release"] == {"steps": [{"type": "gaussian_noise", "sigma": SIGMA}]}
     assert (root / "requirements.txt").read_text().split() == ["onnxruntime==1.31.1", "numpy==2.4.6"]
-    devices_dir = Path(sys.modules["qdefend.devices.bundle"].__file__).parent
-    for name in ("runtime.py", "manifest.py", "runner.py"):
-        assert (root / name).read_bytes() == (devices_dir / name).read_bytes(), name
+    import qdefend.edge
+
+    edge_dir = Path(qdefend.edge.__file__).parent
+    for name in ("errors.py", "release.py", "runtime.py", "manifest.py", "runner.py"):
+        assert (root / name).read_bytes() == (edge_dir / name).read_bytes(), name
     assert "python runner.py --check" in (root / "README.md").read_text()
     ref = json.loads((root / "reference/reference.json").read_text())
     images, feats = np.load(root / "reference/images.npy"), np.load(root / "reference/features.npy")

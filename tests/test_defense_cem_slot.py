@@ -258,7 +258,7 @@ def test_noise_cem_slot_run_reports_checkpoints_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_noise_cem_slot_qat_run_exports_and_encodes_on_the_device_runtime(tmp_path):
-    from qdefend.devices.runtime import Runtime
+    from qdefend.edge.runtime import Runtime
     from qdefend.export import export_run
     from qdefend.train import Trainer
 

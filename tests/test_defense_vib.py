@@ -11,15 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from qdefend.attacks.targets import torch_release
 from qdefend.config import DefenseConfig, RunConfig
 from qdefend.data import Split
 from qdefend.defenses import StepContext, build_defense
 from qdefend.defenses.vib import (
-    VIBMask, VIBMaskConfig, kept_count, kl_per_dim, kl_to_prior, select_mask, vib_sample,
+    VIBMask, VIBMaskConfig, kept_count, kl_per_dim, kl_to_prior, select_mask,
 )
-from qdefend.devices.manifest import ArtifactError, int8_params, validate_manifest, wire_quant_params
-from qdefend.devices.runtime import apply_release
+from qdefend.edge.manifest import ArtifactError, validate_manifest
+from qdefend.edge.release import apply_release, int8_params, torch_release, vib_sample_torch, wire_quant_params
 from qdefend.errors import QdefendError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,7 +166,7 @@ def test_release_in_torch_equals_the_device_runtime_on_the_same_eps(granularity)
     rt = apply_release(z.numpy(), steps, np.random.default_rng(3))
     eps = torch.from_numpy(np.random.default_rng(3).standard_normal(z.shape, dtype=np.float32))
     b = d.bottleneck
-    t = vib_sample(z, 0.5 * b.full(b.logvar.detach()), b.full(b.mask), eps)
+    t = vib_sample_torch(z, 0.5 * b.full(b.logvar.detach()), b.full(b.mask), eps=eps)
     assert rt.dtype == np.float32
     np.testing.assert_allclose(rt, t.numpy(), rtol=0, atol=1e-6)
     assert ((rt == 0) == (t.numpy() == 0)).all() and (rt == 0).any()
@@ -299,8 +298,8 @@ def test_trainer_learns_logvar_applies_the_mask_after_warm_up_and_checkpoints_it
 
 @pytest.mark.slow
 def test_int8_run_exports_the_step_and_the_device_applies_it(tmp_path):
-    from qdefend.devices.manifest import load_manifest
-    from qdefend.devices.runtime import Runtime
+    from qdefend.edge.manifest import load_manifest
+    from qdefend.edge.runtime import Runtime
     from qdefend.export import export_run
     from qdefend.train import Trainer
 

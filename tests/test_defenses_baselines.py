@@ -11,10 +11,9 @@ from qdefend.data import Normalization
 from qdefend.defenses import DEFENSES, StepContext, build_defense, resolved_params
 from qdefend.defenses.arl import ARL, ssim01, ssim_hinge
 from qdefend.defenses.nopeek import bias_corrected_dcor2, distance_correlation
-from qdefend.defenses.shredder import Shredder, apply_additive_noise
-from qdefend.defenses.topk import topk_prune
-from qdefend.devices import runtime
-from qdefend.devices.runtime import RELEASE_STEPS, apply_release
+from qdefend.defenses.shredder import Shredder
+from qdefend.edge import runtime
+from qdefend.edge.release import STEP_TYPES, apply_release, topk_prune_torch as topk_prune
 from qdefend.errors import QdefendError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,7 +161,7 @@ RELEASES = {
 def test_release_spec_is_a_runtime_step_that_releases_like_torch(name):
     d = stack(name, **{name: RELEASES[name]})
     steps = d.release_spec()["steps"]
-    assert len(steps) == 1 and steps[0]["type"] in RELEASE_STEPS
+    assert len(steps) == 1 and steps[0]["type"] in STEP_TYPES
     z = sigmoid_features(500)
     t = d.release(z, gen(9)).numpy()
     r = apply_release(z.numpy(), steps, np.random.default_rng(9))
@@ -178,7 +177,7 @@ def test_every_registered_defense_builds_with_defaults_and_keeps_the_shape(name)
     z = sigmoid_features(8)
     assert d.release(z, gen(0)).shape == z.shape
     for step in d.release_spec()["steps"]:
-        assert step["type"] in RELEASE_STEPS
+        assert step["type"] in STEP_TYPES
     assert set(resolved_params(d)[name]) == set(d.defenses[-1].config_dict())
 
 
@@ -331,7 +330,7 @@ def test_shredder_adds_one_learned_tensor_per_sample_and_exports_it():
     assert float(bank.abs().mean()) == pytest.approx(0.2, rel=0.15)  # Laplace(0, 0.2) init
     (step,) = d.release_spec()["steps"]
     assert step["type"] == "additive_noise" and np.asarray(step["tensors"]).shape == (3, 392)
-    rt = apply_additive_noise(z.numpy(), step, np.random.default_rng(0))
+    rt = apply_release(z.numpy(), [step], np.random.default_rng(0))
     r_diffs = (rt - z.numpy()).reshape(64, 1, -1)
     assert (np.abs(r_diffs - bank.numpy().reshape(1, 3, -1)).max(-1) < 1e-6).sum(1).tolist() == [1] * 64
 
@@ -342,7 +341,7 @@ def test_shredder_single_tensor_release_equals_the_proposed_runtime_step(monkeyp
     t = d.release(z).numpy()
     r = apply_release(z.numpy(), d.release_spec()["steps"], np.random.default_rng(0))
     np.testing.assert_allclose(r, t, atol=1e-7)
-    assert runtime.RELEASE_STEPS is RELEASE_STEPS
+    assert runtime.apply_release is apply_release  # the runtime applies the one table
 
 
 def test_shredder_learns_only_inside_training_and_reloads():

@@ -226,7 +226,7 @@ def test_run_without_qat_is_refused_with_the_choice(float_run):
 
 @pytest.mark.slow
 def test_calibrate_exports_a_run_without_qat_and_warns(float_run):
-    from qdefend.devices.manifest import load_manifest
+    from qdefend.edge.manifest import load_manifest
     from qdefend.export import export_run
 
     m = export_run(float_run, formats=("tflite",), calibrate=200)
@@ -240,8 +240,8 @@ def test_calibrate_exports_a_run_without_qat_and_warns(float_run):
 
 @pytest.mark.slow
 def test_export_run_writes_verified_artifacts_and_manifest(tmp_path):
-    from qdefend.devices.manifest import load_manifest, sha256_file
-    from qdefend.devices.runtime import Runtime
+    from qdefend.edge.manifest import load_manifest, sha256_file
+    from qdefend.edge.runtime import Runtime
     from qdefend.export import export_run
     from qdefend.train import Trainer
 

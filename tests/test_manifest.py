@@ -1,4 +1,4 @@
-"""Tests for qdefend.devices.manifest: entries, validation naming the bad key, atomic round trip,
+"""Tests for qdefend.edge.manifest: entries, validation naming the bad key, atomic round trip,
 schema/version errors, tamper detection (sha256, size, missing) and the wire quantisation grid.
 
 Pure standard library under test, so these use small dummy artifact files and run in milliseconds.
@@ -11,10 +11,11 @@ import math
 
 import pytest
 
-from qdefend.devices.manifest import (
-    MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, ArtifactError, artifact_entry, int8_params, load_manifest,
-    sha256_file, verify_artifact, wire_quant_params, write_manifest,
+from qdefend.edge.manifest import (
+    MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, ArtifactError, artifact_entry, load_manifest, sha256_file, verify_artifact,
+    write_manifest,
 )
+from qdefend.edge.release import int8_params, wire_quant_params
 
 TFLITE_IN = {"name": "x", "shape": [None, 1, 8, 8], "dtype": "int8", "quant": {"scale": 0.0157, "zero_point": 0}}
 TFLITE_OUT = {"name": "z", "shape": [None, 4, 8, 8], "dtype": "int8", "quant": {"scale": 1 / 256, "zero_point": -128}}

@@ -1,4 +1,4 @@
-"""Tests for qdefend.devices.runtime on real artifacts of a tiny conv encoder (conv 1->4, sigmoid).
+"""Tests for qdefend.edge.runtime on real artifacts of a tiny conv encoder (conv 1->4, sigmoid).
 
 The module fixture exports it once to ONNX (dynamic batch), to TFLite with the batch baked in (as
 litert-torch does by default: resizing fails, the runtime runs chunks) and to TFLite with a
@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qdefend.devices import runtime as rt
-from qdefend.devices.manifest import (
-    RELEASE_STEP_PARAMS, ArtifactError, artifact_entry, load_manifest, wire_quant_params, write_manifest,
-)
-from qdefend.devices.runtime import RELEASE_STEPS, Features, Runtime, apply_release, dequantize, quantize
+from qdefend.edge import runtime as rt
+from qdefend.edge.manifest import ArtifactError, artifact_entry, load_manifest, write_manifest
+from qdefend.edge.release import STEP_TYPES, apply_release, dequantize, quantize, wire_quant_params
+from qdefend.edge.runtime import Features, Runtime
 
 SHAPE, FEAT = [1, 12, 12], [4, 12, 12]
 MEAN, STD = 0.5, 0.25
@@ -226,8 +225,8 @@ def test_gaussian_release_has_the_manifest_sigma_and_is_seeded(run_dir):
 # Release steps and quantisation (numpy only)
 
 
-def test_release_registry_matches_the_manifest_schema():
-    assert set(RELEASE_STEPS) == set(RELEASE_STEP_PARAMS)
+def test_every_release_step_type_has_a_check_a_numpy_function_and_a_torch_twin():
+    assert all(callable(s.check) and callable(s.numpy) and callable(s.torch) for s in STEP_TYPES.values())
     with pytest.raises(ArtifactError, match="unknown release step type 'blur'; known: gaussian_noise"):
         apply_release(np.zeros((2, 3)), [{"type": "blur"}], np.random.default_rng(0))
 
@@ -372,15 +371,17 @@ def test_interpreter_names_are_checked(run_dir):
 
 
 def test_importing_the_runtime_does_not_import_torch():
-    code = "import sys, qdefend.devices.runtime; print('torch' in sys.modules)"
+    code = "import sys, qdefend.edge.runtime; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
-def test_runtime_works_copied_next_to_its_manifest_module(run_dir, tmp_path):
+def test_runtime_works_copied_flat_as_in_a_bundle(run_dir, tmp_path):
+    from qdefend.devices.bundle import COPIED_FILES
+
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    for name in ("runtime.py", "manifest.py"):
+    for name in COPIED_FILES:
         shutil.copy(Path(rt.__file__).with_name(name), bundle / name)
     code = ("import sys, numpy as np, runtime; "
             f"f = runtime.Runtime.open({str(run_dir)!r}, 'encoder.float.onnx').encode("

@@ -4,7 +4,7 @@ A defense contributes up to four things:
 
 * ``release(z)``: the transform applied to the encoder's output before it leaves the device, at
   training AND inference (noise, dropout, masks). ``release_spec()`` describes it for the manifest so
-  that ``qdefend.devices.runtime`` applies exactly the same transform on every artifact.
+  that ``qdefend.edge.runtime`` applies exactly the same transform on every artifact.
 * ``loss_terms(ctx)``: extra terms added to the task loss (NoPeek, ARL, ...).
 * ``encoder_loss_terms(ctx)``: terms whose gradient is taken first, w.r.t. the encoder alone, kept,
   and added to the encoder's gradients after the task backward (the CEM optimisation order).

@@ -17,7 +17,7 @@ reads that sigma as its noise floor.
 
 Paper: Xia et al., "Theoretical Insights in Model Inversion Robustness and Conditional Entropy
 Maximization for Collaborative Inference Systems", CVPR 2025 (arXiv 2503.00383); code:
-github.com/xiasong0501/CEM. Definitions used here: /work/shared/ALGORITHMS.md, section CEM.
+github.com/xiasong0501/CEM (the loss, the noise floor and the surrogate's update schedule follow it).
 """
 
 from __future__ import annotations

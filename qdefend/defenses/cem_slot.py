@@ -2,7 +2,8 @@
 
 ``cem`` pushes the spread of each class's mixture components under the noise floor tau * sigma^2,
 with components found by k-means after every epoch. ``cem-slot`` learns the components instead
-(the seminar proposal "Slot + Gated Cross-Attention CEM", /work/shared/ALGORITHMS.md, section CEM):
+(Slot Attention, Locatello et al., NeurIPS 2020, with Flamingo's tanh-gated cross-attention,
+Alayrac et al., NeurIPS 2022, as CEM's surrogate):
 
 1. The batch's noise-free features x_n = flatten(z_n) (D dims) are projected, LayerNorm first, to
    h_n = W LN(x_n) (``dim`` dims). Per class, Slot Attention groups them into K slots: slots drawn

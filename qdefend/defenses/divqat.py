@@ -43,8 +43,8 @@ The defense releases nothing (``release_spec`` None): the exported encoder is a 
 encoder. Service-side output post-processing (rounding, top-k, reverse sigmoid) that composes
 with it lives in :mod:`qdefend.defenses.output`.
 
-Paper: Khaled et al., "DivQAT", arXiv 2512.23948 (exact weight, sign and temperature are not
-public; definitions used here: /work/shared/ALGORITHMS.md, section DivQAT).
+Paper: Khaled et al., "DivQAT", arXiv 2512.23948 (its exact weight, sign and temperature are not
+public; the values here are qdefend's, measured in benchmarks/defenses_ii.py).
 """
 
 from __future__ import annotations

@@ -14,20 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
+from ..edge.release import dropout_torch
 from ..errors import QdefendError
 from .base import Defense
 
-__all__ = ["DropoutConfig", "FeatureDropout", "feature_dropout"]
-
-
-def feature_dropout(z: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z with each element zeroed with probability p (kept where U[0,1) >= p), no rescaling."""
-    if p == 0:
-        return z
-    keep = torch.rand(z.shape, generator=generator, device=z.device, dtype=z.dtype) >= p
-    return z * keep.to(z.dtype)
+__all__ = ["DropoutConfig", "FeatureDropout"]
 
 
 @dataclass
@@ -48,7 +40,7 @@ class FeatureDropout(Defense):
     Config = DropoutConfig
 
     def release(self, z, generator=None):
-        return feature_dropout(z, self.config.p, generator)
+        return dropout_torch(z, self.config.p, generator)
 
     def release_spec(self):
         return {"type": "dropout", "p": float(self.config.p)}

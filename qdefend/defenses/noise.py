@@ -14,7 +14,7 @@
 
 The three are separate registered defenses (not options of ``noise``) so each has its own
 validated parameters, existing ``noise`` configs keep their meaning, and a stack names what it does
-(``ldp+nopeek``). Each release_spec is a step ``qdefend.devices.runtime`` already applies
+(``ldp+nopeek``). Each release_spec is a step ``qdefend.edge.runtime`` already applies
 (``gaussian_noise`` / ``laplace_noise``).
 
 Paper: Xia et al., "Theoretical Insights in Model Inversion Robustness and Conditional Entropy
@@ -30,29 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..edge.release import gaussian_noise_torch, laplace_noise_torch
 from ..errors import QdefendError
 from .base import Defense
 
 __all__ = [
     "NoiseConfig", "GaussianNoise", "LaplaceConfig", "LaplaceNoise", "LDPConfig", "LocalDPNoise",
-    "gaussian_noise", "laplace_noise",
 ]
-
-
-def gaussian_noise(z: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z + sigma * N(0, 1) per element (z unchanged for sigma 0)."""
-    if sigma == 0:
-        return z
-    return z + sigma * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-
-
-def laplace_noise(z: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z + Laplace(0, scale) per element, drawn as scale * (E1 - E2) with E1, E2 ~ Exp(1): finite
-    for every uniform draw (an inverse-CDF sampler hits log(0) once in 2^24 float32 draws)."""
-    if scale == 0:
-        return z
-    e = torch.empty((2, *z.shape), device=z.device, dtype=z.dtype).exponential_(generator=generator)
-    return z + scale * (e[0] - e[1])
 
 
 @dataclass
@@ -73,7 +57,7 @@ class GaussianNoise(Defense):
     Config = NoiseConfig
 
     def release(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return gaussian_noise(z, self.config.sigma, generator)
+        return gaussian_noise_torch(z, self.config.sigma, generator)
 
     def release_spec(self):
         return {"type": "gaussian_noise", "sigma": float(self.config.sigma)}
@@ -98,7 +82,7 @@ class LaplaceNoise(Defense):
     Config = LaplaceConfig
 
     def release(self, z, generator=None):
-        return laplace_noise(z, self.config.scale, generator)
+        return laplace_noise_torch(z, self.config.scale, generator)
 
     def release_spec(self):
         return {"type": "laplace_noise", "scale": float(self.config.scale)}
@@ -171,8 +155,8 @@ class LocalDPNoise(Defense):
     def release(self, z, generator=None):
         self._check_range(z)
         if self.config.mechanism == "laplace":
-            return laplace_noise(z, self.config.scale, generator)
-        return gaussian_noise(z, self.config.sigma, generator)
+            return laplace_noise_torch(z, self.config.scale, generator)
+        return gaussian_noise_torch(z, self.config.sigma, generator)
 
     def release_spec(self):
         if self.config.mechanism == "laplace":

@@ -20,8 +20,8 @@ running statistics and quantization ranges stay fixed; only the bank learns). A 
 ``--defense shredder`` run trains network and noise together.
 
 Release on a device: a step ``{"type": "additive_noise", "tensors": [[...], ...]}`` (K flattened
-tensors; each sample adds one drawn uniformly), which :func:`apply_additive_noise` implements in
-numpy for ``devices/runtime.py``.
+tensors; each sample adds one drawn uniformly), defined with its torch twin in
+:mod:`qdefend.edge.release`.
 
 Paper: Mireshghallah et al., "Shredder: Learning Noise Distributions to Protect Inference
 Privacy", ASPLOS 2020 (arXiv 1905.11814).
@@ -32,22 +32,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
+from ..edge.release import additive_noise_torch
 from ..errors import QdefendError
 from .arl import ShapeBuilt
 from .base import Defense, EpochContext, OwnOptimizer, StepContext
 
-__all__ = ["ShredderConfig", "Shredder", "apply_additive_noise"]
-
-
-def apply_additive_noise(z: np.ndarray, step: dict, rng: np.random.Generator) -> np.ndarray:
-    """Numpy release step ``additive_noise`` (what the device runs: devices/runtime.py)."""
-    from qdefend.devices.runtime import RELEASE_STEPS
-
-    return RELEASE_STEPS["additive_noise"](z, step, rng)
+__all__ = ["ShredderConfig", "Shredder"]
 
 
 class _NoiseBank(ShapeBuilt):
@@ -120,11 +113,7 @@ class Shredder(OwnOptimizer, Defense):
         noise = self.bank.noise
         if not (torch.is_grad_enabled() and (z.requires_grad or self._learning)):
             noise = noise.detach()  # plain inference (export, evaluation): no graph through the bank
-        k = self.config.n_tensors
-        if k == 1:
-            return z + noise[0].to(z.dtype)
-        idx = torch.randint(k, (len(z),), generator=generator, device=z.device)
-        return z + noise[idx].to(z.dtype)
+        return additive_noise_torch(z, noise, generator)
 
     def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         self._pending = self._learning = True

@@ -3,7 +3,7 @@
 k = round(ratio * D) per sample (D = elements per sample, Python's round-half-even, as the device
 runtime's ``topk_prune`` step); the k smallest |z| are set to +0. Ties are broken towards the lower
 flat index (a stable sort), so the result is deterministic on every device; numpy's argpartition
-in ``devices/runtime.py`` picks among equal values in an unspecified order, so the two agree
+in ``qdefend/edge/runtime.py`` picks among equal values in an unspecified order, so the two agree
 exactly whenever the k-th and (k+1)-th smallest |z| of a sample differ (always for continuous
 features; also when the tie is among exact zeros, e.g. after dropout). Applied at training and
 inference; gradients flow through the kept elements only.
@@ -16,27 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
+from ..edge.release import topk_prune_torch
 from ..errors import QdefendError
 from .base import Defense
 
-__all__ = ["TopkConfig", "TopkPrune", "topk_prune", "pruned_count"]
-
-
-def pruned_count(ratio: float, per_sample: int) -> int:
-    """How many elements of a sample are zeroed: round(ratio * D), as the runtime computes it."""
-    return int(round(ratio * per_sample))
-
-
-def topk_prune(z: torch.Tensor, ratio: float) -> torch.Tensor:
-    """z with the round(ratio * D) smallest-|z| elements of each sample set to zero."""
-    flat = z.reshape(len(z), -1)
-    k = pruned_count(ratio, flat.shape[1])
-    if k == 0 or flat.numel() == 0:
-        return z
-    idx = torch.sort(flat.detach().abs(), dim=1, stable=True).indices[:, :k]
-    return flat.scatter(1, idx, 0.0).reshape(z.shape)
+__all__ = ["TopkConfig", "TopkPrune"]
 
 
 @dataclass
@@ -57,7 +42,7 @@ class TopkPrune(Defense):
     Config = TopkConfig
 
     def release(self, z, generator=None):
-        return topk_prune(z, self.config.ratio)
+        return topk_prune_torch(z, self.config.ratio)
 
     def release_spec(self):
         return {"type": "topk_prune", "ratio": float(self.config.ratio)}

@@ -40,7 +40,7 @@ mu of a Gaussian posterior q(z|x) = N(mu, diag(sigma^2)), and the device release
 
 Release on a device: a step ``{"type": "vib_sample", "log_sigma": [...], "mask": [...]}`` (log_sigma
 = logvar / 2; D values each, D = C*H*W for element granularity or C for channel; mask values 0/1),
-implemented by ``devices/runtime.py`` (numpy) and :func:`vib_release_step` (torch, for attacks).
+defined (numpy for the device, its torch twin for training and attacks) in :mod:`qdefend.edge.release`.
 
 Paper: Guo et al., "Variational bottleneck with dynamic mask against input repurposing"
 (arXiv 2604.06644); Alemi et al., "Deep Variational Information Bottleneck", ICLR 2017.
@@ -55,12 +55,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..edge.release import unit_view_torch, vib_sample_torch
 from ..errors import QdefendError
 from .arl import ShapeBuilt
 from .base import Defense, EpochContext, OwnOptimizer, StepContext
 
 __all__ = ["VIBMaskConfig", "VIBMask", "GRANULARITIES", "kl_per_dim", "kl_to_prior", "kept_count",
-           "select_mask", "vib_sample", "vib_release_step"]
+           "select_mask"]
 
 GRANULARITIES = ("element", "channel")
 LOGVAR_RANGE = (-20.0, 8.0)  # logvar is clamped here after each step (sigma 4.5e-5 .. 55): no overflow
@@ -92,31 +93,6 @@ def select_mask(kl: torch.Tensor, saliency: torch.Tensor, keep_ratio: float) -> 
     return mask.reshape(kl.shape)
 
 
-def vib_sample(z: torch.Tensor, log_sigma: torch.Tensor, mask: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """mask * (z + exp(log_sigma) * eps), broadcasting log_sigma and mask over the batch."""
-    return mask * (z + log_sigma.exp() * eps)
-
-
-def _unit_view(t: torch.Tensor, feature_shape) -> torch.Tensor:
-    """A flat per-dimension tensor as a broadcastable view of one sample's features: C*H*W values
-    -> (C, H, W); C values -> (C, 1, 1) (the runtime's rule)."""
-    feature_shape = tuple(feature_shape)
-    if t.numel() == math.prod(feature_shape):
-        return t.reshape(feature_shape)
-    if feature_shape and t.numel() == feature_shape[0]:
-        return t.reshape(feature_shape[0], *[1] * (len(feature_shape) - 1))
-    raise QdefendError(f"vib_sample has {t.numel()} values per tensor, features {feature_shape} need "
-                       f"{math.prod(feature_shape)} (per element) or {feature_shape[0]} (per channel): re-export the run")
-
-
-def vib_release_step(z: torch.Tensor, step: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The manifest step ``vib_sample`` in torch (differentiable in z); draws eps as the defense does."""
-    log_sigma, mask = (_unit_view(torch.tensor(step[k], dtype=z.dtype, device=z.device), z.shape[1:])
-                       for k in ("log_sigma", "mask"))
-    eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-    return vib_sample(z, log_sigma, mask, eps)
-
-
 class _Bottleneck(ShapeBuilt):
     """logvar (a parameter) and mask (a buffer), one value per dimension unit, built at the first batch."""
 
@@ -139,7 +115,7 @@ class _Bottleneck(ShapeBuilt):
 
     def full(self, t: torch.Tensor) -> torch.Tensor:
         """A per-unit tensor as a view broadcastable over one sample's features."""
-        return _unit_view(t, self.feature_shape)
+        return unit_view_torch(t, self.feature_shape)
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Per-element values of one sample's features (C, ...) summed onto the units."""
@@ -231,8 +207,7 @@ class VIBMask(OwnOptimizer, Defense):
         self.bottleneck.ensure(z.shape[1:], device=z.device)
         track = torch.is_grad_enabled() and (z.requires_grad or self._learning)
         log_sigma = 0.5 * self._logvar(track)
-        eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        return vib_sample(z, log_sigma.to(z.dtype), self.bottleneck.full(self.bottleneck.mask).to(z.dtype), eps)
+        return vib_sample_torch(z, log_sigma.to(z.dtype), self.bottleneck.full(self.bottleneck.mask).to(z.dtype), generator)
 
     def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         self._pending = self._learning = True

@@ -8,8 +8,10 @@ input for int8 artifacts, dequantising int8 outputs), apply the release transfor
 dropout, pruning) and quantise onto the int8 wire grid. Export verification and every attack go
 through this module, so an attack on an artifact sees exactly the bytes a device would send.
 
-This file and ``manifest.py`` are copied as-is into device bundles: they import only the
-standard library and numpy; interpreters are imported lazily inside functions.
+The release steps and the wire grid are :mod:`qdefend.edge.release` (one table for every
+consumer). This file and its neighbours in :mod:`qdefend.edge` are copied as-is into device
+bundles: they import only the standard library and numpy; interpreters are imported lazily inside
+functions.
 """
 
 from __future__ import annotations
@@ -22,110 +24,15 @@ from typing import Any, Callable
 import numpy as np
 
 try:
-    from .manifest import ArtifactError, load_manifest, manifest_path, verify_artifact
-except ImportError:  # copied next to manifest.py in a device bundle
-    from manifest import ArtifactError, load_manifest, manifest_path, verify_artifact
+    from .errors import ArtifactError
+    from .manifest import load_manifest, manifest_path, verify_artifact
+    from .release import apply_release, dequantize, quantize
+except ImportError:  # copied flat into a device bundle
+    from errors import ArtifactError
+    from manifest import load_manifest, manifest_path, verify_artifact
+    from release import apply_release, dequantize, quantize
 
-__all__ = ["RELEASE_STEPS", "INTERPRETERS", "Features", "Runtime", "apply_release", "quantize", "dequantize"]
-
-# --------------------------------------------------------------------------------------------
-# Quantisation and the release transform
-
-
-def quantize(z: np.ndarray, scale: float, zero_point: int, dtype: Any = np.int8) -> np.ndarray:
-    """Affine quantisation as torch's quantize_per_tensor: clip(round_half_even(z * (1/s)) + zp)."""
-    info = np.iinfo(dtype)
-    q = np.rint(np.asarray(z, np.float32) * np.float32(1.0 / scale)) + zero_point
-    return np.clip(q, info.min, info.max).astype(dtype)
-
-
-def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
-    """(q - zp) * s in float32, as torch's dequantize_per_tensor."""
-    return (np.asarray(q).astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
-
-
-def _param(step: dict, key: str) -> float:
-    if key not in step:
-        raise ArtifactError(f"release step {step!r} needs '{key}': fix release.steps in the manifest")
-    return float(step[key])
-
-
-def _gaussian_noise(z, step, rng):
-    """z + sigma * N(0, 1): the CEM/Gaussian noise defense."""
-    sigma = _param(step, "sigma")
-    return z + np.float32(sigma) * rng.standard_normal(z.shape, dtype=np.float32) if sigma else z
-
-
-def _laplace_noise(z, step, rng):
-    """z + Laplace(0, b) with b = step["scale"] (std sqrt(2) b): the differential-privacy mechanism."""
-    b = _param(step, "scale")
-    return (z + rng.laplace(0.0, b, z.shape)).astype(np.float32) if b else z
-
-
-def _dropout(z, step, rng):
-    """Zero each element with probability p, without 1/(1-p) rescaling (as the CEM code)."""
-    p = _param(step, "p")
-    return z * (rng.random(z.shape, dtype=np.float32) >= p) if p else z
-
-
-def _topk_prune(z, step, rng):
-    """Zero the `ratio` fraction of smallest-|z| elements of each sample (deterministic)."""
-    flat = z.reshape(len(z), -1)
-    k = int(round(_param(step, "ratio") * flat.shape[1]))
-    if k == 0 or flat.size == 0:
-        return z
-    out = flat.copy()
-    np.put_along_axis(out, np.argpartition(np.abs(flat), k - 1, axis=1)[:, :k], 0.0, axis=1)
-    return out.reshape(z.shape)
-
-
-def _additive_noise(z, step, rng):
-    """Add one of the step's K learned tensors (Shredder) to each sample, drawn uniformly."""
-    bank = np.asarray(step["tensors"], np.float32)
-    if bank.ndim != 2 or bank.shape[1] != int(np.prod(z.shape[1:])):
-        raise ArtifactError(f"additive_noise tensors {bank.shape} do not match features {z.shape}: re-export the run")
-    idx = rng.integers(len(bank), size=len(z)) if len(bank) > 1 else np.zeros(len(z), np.int64)
-    return (z + bank[idx].reshape(z.shape)).astype(np.float32)
-
-
-def _vib_tensor(step: dict, key: str, shape: tuple) -> np.ndarray:
-    """A vib_sample list as a view of one sample's features: C*H*W values -> (C, H, W), C -> (C, 1, 1)."""
-    t, feat = np.asarray(step[key], np.float32), tuple(shape[1:])
-    if t.ndim == 1 and t.size == int(np.prod(feat)):
-        return t.reshape(feat)
-    if t.ndim == 1 and feat and t.size == feat[0]:
-        return t.reshape(feat[0], *[1] * (len(feat) - 1))
-    raise ArtifactError(f"vib_sample {key} has {t.size} values, features {tuple(shape)} need "
-                        f"{int(np.prod(feat))} (per element) or {feat[0] if feat else 1} (per channel): re-export the run")
-
-
-def _vib_sample(z, step, rng):
-    """mask * (z + exp(log_sigma) * N(0, 1)): the variational bottleneck's sampling and mask (vib-mask)."""
-    log_sigma, mask = _vib_tensor(step, "log_sigma", z.shape), _vib_tensor(step, "mask", z.shape)
-    eps = rng.standard_normal(z.shape, dtype=np.float32)
-    return (mask * (z + np.exp(log_sigma) * eps)).astype(np.float32)
-
-
-RELEASE_STEPS: dict[str, Callable[[np.ndarray, dict, np.random.Generator], np.ndarray]] = {
-    "gaussian_noise": _gaussian_noise,
-    "laplace_noise": _laplace_noise,
-    "dropout": _dropout,
-    "topk_prune": _topk_prune,
-    "additive_noise": _additive_noise,
-    "vib_sample": _vib_sample,
-}
-
-
-def apply_release(z: np.ndarray, steps: list[dict], rng: np.random.Generator) -> np.ndarray:
-    """Apply the manifest's release steps in order to float features z (N, ...)."""
-    z = np.asarray(z, np.float32)
-    for step in steps:
-        fn = RELEASE_STEPS.get(step.get("type"))
-        if fn is None:
-            raise ArtifactError(f"unknown release step type {step.get('type')!r}; known: "
-                                f"{', '.join(RELEASE_STEPS)} (upgrade qdefend or re-export)")
-        z = fn(z, step, rng).astype(np.float32, copy=False)
-    return z
+__all__ = ["INTERPRETERS", "Features", "Runtime", "apply_release", "quantize", "dequantize", "ArtifactError"]
 
 
 class Features:

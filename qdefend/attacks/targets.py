@@ -8,7 +8,7 @@ runs against every kind:
   released features and gradients (``features_torch``) - the white-box route.
 * ``torch-int8``   the converted int8 encoder (torch reference kernels): features only; the int8
   graph's rounding has no useful gradient. Its white-box twin is ``torch-float`` (``twin()``).
-* ``onnxruntime`` / ``litert``  an exported artifact run by :mod:`qdefend.devices.runtime`:
+* ``onnxruntime`` / ``litert``  an exported artifact run by :mod:`qdefend.edge.runtime`:
   features only, exactly the bytes a device sends (``Runtime.encode(...).dequantize()``).
 * ``service``      encoder + cloud head: probabilities (and labels), or labels only.
 
@@ -28,12 +28,13 @@ from typing import Any, Callable
 import numpy as np
 
 from qdefend.data import Normalization
+from qdefend.edge.release import dequantize, quantize, random_release, torch_release, wire_quant_params, wire_torch
 
 from .base import CAPABILITIES, AttackError
 
 __all__ = [
     "TARGET_KINDS", "Target", "TorchTarget", "RuntimeTarget", "ServiceTarget", "open_target",
-    "target_specs", "torch_release", "wire_torch", "random_release",
+    "target_specs",
 ]
 
 TARGET_KINDS = ("torch-float", "torch-int8", "onnxruntime", "litert", "service")
@@ -43,68 +44,10 @@ TWIN_NOTE = "attacked through the fake-quant twin (the int8 graph has no useful 
 # ---------------------------------------------------------------------------------------- release
 
 
-def torch_release(z, steps: list[dict], generator=None):
-    """The manifest release steps (devices/runtime.py RELEASE_STEPS) in torch, differentiable in z."""
-    import torch
-
-    for step in steps:
-        kind = step.get("type")
-        if kind == "gaussian_noise":
-            if step["sigma"]:
-                z = z + float(step["sigma"]) * torch.randn(z.shape, generator=generator, dtype=z.dtype)
-        elif kind == "laplace_noise":
-            if step["scale"]:
-                u = torch.rand(z.shape, generator=generator, dtype=z.dtype).clamp(1e-7, 1 - 1e-7) - 0.5
-                z = z - float(step["scale"]) * torch.sign(u) * torch.log1p(-2 * u.abs())
-        elif kind == "dropout":
-            if step["p"]:
-                z = z * (torch.rand(z.shape, generator=generator, dtype=z.dtype) >= float(step["p"]))
-        elif kind == "topk_prune":
-            flat = z.reshape(len(z), -1)
-            k = int(round(float(step["ratio"]) * flat.shape[1]))
-            if k:
-                idx = flat.abs().topk(k, dim=1, largest=False).indices
-                z = flat.scatter(1, idx, 0.0).reshape(z.shape)
-        elif kind == "additive_noise":
-            bank = torch.tensor(step["tensors"], dtype=z.dtype)
-            idx = torch.randint(len(bank), (len(z),), generator=generator)
-            z = z + bank[idx].reshape(z.shape)
-        elif kind == "vib_sample":
-            from qdefend.defenses.vib import vib_release_step
-
-            z = vib_release_step(z, step, generator)
-        else:
-            raise AttackError(f"release step {kind!r} has no torch version; known: gaussian_noise, "
-                              "laplace_noise, dropout, topk_prune, additive_noise, vib_sample (upgrade qdefend)")
-    return z
-
-
-def wire_torch(z, wire: dict | None):
-    """Torch twin of the runtime's quantise-then-dequantise onto the int8 wire grid (round half to
-    even, as np.rint), so a simulated release lands on exactly the values a device sends."""
-    if wire is None:
-        return z
-    import torch
-
-    inv = torch.tensor(1.0 / float(wire["scale"]), dtype=torch.float32)  # float32 arithmetic, as the runtime
-    s, zp = torch.tensor(float(wire["scale"]), dtype=torch.float32), float(wire["zero_point"])
-    return ((torch.clamp(torch.round(z.float() * inv) + zp, -128, 127) - zp) * s).to(z.dtype)
-
-
-def random_release(steps: list[dict]) -> bool:
-    """Whether the release steps draw randomness (fresh noise per query)."""
-    return any(s.get("type") in ("gaussian_noise", "laplace_noise", "dropout") and
-               any(float(v) > 0 for k, v in s.items() if k != "type") for s in steps) or \
-        any(s.get("type") == "additive_noise" and len(s["tensors"]) > 1 for s in steps) or \
-        any(s.get("type") == "vib_sample" and any(m > 0 for m in s["mask"]) for s in steps)
-
-
 def _wire(z: np.ndarray, wire: dict | None) -> np.ndarray:
     """Put float features on the int8 wire grid and read them back (what the cloud sees)."""
     if wire is None:
         return np.asarray(z, np.float32)
-    from qdefend.devices.runtime import dequantize, quantize
-
     return dequantize(quantize(z, wire["scale"], wire["zero_point"]), wire["scale"], wire["zero_point"])
 
 
@@ -238,7 +181,6 @@ class TorchTarget(Target):
     def from_run(cls, run: Any, precision: str = "float") -> "TorchTarget":
         """``run``: a loaded :class:`qdefend.run.Run` or a run directory."""
         from qdefend import quant
-        from qdefend.devices.manifest import wire_quant_params
         from qdefend.run import Run, load_run
 
         if precision not in ("float", "int8"):
@@ -328,7 +270,7 @@ def _eval_frozen(module):
 
 
 class RuntimeTarget(Target):
-    """An exported encoder artifact run by qdefend.devices.runtime: released features only."""
+    """An exported encoder artifact run by qdefend.edge.runtime: released features only."""
 
     def __init__(self, runtime: Any, *, run: Any = None, **kw):
         super().__init__(offers={"features"}, **kw)
@@ -341,8 +283,8 @@ class RuntimeTarget(Target):
     @classmethod
     def open(cls, run_dir, artifact: str, *, interpreter: str = "auto", threads: int | None = None,
              run: Any = None) -> "RuntimeTarget":
-        from qdefend.devices.manifest import ArtifactError
-        from qdefend.devices.runtime import Runtime
+        from qdefend.edge.manifest import ArtifactError
+        from qdefend.edge.runtime import Runtime
 
         try:
             rt = Runtime.open(run_dir, artifact, interpreter=interpreter, threads=threads)
@@ -446,7 +388,7 @@ def target_specs(run_dir) -> list[str]:
     """The target specs valid for a run: torch ones always, artifact ones once exported."""
     specs = ["torch-float", "torch-int8"]
     try:
-        from qdefend.devices.manifest import load_manifest
+        from qdefend.edge.manifest import load_manifest
 
         arts = load_manifest(run_dir)["artifacts"]
         enc = [n for n, e in sorted(arts.items()) if e["role"] == "encoder"]
@@ -486,7 +428,7 @@ def open_target(run_dir, spec: str, *, run: Any = None, output: str = "probabili
         enc = open_target(run_dir, inner, run=run, interpreter=interpreter, threads=threads)
         if isinstance(enc, TorchTarget):
             return ServiceTarget(enc, enc.head(), output, post=post)
-        from qdefend.devices.runtime import Runtime
+        from qdefend.edge.runtime import Runtime
 
         try:
             head = Runtime.open(run_dir, "head.float.onnx", threads=threads)
@@ -502,7 +444,7 @@ def open_target(run_dir, spec: str, *, run: Any = None, output: str = "probabili
         if not paths.manifest.is_file():
             raise AttackError(f"{run_dir} has no exported artifacts (no manifest.json): run "
                               f"`qdefend export {run_dir}` first, or attack torch-float / torch-int8")
-        from qdefend.devices.manifest import load_manifest
+        from qdefend.edge.manifest import load_manifest
 
         arts = load_manifest(run_dir)["artifacts"]
         if spec not in arts:

@@ -7,8 +7,9 @@ release transform applied to the features (noise, dropout, pruning) and the int8
 travel on ("wire"). A device needs nothing else to produce exactly what the cloud expects.
 
 This module is copied as-is into device bundles next to ``runtime.py``, so it imports only the
-standard library: no numpy, no torch, nothing else from qdefend. Its error, :class:`ArtifactError`,
-is therefore defined here; its message is one line saying what is wrong and what to do.
+standard library and its neighbours in :mod:`qdefend.edge`: ``errors`` (:class:`ArtifactError`,
+whose message is one line saying what is wrong and what to do) and ``release`` (what each release
+step may hold, and the wire grid).
 
 Layout (top level)::
 
@@ -36,11 +37,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+try:
+    from .errors import ArtifactError
+    from .release import STEP_TYPES, check_grid, check_steps
+except ImportError:  # copied flat into a device bundle
+    from errors import ArtifactError
+    from release import STEP_TYPES, check_grid, check_steps
+
 __all__ = [
     "SCHEMA", "SCHEMA_VERSION", "MANIFEST_NAME", "FORMATS", "ROLES", "PRECISIONS", "DTYPES",
-    "RELEASE_STEP_PARAMS", "ArtifactError", "sha256_file", "artifact_entry", "validate_manifest",
-    "write_manifest", "manifest_path", "load_manifest", "verify_artifact", "artifact_path", "wire_quant_params",
-    "int8_params",
+    "ArtifactError", "sha256_file", "artifact_entry", "validate_manifest",
+    "write_manifest", "manifest_path", "load_manifest", "verify_artifact", "artifact_path",
 ]
 
 SCHEMA = "qdefend.manifest"
@@ -50,26 +57,8 @@ FORMATS = ("onnx", "tflite")
 ROLES = ("encoder", "head")
 PRECISIONS = ("int8", "float")
 DTYPES = ("float32", "int8", "uint8")
-# Release step type -> its one parameter and the allowed interval (runtime.RELEASE_STEPS implements them).
-RELEASE_STEP_PARAMS = {
-    "gaussian_noise": ("sigma", 0.0, math.inf),
-    "laplace_noise": ("scale", 0.0, math.inf),
-    "dropout": ("p", 0.0, 1.0),
-    "topk_prune": ("ratio", 0.0, 1.0),
-    "additive_noise": ("tensors", None, None),  # K equal-length lists of floats (Shredder)
-    "vib_sample": ("log_sigma", -30.0, 30.0),  # D floats in this interval + "mask": D zeros/ones (vib-mask)
-}
 _REQUIRED = ("run", "created", "model", "dataset", "input", "features", "release", "artifacts",
              "tools", "warnings", "verification")
-_NOISE_STD = {"gaussian_noise": lambda s: s["sigma"], "laplace_noise": lambda s: math.sqrt(2) * s["scale"],
-              "vib_sample": lambda s: max((math.exp(v) for v, m in zip(s["log_sigma"], s["mask"]) if m), default=0.0)}
-WIRE_SIGMAS = 4.0  # the wire range covers the encoder output range widened by this many noise stds
-
-
-class ArtifactError(ValueError):
-    """A missing, corrupted or inconsistent artifact/manifest, or a wrong input to one.
-
-    The message is one line saying what is wrong and what to do (the CLI prints it as-is)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,15 +113,6 @@ def _need(d: Any, key: str, prefix: str) -> Any:
     return d[key]
 
 
-def _check_quant(q: Any, key: str) -> None:
-    if not isinstance(q, dict):
-        _fail(key, f"must be {{'scale': float, 'zero_point': int}}, got {q!r}")
-    if not (_is_num(q.get("scale")) and q["scale"] > 0):
-        _fail(f"{key}.scale", f"must be a positive number, got {q.get('scale')!r}")
-    if not _is_int(q.get("zero_point")):
-        _fail(f"{key}.zero_point", f"must be an integer, got {q.get('zero_point')!r}")
-
-
 def _check_tensor(spec: Any, key: str) -> None:
     if not isinstance(spec, dict):
         _fail(key, "must be a tensor spec {name, shape, dtype, quant}")
@@ -148,7 +128,7 @@ def _check_tensor(spec: Any, key: str) -> None:
     if quant is None and dtype != "float32":
         _fail(f"{key}.quant", f"is required for a {dtype} tensor")
     if quant is not None:
-        _check_quant(quant, f"{key}.quant")
+        check_grid(quant, f"{key}.quant")
 
 
 def _check_shape(shape: Any, key: str) -> None:
@@ -172,33 +152,6 @@ def _check_entry(entry: Any, key: str) -> None:
         _fail(f"{key}.size_bytes", "must be a non-negative integer")
     _check_tensor(_need(entry, "input", key + "."), f"{key}.input")
     _check_tensor(_need(entry, "output", key + "."), f"{key}.output")
-
-
-def _check_steps(steps: Any, key: str) -> None:
-    if not isinstance(steps, list):
-        _fail(key, "must be a list of {'type': ..., param: value}")
-    for i, step in enumerate(steps):
-        k = f"{key}[{i}]"
-        kind = step.get("type") if isinstance(step, dict) else None
-        if kind not in RELEASE_STEP_PARAMS:
-            _fail(f"{k}.type", f"must be one of {', '.join(RELEASE_STEP_PARAMS)}, got {kind!r}")
-        param, lo, hi = RELEASE_STEP_PARAMS[kind]
-        v = step.get(param)
-        if kind == "additive_noise":
-            ok = isinstance(v, list) and v and all(isinstance(t, list) and t and len(t) == len(v[0]) and
-                                                   all(_is_num(x) and math.isfinite(x) for x in t) for t in v)
-            if not ok:
-                _fail(f"{k}.tensors", "must be a non-empty list of equal-length lists of finite numbers")
-            continue
-        if kind == "vib_sample":
-            if not (isinstance(v, list) and v and all(_is_num(x) and lo <= x <= hi for x in v)):
-                _fail(f"{k}.log_sigma", f"must be a non-empty list of numbers in [{lo}, {hi}]")
-            mask = step.get("mask")
-            if not (isinstance(mask, list) and len(mask) == len(v) and all(_is_num(x) and x in (0, 1) for x in mask)):
-                _fail(f"{k}.mask", f"must be a list of {len(v)} zeros and ones (one per log_sigma value)")
-            continue
-        if not (_is_num(v) and lo <= v <= hi):
-            _fail(f"{k}.{param}", f"must be a number in [{lo}, {hi}] for {kind}, got {v!r}")
 
 
 def validate_manifest(m: Any) -> dict:
@@ -237,15 +190,12 @@ def validate_manifest(m: Any) -> dict:
     feats = m["features"]
     _check_shape(_need(feats, "shape", "features."), "features.shape")
     wire = _need(feats, "wire", "features.")
-    _check_quant(wire, "features.wire")
+    check_grid(wire, "features.wire")
     if wire.get("dtype") != "int8" or not -128 <= wire["zero_point"] <= 127:
         _fail("features.wire", f"must be int8 with zero_point in [-128, 127], got {wire!r}")
-    _check_steps(_need(m["release"], "steps", "release."), "release.steps")
-    per_element, channels = math.prod(feats["shape"]), feats["shape"][0]
+    check_steps(_need(m["release"], "steps", "release."), "release.steps")
     for i, step in enumerate(m["release"]["steps"]):
-        if step["type"] == "vib_sample" and len(step["log_sigma"]) not in (per_element, channels):
-            _fail(f"release.steps[{i}].log_sigma", f"has {len(step['log_sigma'])} values, features {feats['shape']} "
-                  f"need {per_element} (per element) or {channels} (per channel)")
+        STEP_TYPES[step["type"]].fits(step, feats["shape"], f"release.steps[{i}]")
     arts = m["artifacts"]
     if not isinstance(arts, dict):
         _fail("artifacts", "must map artifact names to entries")
@@ -372,45 +322,3 @@ def verify_artifact(run_dir: str | os.PathLike, manifest: dict, name: str) -> Pa
     if sha256_file(path) != entry["sha256"]:
         raise ArtifactError(f"{name} is corrupted or was modified (sha256 mismatch): {hint}")
     return path
-
-
-# --------------------------------------------------------------------------------------------
-# Wire quantisation
-
-
-def int8_params(low: float, high: float) -> dict:
-    """Asymmetric int8 {"dtype", "scale", "zero_point"} covering [low, high] (widened to hold 0)."""
-    low, high = min(float(low), 0.0), max(float(high), 0.0)
-    scale = (high - low) / 255.0 if high > low else 1.0
-    zero_point = int(min(127, max(-128, round(-128 - low / scale))))
-    return {"dtype": "int8", "scale": scale, "zero_point": zero_point}
-
-
-def wire_quant_params(out_quant: dict | None, steps: list, value_range: list | tuple | None = None) -> dict:
-    """The int8 grid released features travel on.
-
-    Covers the encoder output range (`value_range`, e.g. [0, 1] after a sigmoid, else the range
-    of the output grid `out_quant`) widened by 4 standard deviations of the release noise (noise
-    steps add in quadrature), so noisy features do not clip: sigmoid [0, 1] with sigma 0.1 ->
-    [-0.4, 1.4]. Without noise and with an int8 output grid, the wire *is* that grid, so the
-    artifact's int8 output is sent unchanged.
-    """
-    _check_steps(_plain(list(steps)), "release.steps")
-    std = math.sqrt(sum(_NOISE_STD[s["type"]](s) ** 2 for s in steps if s["type"] in _NOISE_STD))
-    if out_quant is not None:
-        _check_quant(out_quant, "out_quant")
-    if std == 0 and out_quant is not None and -128 <= out_quant["zero_point"] <= 127:
-        return {"dtype": "int8", "scale": float(out_quant["scale"]), "zero_point": int(out_quant["zero_point"])}
-    if value_range is not None:
-        low, high = (float(v) for v in value_range)
-    elif out_quant is not None:
-        s, zp = out_quant["scale"], out_quant["zero_point"]
-        low, high = (-128 - zp) * s, (127 - zp) * s
-    else:
-        raise ArtifactError("wire_quant_params needs the encoder output range: pass value_range=[low, "
-                            "high] (e.g. the observed min/max) or the output quant params")
-    for s in steps:  # a learned additive tensor shifts the range by its extremes
-        if s["type"] == "additive_noise":
-            low += min(0.0, min(min(t) for t in s["tensors"]))
-            high += max(0.0, max(max(t) for t in s["tensors"]))
-    return int8_params(low - WIRE_SIGMAS * std, high + WIRE_SIGMAS * std)

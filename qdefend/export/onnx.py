@@ -16,7 +16,7 @@ onnxruntime's default int8 conv on x86 CPUs with AVX2 but without VNNI sums u8 x
 bits, which saturate: on such a CPU the fused graph of a trained encoder was off by up to 164
 output steps. ``session.x64quantprecision=1`` switches to its saturation-free path (weights
 rewritten to u8) at no measured speed cost, and changes nothing on VNNI or ARM CPUs; every
-session made here sets it, as ``devices/runtime.py`` does.
+session made here sets it, as ``qdefend/edge/runtime.py`` does.
 """
 
 from __future__ import annotations

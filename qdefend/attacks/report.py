@@ -178,7 +178,7 @@ def _precision(artifact: str) -> str:
 def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str | Path | None = None,
             progress: Callable[[str], None] | None = None) -> dict:
     """Attack every artifact of every run, write the report; returns report.json's content."""
-    from qdefend.devices.manifest import load_manifest
+    from qdefend.edge.manifest import load_manifest
     from qdefend.run import RunPaths
 
     cfg = cfg or CompareConfig()

@@ -7,7 +7,7 @@ Writes into the run directory::
     artifacts/encoder.float.onnx    the float twin (see below): size and accuracy reference
     artifacts/head.float.onnx       the cloud head as trained
     artifacts/head.int8.onnx        the cloud head in int8 (QAT head, or PTQ-calibrated)
-    manifest.json                   devices/manifest.py schema, with the verification figures
+    manifest.json                   qdefend/edge/manifest.py schema, with the verification figures
 
 ``formats`` picks the encoder's int8 formats; the float encoder and both heads are always ONNX
 (the cloud side runs onnxruntime, and the float encoder is the size reference).
@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from qdefend import quant
-from qdefend.devices.manifest import artifact_entry, wire_quant_params, write_manifest
+from qdefend.edge.manifest import artifact_entry, write_manifest
+from qdefend.edge.release import wire_quant_params
 from qdefend.errors import QdefendError
 from qdefend.models import build_model, count_macs, count_params
 from qdefend.run import Run, load_run
@@ -260,7 +261,7 @@ def _verify(run: Run, root: Path, entries: dict, enc_int8, enc_float, head_ref, 
     """Every artifact run through the device runtime on the test split against its torch model:
     int8 encoders vs the converted encoder, the float encoder vs the float twin, heads on the
     torch int8 features; plus the two int8 encoders against each other, sizes and acceptance."""
-    from qdefend.devices.runtime import Runtime
+    from qdefend.edge.runtime import Runtime
 
     test = run.data.test
     n = len(test) if limit is None else min(limit, len(test))

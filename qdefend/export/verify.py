@@ -5,7 +5,7 @@ onnxruntime really runs (int8 kernels such as QLinearConv / QGemm present, no fl
 matmul left); every conv of a .tflite int8 with int8 input and output.
 
 Parity (real test images, release transform OFF so features are deterministic): each artifact is
-run through ``qdefend.devices.runtime.Runtime`` (the code a device runs) and compared with the
+run through ``qdefend.edge.runtime.Runtime`` (the code a device runs) and compared with the
 torch int8 model it came from: error in steps (LSB) of the artifact's int8 output grid, cosine
 similarity, and top-1 agreement of the whole pipeline (artifact encoder -> torch head vs torch
 int8 encoder -> same head). Test accuracy is reported without and with the release transform.

@@ -5,7 +5,8 @@ Layout of the archive (``qdefend-bundle-<run>-<device>.tar.gz``; other tools rel
     qdefend-bundle-<run>-<device>/
         encoder.int8.<fmt>     the int8 encoder artifact (tflite or onnx), as exported
         manifest.json          the run's manifest restricted to that artifact (same sha256)
-        runtime.py manifest.py copied as-is from qdefend/devices (numpy + stdlib only)
+        errors.py release.py   qdefend/edge copied as-is (numpy + stdlib only): the error root,
+        manifest.py runtime.py the release steps and wire, the manifest schema, the runtime and
         runner.py              the standalone CLI: encode / --bench / --check
         requirements.txt       pinned for the device's interpreter
         reference/             images.npy (uint8 N x C x H x W), features.npy (int8, release off),
@@ -43,7 +44,7 @@ import numpy as np
 from qdefend import __version__
 from qdefend.errors import QdefendError
 
-from .manifest import load_manifest, sha256_file, verify_artifact, write_manifest
+from qdefend.edge.manifest import load_manifest, sha256_file, verify_artifact, write_manifest
 from .profiles import DeviceProfile, get_profile
 
 __all__ = ["BUNDLE_SCHEMA", "COPIED_FILES", "REFERENCE_IMAGES", "make_bundle", "extract_bundle", "bundle_top",
@@ -52,9 +53,9 @@ __all__ = ["BUNDLE_SCHEMA", "COPIED_FILES", "REFERENCE_IMAGES", "make_bundle", "
 BUNDLE_SCHEMA = "qdefend.bundle"
 BUNDLE_SCHEMA_VERSION = 1
 PREFIX = "qdefend-bundle-"
-COPIED_FILES = ("runtime.py", "manifest.py", "runner.py")
+COPIED_FILES = ("errors.py", "release.py", "manifest.py", "runtime.py", "runner.py")  # qdefend/edge, as is
 REFERENCE_IMAGES = 8  # 6 test images + an all-black and an all-white one (the saturating ends)
-_HERE = Path(__file__).resolve().parent
+_EDGE = Path(__file__).resolve().parent.parent / "edge"  # the device-side files copied into bundles
 
 
 def _safe_name(name: str) -> str:
@@ -91,7 +92,7 @@ def _reference_runtime(stage: Path, artifact: str, runtime: str):
     from LiteRT's XNNPACK ones by a few LSB (22 of 3,136 on a tiny encoder, up to 6 LSB behind a
     Sigmoid), so its reference is made by LiteRT without the default delegates, which matched
     tflite-runtime 2.14.0 bit for bit on x86."""
-    from .runtime import Runtime, _TFLite
+    from qdefend.edge.runtime import Runtime, _TFLite
 
     try:
         return Runtime.open(stage, artifact, interpreter=runtime, threads=1), "default"
@@ -248,7 +249,7 @@ def make_bundle(run_dir: str | os.PathLike, device: str | DeviceProfile, fmt: st
             m["verification"]["artifacts"] = {k: v for k, v in m["verification"]["artifacts"].items() if k == artifact}
         write_manifest(stage, m)
         for name in COPIED_FILES:
-            shutil.copyfile(_HERE / name, stage / name)
+            shutil.copyfile(_EDGE / name, stage / name)
         (stage / "requirements.txt").write_text("\n".join(requirements) + "\n")
 
         ref = stage / "reference"

@@ -32,7 +32,7 @@ from qdefend.registry import Registry
 __all__ = ["DEVICES", "RUNTIMES", "RUNTIME_FORMAT", "REQUIREMENTS", "DeviceProfile", "get_profile",
            "list_profiles", "AARCH64_PLATFORMS", "X86_64_PLATFORMS"]
 
-# Interpreter name (as devices/runtime.py calls it) -> artifact format it runs.
+# Interpreter name (as qdefend/edge/runtime.py calls it) -> artifact format it runs.
 RUNTIME_FORMAT = {"litert": "tflite", "tflite-runtime": "tflite", "onnxruntime": "onnx"}
 RUNTIMES = tuple(RUNTIME_FORMAT)
 # Pinned requirements.txt lines per interpreter; tflite-runtime 2.14.0 was built against numpy 1.x.

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qdefend.devices.manifest import MANIFEST_NAME, load_manifest, verify_artifact
+from qdefend.edge.manifest import MANIFEST_NAME, load_manifest, verify_artifact
 from qdefend.errors import QdefendError
 
 from .verify import static_checks

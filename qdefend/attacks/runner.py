@@ -1,6 +1,6 @@
 """Run one attack on one target of a run and keep what it found: what ``qdefend attack`` does.
 
-:func:`attack_run` opens the run and the target (an artifact through qdefend.devices.runtime, a
+:func:`attack_run` opens the run and the target (an artifact through qdefend.edge.runtime, a
 torch encoder, or a service), builds the attack from its name, preset and ``--set`` parameters,
 runs it and writes ``runs/NAME/attacks/ATTACK-TARGET.json`` (config, seed, metrics, timings,
 notes) and, for inversion attacks, ``ATTACK-TARGET.png`` (originals above reconstructions) and
@@ -64,7 +64,7 @@ def target_fingerprint(run_dir: str | Path, spec: str) -> dict[str, str]:
     import json
 
     from qdefend.checkpoint import MODEL_FILE, STATE_FILE, resolve_tag
-    from qdefend.devices.manifest import ArtifactError, load_manifest
+    from qdefend.edge.manifest import ArtifactError, load_manifest
     from qdefend.errors import QdefendError
     from qdefend.run import RunPaths
 
