@@ -221,83 +221,55 @@ def plot(points: list[tuple[str, float, float]], path: Path, *, size: tuple[int,
 # ----------------------------------------------------------------------------------- stages
 
 
-def _same_run(saved, want) -> bool:
-    return (saved.data, saved.model, saved.quant, saved.train, saved.defense.stack) == \
-        (want.data, want.model, want.quant, want.train, want.defense.stack)
-
-
 def ensure_trained(name: str, root: Path, size: str, threads: int, say: Callable[[str], None],
                    run_cfg: dict[str, Any] | None = None) -> None:
-    """Train (or finish training) the run of config `name` at `root`, unless its test event exists.
-    ``run_cfg``: the RunConfig dict to train (default ``run_config(name, size)``)."""
-    from qdefend.checkpoint import has_checkpoint
+    """Train (or finish training) the run of config `name` at `root`, unless it is done
+    (:func:`qdefend.stages.ensure_trained`). ``run_cfg``: the RunConfig dict to train (default
+    ``run_config(name, size)``)."""
     from qdefend.config import RunConfig
-    from qdefend.errors import QdefendError
-    from qdefend.run import RunPaths
-    from qdefend.train import Trainer
+    from qdefend.stages import ensure_trained as ensure
 
     cfg = RunConfig.from_dict(run_cfg if run_cfg is not None else run_config(name, size))
     if threads:
         cfg.train.num_threads = threads
-    paths = RunPaths(root)
-    if paths.config.is_file():
-        saved = RunConfig.load(paths.config)
-        cfg.train.num_threads = saved.train.num_threads
-        if not _same_run(saved, cfg):
-            raise QdefendError(f"{root} holds a run with other settings than config '{name}' at --size {size}: "
-                               "pass another --runs-dir or delete that run")
-    if train_summary(paths.read_metrics())["test_acc_int8"] is not None and has_checkpoint(paths.checkpoints):
-        say("train: done already, skipped")
-        return
-    resume = has_checkpoint(paths.checkpoints)
-    say(f"train: {cfg.defense.stack} {cfg.defense.params}, {cfg.train.epochs} epoch(s)"
-        + (" (resuming)" if resume else ""))
     t0 = time.perf_counter()
-    Trainer(RunConfig.load(paths.config) if resume else cfg, root, progress=False).fit(resume=resume)
-    say(f"train: done in {time.perf_counter() - t0:.0f} s")
+    done = ensure(root, cfg, say=say)
+    if not done.reused:
+        say(f"train: done in {time.perf_counter() - t0:.0f} s")
 
 
 def ensure_exported(root: Path, artifacts: list[str], verify_images: int | None, say: Callable[[str], None]) -> dict:
-    """Export the run unless its manifest already lists every artifact; returns the manifest."""
-    from qdefend.export import export_run
+    """Export the run unless its manifest lists every artifact intact; returns the manifest."""
+    from qdefend.stages import ensure_exported as ensure
 
-    manifest_path = root / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if set(artifacts) <= set(manifest.get("artifacts", {})):
-            say("export: done already, skipped")
-            return manifest
-    formats = tuple(dict.fromkeys(a.rsplit(".", 1)[-1] for a in artifacts))
-    say(f"export: {', '.join(formats)} (verifying on {verify_images or 'all'} test images)")
     t0 = time.perf_counter()
-    manifest = export_run(root, formats=formats, verify_images=verify_images)
-    say(f"export: done in {time.perf_counter() - t0:.0f} s")
+    manifest = ensure(root, artifacts, say=say, verify_images=verify_images)
+    say(f"export: ready after {time.perf_counter() - t0:.0f} s")
     return manifest
 
 
 def ensure_attacked(root: Path, artifact: str, preset: str | None, threads: int, run_holder: dict,
                     say: Callable[[str], None], attacks: tuple[str, ...] = ATTACKS,
                     params: dict[str, dict] | None = None) -> dict[str, dict]:
-    """Attack results (JSON dicts by attack) on `artifact`, running those missing or stale (another
-    preset or attack config, or a retrained / re-exported target: ``runner.cached_result``).
-    ``params``: attack name -> parameter overrides (on top of the preset)."""
-    from qdefend.attacks import build_attack
-    from qdefend.attacks.runner import attack_run, cached_result
+    """Attack results (JSON dicts by attack) on `artifact`, running those missing or stale
+    (:func:`qdefend.stages.ensure_attacked`). ``params``: attack name -> parameter overrides (on
+    top of the preset)."""
+    from qdefend.attacks.runner import saved_result
     from qdefend.run import load_run
+    from qdefend.stages import ensure_attacked as ensure
 
     out = {}
     for attack in attacks:
         kw = dict((params or {}).get(attack, {}))
-        res = cached_result(root, artifact, build_attack(attack, preset=preset, **kw), preset=preset)
-        if res is not None:
+        _, saved = saved_result(root, artifact, attack, preset=preset, params=kw)
+        if saved is not None:
             say(f"attack {attack} on {artifact}: done already, skipped")
-            out[attack] = res.to_json()
+            out[attack] = saved.to_json()
             continue
         if "run" not in run_holder:
             run_holder["run"] = load_run(root)
-        say(f"attack {attack} on {artifact} (preset {preset or 'default'})")
-        result, _ = attack_run(root, artifact, attack, preset=preset, params=kw, run=run_holder["run"],
-                               threads=threads or None)
+        result, _, _ = ensure(root, artifact, attack, preset=preset, params=kw, run=run_holder["run"],
+                              threads=threads or None, force=True, say=say)
         shown = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         say(f"attack {attack}: " + " ".join(f"{k} {v:.4g}" for k, v in list(shown.items())[:4])
             + f" in {result.timings.get('total_s', 0):.0f} s")

@@ -64,11 +64,10 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ):
     """Train a split network (edge encoder + cloud head), with int8 QAT and privacy defenses."""
-    from .config import RunConfig, resume_config
-    from .train import Trainer
+    from . import api
+    from .config import RunConfig
 
     console = _console()
-    changed = None
     if resume:
         if out is None:
             raise QdefendError("--resume needs --out RUN_DIR naming the run to continue")
@@ -78,8 +77,13 @@ def train(
         if given:
             raise QdefendError(f"--resume continues {out} as it was configured, so {given[0]} cannot be given: drop it, "
                                "or train a new run with another --out")
-        flags = {"train.epochs": epochs, "train.device": device, "train.num_threads": threads}
-        cfg, changed = resume_config(RunConfig.load(out / "config.toml"), list(set_), flags)
+        cfg = RunConfig.load(out / "config.toml")
+        console.print(f"[bold]qdefend train[/bold] -> {out}  (resuming {cfg.model.name} on {cfg.data.name}, "
+                      f"qat {cfg.quant.scheme}, defense {cfg.defense.stack})")
+        trained = api.train(None, out, overrides=set_, resume=True, console=console, progress=not quiet,
+                            resume_flags={"train.epochs": epochs, "train.device": device, "train.num_threads": threads})
+        _print_test(console, trained.test)
+        return
     else:
         flags = {
             "quant.scheme": qat, "model.name": model, "model.cut": cut, "data.name": dataset,
@@ -98,8 +102,7 @@ def train(
         if out is None:
             out = Path("runs") / f"{cfg.model.name}-{cfg.data.name}-{cfg.defense.stack.replace('+', '_')}-{cfg.quant.scheme}"
     console.print(f"[bold]qdefend train[/bold] -> {out}  ({cfg.model.name} on {cfg.data.name}, qat {cfg.quant.scheme}, defense {cfg.defense.stack})")
-    rec = Trainer(cfg, out, console=console, progress=not quiet).fit(resume=resume, changed=changed)
-    _print_test(console, rec)
+    _print_test(console, api.train(cfg, out, console=console, progress=not quiet).test)
 
 
 def _print_test(console, rec: dict) -> None:
@@ -124,12 +127,12 @@ def export_(
     verify_images: Optional[int] = typer.Option(None, "--verify-images", help="verify on the first N test images (default: all)"),
 ):
     """Export a run's int8 encoder (ONNX, TFLite) and cloud head, verify them, write manifest.json."""
-    from .export.pipeline import export_run
+    from . import api
 
     console = _console()
-    m = export_run(run, format_.split(","), calibrate=calibrate, verify_images=verify_images,
-                   progress=lambda line: console.print(f"  {line}"))
-    _print_export(console, run, m)
+    exported = api.export(run, format_.split(","), calibrate=calibrate, verify_images=verify_images,
+                          progress=lambda line: console.print(f"  {line}"))
+    _print_export(console, run, exported.manifest)
 
 
 def _print_export(console, run: Path, m: dict) -> None:
@@ -186,13 +189,14 @@ def attack(
     quiet: bool = typer.Option(False, "--quiet", help="no progress lines"),
 ):
     """Run one attack on one target of a run; writes runs/NAME/attacks/ATTACK-TARGET.json (+ .png grid)."""
-    from .attacks.runner import attack_run, parse_params
+    from . import api
+    from .attacks.runner import parse_params
 
     console = _console()
-    res, path = attack_run(run, artifact, attack_, preset=preset, params=parse_params(overrides), budget=budget,
-                           seed=seed, output=output, progress=None if quiet else (lambda m: console.print(f"  {m}")),
-                           service_output=service_output)
-    _print_attack(console, res, path)
+    res = api.attack(run, attack_, artifact, preset=preset, params=parse_params(overrides), budget=budget,
+                     seed=seed, output=output, progress=None if quiet else (lambda m: console.print(f"  {m}")),
+                     service_output=service_output)
+    _print_attack(console, res, Path(res.extra["path"]))
 
 
 def _print_attack(console, res, path: Path) -> None:
@@ -227,16 +231,17 @@ def compare(
     quiet: bool = typer.Option(False, "--quiet", help="no progress lines"),
 ):
     """Float vs int8: run the attacks on each run's artifacts; write report.md, report.json, figures."""
-    from .attacks.report import CompareConfig, compare as run_compare, parse_presets
+    from . import api
+    from .attacks.report import parse_presets
 
     console = _console()
-    cfg = CompareConfig(attacks=[a for a in attacks.split(",") if a], artifacts=[a for a in artifacts.split(",") if a],
-                        quick=quick, seed=seed, force=force, jobs=jobs, presets=parse_presets(presets))
-    rep = run_compare(runs, cfg, out, progress=None if quiet else (lambda m: console.print(m)))
-    for entry in rep["runs"]:
+    rep = api.compare(runs, out=out, progress=None if quiet else (lambda m: console.print(m)),
+                      attacks=[a for a in attacks.split(",") if a], artifacts=[a for a in artifacts.split(",") if a],
+                      quick=quick, seed=seed, force=force, jobs=jobs, presets=parse_presets(presets))
+    for entry in rep.data["runs"]:
         for v in entry["verdicts"]:
             console.print(f"{entry['name']} {v['attack']}: {v['text']}")
-    console.print(f"report: {rep['out']}/report.md")
+    console.print(f"report: {rep.out}/report.md")
 
 
 @app.command()
@@ -282,36 +287,18 @@ def demo(
 
     Re-running continues where it stopped: an interrupted training resumes, finished stages are kept.
     """
-    from .checkpoint import has_checkpoint
     from .config import RunConfig
-    from .run import RunPaths
-    from .train import Trainer
+    from .stages import ensure_exported, ensure_trained
 
     console = _console()
-    paths = RunPaths(out)
-    done = [r for r in paths.read_metrics() if r.get("event") == "test"]
     console.print(f"[bold]qdefend demo[/bold] -> {out}: train (int8 QAT, {epochs} epochs)")
-    if done:
-        console.print(f"training already finished in {out} (delete it to start over)")
-        rec = done[-1]
-    elif has_checkpoint(paths.checkpoints):
-        rec = Trainer(RunConfig.load(paths.config), out, console=console, progress=not quiet).fit(resume=True)
-    else:
-        cfg = RunConfig.from_dict({"train": {"epochs": epochs}})
-        rec = Trainer(cfg, out, console=console, progress=not quiet).fit()
-    _print_test(console, rec)
-
-    from .edge.manifest import ArtifactError, load_manifest, verify_artifact
-    from .export.pipeline import export_run
+    trained = ensure_trained(out, RunConfig.from_dict({"train": {"epochs": epochs}}), console=console,
+                             progress=not quiet, say=lambda m: console.print(f"  {m}"))
+    _print_test(console, trained.test)
 
     console.print(f"[bold]qdefend demo[/bold] -> {out}: export (int8 ONNX + TFLite, verified)")
-    try:
-        m = load_manifest(out)
-        for name in m["artifacts"]:
-            verify_artifact(out, m, name)
-        console.print(f"artifacts already exported and intact in {out}/artifacts")
-    except ArtifactError:
-        m = export_run(out, progress=lambda line: console.print(f"  {line}"))
+    m = ensure_exported(out, say=lambda line: console.print(f"  {line}"),
+                        progress=lambda line: console.print(f"  {line}"))
     _print_export(console, out, m)
 
     from .attacks.report import CompareConfig, compare as run_compare

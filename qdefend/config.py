@@ -235,11 +235,12 @@ RESUMABLE = tuple(f"train.{k}" for k in (
     "eval_batch_size", "keep_checkpoints", "max_loss"))
 
 
-def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"section.key": value}`` (empty tables kept as values)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict) and v:
-            out.update(_leaves(v, f"{prefix}{k}."))
+            out.update(flat_keys(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -257,7 +258,7 @@ def resume_config(cfg: RunConfig, overrides: list[str], flags: dict[str, Any] | 
             section, name = key.split(".", 1)
             d.setdefault(section, {})[name] = value
     new = RunConfig.from_dict(apply_overrides(d, overrides))
-    a, b = _leaves(before), _leaves(new.to_dict())
+    a, b = flat_keys(before), flat_keys(new.to_dict())
     changed = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     refused = [k for k in changed if k not in RESUMABLE]
     if refused:

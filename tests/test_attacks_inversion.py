@@ -12,7 +12,8 @@ import torch
 
 from qdefend.attacks import AttackError, build_attack
 from qdefend.attacks.attacker import AttackerData, attacker_split
-from qdefend.attacks.inversion.decoder import (DecoderConfig, InverseNet, ResBlock, ResDecoder, build_decoder, decode,
+from qdefend.decoders import ResBlock
+from qdefend.attacks.inversion.decoder import (DecoderConfig, InverseNet, ResDecoder, build_decoder, decode,
                                                train_decoder)
 from qdefend.attacks.inversion.gan import Critic, GanConfig, gradient_penalty, sharpness, train_gan
 from qdefend.attacks.metrics import convergence

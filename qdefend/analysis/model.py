@@ -152,29 +152,22 @@ def _trainer_cls():
 
 
 def ensure_model(plan: AnalysisPlan, data, console, progress: bool):
-    """Train the analysis model into OUT/model, or reuse / resume the one already there."""
-    from ..checkpoint import has_checkpoint
-    from ..config import RunConfig
-    from ..run import RunPaths, load_run
+    """Train the analysis model into OUT/model, or reuse / resume the one already there
+    (:func:`qdefend.stages.ensure_trained`)."""
+    from ..run import load_run
+    from ..stages import ensure_trained
 
-    paths = RunPaths(plan.out / "model")
-    resume = False
-    if paths.config.is_file():
-        if RunConfig.load(paths.config).to_dict() != plan.run_cfg.to_dict():
-            raise QdefendError(f"{paths.root} holds an analysis model trained with other settings: "
-                               f"delete {paths.root} or pass another --out")
-        resume = has_checkpoint(paths.checkpoints)
-    done = resume and any(r.get("event") == "test" for r in paths.read_metrics())
+    root = plan.out / "model"
+    m = plan.run_cfg.model
+
+    def make_trainer(cfg, root, *, resume, console, progress):
+        init = _edge_init(plan, data) if cfg.init_from and not resume else None
+        say(console, f"training {m.name} (width {m.width:g}, all {m.cut} stages) for {cfg.train.epochs} "
+                     f"epoch(s) on {len(data.train)} images -> {root}")
+        return _trainer_cls()(cfg, root, console=console, progress=progress, float_init=init, frozen=plan.frozen)
+
     t0 = time.perf_counter()
-    if done:
-        say(console, f"reusing the analysis model in {paths.root}")
-    else:
-        init = _edge_init(plan, data) if plan.run_cfg.init_from and not resume else None
-        m = plan.run_cfg.model
-        say(console, f"training {m.name} (width {m.width:g}, all {m.cut} stages) for {plan.run_cfg.train.epochs} "
-             f"epoch(s) on {len(data.train)} images -> {paths.root}")
-        _trainer_cls()(plan.run_cfg, paths.root, console=console, progress=progress,
-                       float_init=init, frozen=plan.frozen).fit(resume=resume)
-    test = [r for r in paths.read_metrics() if r.get("event") == "test"]
-    run = load_run(paths.root, data=data)
-    return run, (test[-1].get("test_acc_float") if test else None), time.perf_counter() - t0
+    trained = ensure_trained(root, plan.run_cfg, make_trainer=make_trainer, console=console, progress=progress,
+                             say=lambda msg: say(console, msg))
+    run = load_run(root, data=data)
+    return run, trained.test.get("test_acc_float"), time.perf_counter() - t0

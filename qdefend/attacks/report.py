@@ -256,22 +256,12 @@ def _preset(cfg: CompareConfig, attack: str) -> str | None:
     return None if p == "default" else p
 
 
-def _where(run_dir: Path, art: str, attack: str, cfg: CompareConfig):
-    """(result path, attack object, target spec) of ``attack`` on ``art`` as compare runs it."""
-    from .base import build_attack
-    from .runner import resolve_spec, result_path
-
-    atk = build_attack(attack, preset=_preset(cfg, attack), **cfg.params.get(attack, {}))
-    spec, _ = resolve_spec(atk, art)
-    return result_path(run_dir, attack, spec), atk, spec
-
-
 def _reusable(run_dir: Path, art: str, attack: str, cfg: CompareConfig) -> tuple[Path, AttackResult | None]:
-    """(result path, the saved result there if compare may reuse it, see ``runner.cached_result``)."""
-    from .runner import cached_result
+    """(result path, the saved result there if compare may reuse it: :func:`.runner.saved_result`)."""
+    from .runner import saved_result
 
-    path, atk, spec = _where(run_dir, art, attack, cfg)
-    return path, cached_result(run_dir, spec, atk, seed=cfg.seed, preset=_preset(cfg, attack))
+    return saved_result(run_dir, art, attack, preset=_preset(cfg, attack), params=cfg.params.get(attack),
+                        seed=cfg.seed)
 
 
 def _attack_target(run_dir: str, art: str, cfg_dict: dict, threads: int | None,
@@ -303,8 +293,8 @@ def _attack_target(run_dir: str, art: str, cfg_dict: dict, threads: int | None,
         run = run if run is not None else load_run(run_dir)
         t0 = time.perf_counter()
         say(f"{attack} on {art}")
-        res, path = attack_run(run_dir, art, attack, preset=_preset(cfg, attack),
-                               params=cfg.params.get(attack), seed=cfg.seed, run=run, progress=lambda m: say(f"  {m}"))
+        _, path = attack_run(run_dir, art, attack, preset=_preset(cfg, attack), params=cfg.params.get(attack),
+                             seed=cfg.seed, run=run, progress=lambda m: say(f"  {m}"))
         say(f"{attack} on {art}: done in {time.perf_counter() - t0:.0f} s -> {path}")
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from .base import ATTACKS, Attack, AttackError, AttackResult, build_attack
 from .grid import save_grid
 
-__all__ = ["attack_run", "parse_params", "result_path", "resolve_spec", "BUDGET_PARAMS"]
+__all__ = ["attack_run", "parse_params", "result_path", "resolve_spec", "cached_result", "saved_result", "BUDGET_PARAMS"]
 
 # what --budget sets, per attack family / name (queries the attacker may spend)
 BUDGET_PARAMS = {"extraction": "budgets", "decoder": "aux_size", "gan": "aux_size", "repurpose": "n_train",
@@ -165,3 +165,12 @@ def attack_run(run_dir: str | Path, spec: str, attack: str, *, preset: str | Non
             save_grid([("private test images", result.originals),
                        (f"{attack} on {spec}", result.reconstructions)], path.with_suffix(".png"))
     return result, path
+
+
+def saved_result(run_dir: str | Path, artifact: str, attack: str, *, preset: str | None = None,
+                 params: dict[str, Any] | None = None, seed: int = 0) -> tuple[Path, AttackResult | None]:
+    """``(path, result)``: where ``attack`` (built from its name, preset and params) on ``artifact``
+    is saved, and the saved result if it still stands (:func:`cached_result`), else None."""
+    atk = build_attack(attack, preset=preset, **dict(params or {}))
+    spec, _ = resolve_spec(atk, artifact)
+    return result_path(run_dir, attack, spec), cached_result(run_dir, spec, atk, seed=seed, preset=preset)

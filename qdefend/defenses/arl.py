@@ -11,7 +11,7 @@ through frozen decoder weights, so it only learns to defeat reconstructions bett
 ``warmup_epochs`` the decoder trains but the encoder pays nothing (the attacker is pre-trained,
 as in ResSFL). With ``noise+arl`` the attacker sees the noisy features (Noise-ARL).
 
-The decoder is :class:`qdefend.attacks.inversion.decoder.InverseNet` (the black-box attack's
+The decoder is :class:`qdefend.decoders.InverseNet` (the black-box attack's
 architecture); its layers depend on the feature and image shapes, which a defense first sees at
 the first training step, so it is built then (see :class:`ShapeBuilt`) and checkpointed with
 the run (``module()``); its Adam state is checkpointed too, so a resumed run keeps the moments.
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..decoders import InverseNet
 from ..errors import QdefendError
 from .base import Defense, EpochContext, OwnOptimizer, StepContext
 
@@ -128,8 +129,6 @@ class _Attacker(ShapeBuilt):
         self.decoder: nn.Module | None = None
 
     def _build(self, shapes):
-        from ..attacks.inversion.decoder import InverseNet  # lazy: attacks import heavier modules
-
         z_shape, x_shape = shapes
         self.decoder = InverseNet(z_shape, x_shape, width=self.width)
 

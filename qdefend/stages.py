@@ -1,0 +1,152 @@
+"""Train / export / attack unless already done: the one rule for re-using what a run directory holds.
+
+``qdefend demo``, ``qdefend compare``, ``qdefend partition`` and the benchmarks all go through
+these three functions, so they agree on when a stage's output on disk still stands:
+
+* :func:`ensure_trained`: a run is done when its metrics hold the final ``test`` event and a
+  checkpoint exists; it is resumed when only a checkpoint exists. A run directory holding another
+  config than the one asked for is refused (keys that only say how to run, such as the thread
+  count, do not count), never silently re-used or overwritten.
+* :func:`ensure_exported`: artifacts are re-used when the manifest validates, lists every artifact
+  asked for and each file's sha256 matches; otherwise the run is exported again.
+* :func:`ensure_attacked`: a saved attack result is re-used when it was made with the same attack
+  config, preset and seed against the same checkpoint and artifacts (their sha256,
+  :func:`qdefend.attacks.runner.saved_result`); otherwise the attack runs again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .checkpoint import has_checkpoint
+from .config import RunConfig, flat_keys
+from .errors import QdefendError
+from .run import RunPaths
+
+__all__ = ["ensure_trained", "ensure_exported", "ensure_attacked", "Trained", "config_difference", "HOW_TO_RUN"]
+
+# config keys that say how a run is executed, not what it computes: they may differ on re-use
+HOW_TO_RUN = ("train.num_threads", "train.device", "train.eval_batch_size", "train.keep_checkpoints")
+
+Say = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _resolved(cfg: RunConfig) -> dict[str, Any]:
+    """The config as the trainer saves it: every defense parameter filled in with its default."""
+    from .defenses import build_defense, resolved_params
+
+    d = cfg.to_dict()
+    d["defense"]["params"] = resolved_params(build_defense(cfg.defense))
+    return d
+
+
+def config_difference(saved: RunConfig, want: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved, wanted)}`` for every config key that differs (defense parameters compared
+    with their defaults filled in), how-to-run keys left out."""
+    a, b = flat_keys(_resolved(saved)), flat_keys(_resolved(want))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in HOW_TO_RUN and a.get(k) != b.get(k)}
+
+
+@dataclass
+class Trained:
+    """What :func:`ensure_trained` found or made."""
+
+    root: Path
+    test: dict[str, Any]  # the run's final ``test`` metrics event
+    reused: bool  # True: the run was already finished
+    resumed: bool  # True: training continued from a checkpoint
+
+
+def _test_event(paths: RunPaths) -> dict[str, Any] | None:
+    done = [r for r in paths.read_metrics() if r.get("event") == "test"]
+    return done[-1] if done and has_checkpoint(paths.checkpoints) else None
+
+
+def ensure_trained(root: str | Path, cfg: RunConfig | None = None, *, say: Say = _quiet,
+                   make_trainer: Callable[..., Any] | None = None, console: Any = None,
+                   progress: bool = False) -> Trained:
+    """Train the run at ``root`` with ``cfg``, finish it from its last checkpoint, or re-use it.
+
+    ``cfg`` None re-uses (or resumes) whatever config the run directory holds and needs one there.
+    ``make_trainer(cfg, root, resume=..., console=..., progress=...)`` builds the trainer
+    (default :class:`qdefend.train.Trainer`); the run's own config.toml is what a resume trains.
+    """
+    paths = RunPaths(root)
+    saved = RunConfig.load(paths.config) if paths.config.is_file() else None
+    if saved is not None and cfg is not None:
+        diff = config_difference(saved, cfg)
+        if diff:
+            key, (old, new) = next(iter(diff.items()))
+            more = f" (and {len(diff) - 1} more key(s))" if len(diff) > 1 else ""
+            raise QdefendError(f"{paths.root} holds a run with other settings: {key} is {old!r} there, "
+                               f"{new!r} here{more}; delete {paths.root} or pass another output directory")
+    if saved is None and cfg is None:
+        raise QdefendError(f"{paths.root} holds no run (no config.toml): train one with `qdefend train --out {paths.root}`")
+    test = _test_event(paths)
+    if test is not None:
+        say(f"train: done already, skipped ({paths.root} holds the finished run)")
+        return Trained(paths.root, test, reused=True, resumed=False)
+    resume = saved is not None and has_checkpoint(paths.checkpoints)
+    if make_trainer is None:
+        from .train import Trainer
+
+        def make_trainer(c, r, *, resume, console, progress):
+            return Trainer(c, r, console=console, progress=progress)
+
+    run_cfg = saved if resume else cfg if cfg is not None else saved
+    say(f"train: {'resuming ' if resume else ''}{paths.root} ({run_cfg.train.epochs} epoch(s))")
+    rec = make_trainer(run_cfg, paths.root, resume=resume, console=console, progress=progress).fit(resume=resume)
+    return Trained(paths.root, rec, reused=False, resumed=resume)
+
+
+def ensure_exported(root: str | Path, artifacts: list[str] | None = None, *, say: Say = _quiet,
+                    **export_kw: Any) -> dict:
+    """The run's manifest, exporting the run unless every artifact in ``artifacts`` (default: all
+    the manifest lists) is there intact (sha256). ``export_kw`` go to
+    :func:`qdefend.export.export_run` (formats, calibrate, verify_images, progress)."""
+    from .edge.errors import ArtifactError
+    from .edge.manifest import load_manifest, verify_artifact
+
+    root = Path(root)
+    try:
+        m = load_manifest(root)
+        names = list(artifacts) if artifacts is not None else list(m["artifacts"])
+        for name in names:
+            verify_artifact(root, m, name)
+        if m.get("verification", {}).get("status") == "verified":  # not an export cut off before it
+            say(f"export: done already, skipped ({', '.join(names)} intact in {root})")
+            return m
+    except ArtifactError:
+        pass
+    from .export import export_run
+
+    if artifacts is not None and "formats" not in export_kw:
+        export_kw["formats"] = tuple(dict.fromkeys(a.rsplit(".", 1)[-1] for a in artifacts))
+    say(f"export: {root}")
+    return export_run(root, **export_kw)
+
+
+def ensure_attacked(root: str | Path, artifact: str, attack: str, *, preset: str | None = None,
+                    params: dict[str, Any] | None = None, seed: int = 0, run: Any = None,
+                    threads: int | None = None, force: bool = False, say: Say = _quiet,
+                    progress: Say | None = None) -> tuple[Any, Path, bool]:
+    """``(result, path, reused)`` of ``attack`` on ``artifact`` of the run at ``root``: the saved
+    result when it still stands (see the module docstring), else a fresh run of the attack."""
+    from .attacks.runner import attack_run, saved_result
+
+    if not force:
+        path, saved = saved_result(root, artifact, attack, preset=preset, params=params, seed=seed)
+        if saved is not None:
+            say(f"{attack} on {artifact}: done already, skipped (re-using {path})")
+            return saved, path, True
+    say(f"{attack} on {artifact} (preset {preset or 'default'})")
+    res, path = attack_run(root, artifact, attack, preset=preset, params=params, seed=seed, run=run,
+                           threads=threads, progress=progress)
+    return res, path, False
