@@ -276,11 +276,12 @@ PLOTS = {  # study -> (x key, y key, file, x label, y label, title, lowest y sho
 
 
 def plots(aggs: list[dict], out: Path) -> list[Path]:
-    """One accuracy-vs-privacy scatter per study in PLOTS that has rows (per-config means)."""
+    """One accuracy-vs-privacy scatter per study in PLOTS that has rows (per-config means, with the
+    standard deviation over seeds as error bars)."""
     paths = []
     for study, (xk, yk, name, xl, yl, title, lo) in PLOTS.items():
-        pts = [(a["config"], a[xk], a[yk]) for a in aggs
-               if a["study"] == study and xk in a and yk in a and a[yk] >= lo]
+        pts = [(a["config"], a[xk], a[yk], a.get(f"{xk}_std"), a.get(f"{yk}_std")) for a in aggs
+               if a["study"] == study and xk in a and yk in a and a[yk] >= lo]  # error bars: std over seeds
         if pts:
             paths.append(plot(pts, out / name, xlabel=xl, ylabel=yl, title=title))
     return paths

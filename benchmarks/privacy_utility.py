@@ -173,48 +173,33 @@ def markdown(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------------- plot
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
-
-
-def plot(points: list[tuple[str, float, float]], path: Path, *, size: tuple[int, int] = (720, 480),
+def plot(points: list[tuple], path: Path, *, size: tuple[int, int] = (720, 480),
          xlabel: str = "decoder MSE (higher = more private)", ylabel: str = "test accuracy",
          title: str = "privacy vs utility (int8, Fashion-MNIST)") -> Path:
-    """Scatter of (label, x, y) points with axes, ticks and labels, drawn with PIL.ImageDraw only."""
-    from PIL import Image, ImageDraw, ImageFont
+    """Scatter of labelled points with matplotlib: ``(label, x, y)`` or ``(label, x, y, x_std,
+    y_std)`` (error bars: the standard deviation over seeds); non-finite points are left out."""
+    from matplotlib.figure import Figure
 
-    w, h = size
-    left, right, top, bottom = 80, 30, 40, 60
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    pts = [(lab, float(x), float(y)) for lab, x, y in points if math.isfinite(x) and math.isfinite(y)]
-    xs, ys = [p[1] for p in pts] or [0.0, 1.0], [p[2] for p in pts] or [0.0, 1.0]
-
-    def span(vals: list[float], right: float = 1.0) -> tuple[float, float]:
-        lo, hi = min(vals), max(vals)
-        pad = (hi - lo) * 0.1 or max(abs(hi) * 0.1, 0.01)
-        return lo - pad, hi + pad * right
-
-    (x0, x1), (y0, y1) = span(xs, right=3.0), span(ys)  # room on the right for the point labels
-    px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
-    py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)  # noqa: E731
-    d.text((left, 12), title, fill="black", font=font)
-    d.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill="black", width=1)
-    for t in _ticks(x0, x1):
-        d.line([(px(t), h - bottom), (px(t), h - bottom + 5)], fill="black")
-        d.text((px(t) - 14, h - bottom + 8), f"{t:.4f}", fill="black", font=font)
-    for t in _ticks(y0, y1):
-        d.line([(left - 5, py(t)), (left, py(t))], fill="black")
-        d.text((left - 50, py(t) - 6), f"{t:.3f}", fill="black", font=font)
-    d.text(((w - left - right) // 2 + left - 80, h - 22), xlabel, fill="black", font=font)
-    d.text((8, top - 16), ylabel, fill="black", font=font)
-    for lab, x, y in pts:
-        cx, cy = px(x), py(y)
-        d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=(31, 119, 180), outline="black")
-        d.text((cx + 7, cy - 12), lab, fill="black", font=font)
+    pts = [p for p in points if math.isfinite(p[1]) and math.isfinite(p[2])]
+    dpi = 100
+    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    ax = fig.subplots()
+    for lab, x, y, *err in pts:
+        xe, ye = (err + [None, None])[:2]
+        if xe or ye:
+            ax.errorbar(x, y, xerr=xe or None, yerr=ye or None, fmt="none", ecolor="0.4", elinewidth=1, capsize=3)
+        ax.scatter([x], [y], s=40, color="#1f77b4", edgecolors="black", linewidths=0.6, zorder=3)
+        ax.annotate(lab, (x, y), xytext=(6, 5), textcoords="offset points", fontsize=8)
+    if not pts:
+        ax.text(0.5, 0.5, "no finite points", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.25, y=0.15)  # room for the labels
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    fig.savefig(path, dpi=dpi)
     return path
 
 

@@ -279,7 +279,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory of the demo"),
     epochs: int = typer.Option(2, "--epochs"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
-    quick_attacks: bool = typer.Option(False, "--quick-attacks", help="the attacks' quick presets (a smoke run)"),
+    quick: bool = typer.Option(False, "--quick", "--quick-attacks", help="the attacks' quick presets (a smoke run), as `compare --quick`"),
 ):
     """The main job on the default data (Fashion-MNIST): QAT int8 training of the reference split,
     int8 export to ONNX and TFLite with verification, then the float-vs-int8 attack comparison
@@ -301,19 +301,17 @@ def demo(
                         progress=lambda line: console.print(f"  {line}"))
     _print_export(console, out, m)
 
-    from .attacks.report import CompareConfig, compare as run_compare
-
+    from . import api
     from .attacks.report import DEMO_PRESETS, preset_gap
 
     console.print(f"[bold]qdefend demo[/bold] -> {out}: compare float vs int8 under attack "
-                  f"(decoder, clone_rmle, knockoff{'; quick presets' if quick_attacks else ''})")
-    if not quick_attacks:
+                  f"(decoder, clone_rmle, knockoff{'; quick presets' if quick else ''})")
+    if not quick:
         console.print(f"note: {preset_gap('decoder', DEMO_PRESETS['decoder'])}")
-    rep = run_compare([out], CompareConfig(quick=quick_attacks, presets=dict(DEMO_PRESETS)),
-                      progress=None if quiet else console.print)
-    for v in rep["runs"][0]["verdicts"]:
+    rep = api.compare([out], quick=quick, presets=dict(DEMO_PRESETS), progress=None if quiet else console.print)
+    for v in rep.verdicts:
         console.print(f"{v['attack']}: {v['text']}")
-    console.print(f"report: {rep['out']}/report.md")
+    console.print(f"report: {rep.out}/report.md")
 
 
 @app.command("bundle")

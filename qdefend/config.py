@@ -208,18 +208,31 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise QdefendError(f"{what} is a folder: pass a TOML file") from None
 
 
+def parse_value(raw: str) -> Any:
+    """A value typed on the command line: TOML (``0.01``, ``true``, ``[10, 20]``, ``"x"``), else the
+    bare string (``fast``, ``1000,5000``)."""
+    try:
+        return tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw.strip()
+
+
+def parse_assignment(item: str, flag: str = "--set", example: str = "train.lr=0.01",
+                     form: str = "KEY=VALUE", error: type[QdefendError] = QdefendError) -> tuple[str, Any]:
+    """``"KEY=VALUE"`` -> ``(KEY, parse_value(VALUE))``: the one KEY=VALUE parser of the command
+    line (``--set`` of train and attack, ``--preset``, service-output arguments)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip() or not raw.strip():
+        raise error(f"{flag} expects {form}, got {item!r}: e.g. {flag} {example}")
+    return key.strip(), parse_value(raw)
+
+
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``--set section.key=value`` overrides to a config dict (values parsed as TOML)."""
     for item in overrides:
-        if "=" not in item:
-            raise QdefendError(f"--set expects KEY=VALUE such as train.lr=0.01, got '{item}'")
-        key, raw = item.split("=", 1)
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw  # a bare string
+        key, value = parse_assignment(item)
         node = d
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):

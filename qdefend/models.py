@@ -81,7 +81,7 @@ MODELS: Registry[ModelFamily] = Registry("model")
 
 
 def _register(family: ModelFamily) -> None:
-    MODELS.register(family.name, help=family.doc)(family)
+    MODELS.register(help=family.doc)(family)
 
 
 def valid_cuts(name: str) -> list[int]:

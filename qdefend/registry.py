@@ -22,16 +22,27 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
         self._help: dict[str, str] = {}
 
-    def register(self, name: str, help: str | None = None) -> Callable[[T], T]:
+    def register(self, name: str | None = None, help: str | None = None) -> Callable[[T], T]:
+        """Decorator: register ``obj`` under ``name``, by default its own ``obj.name`` (a class's
+        name is written once, on the class); a ``name`` that contradicts ``obj.name`` is refused."""
         def deco(obj: T) -> T:
-            if name in self._items:
-                raise ValueError(f"{self.kind} '{name}' registered twice")
-            self._items[name] = obj
-            doc = help or (getattr(obj, "__doc__", None) or "").strip().splitlines()
-            self._help[name] = doc if isinstance(doc, str) else (doc[0] if doc else "")
-            return obj
+            own = getattr(obj, "name", None)
+            key = own if name is None else name
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"{self.kind} {obj!r} has no name: give one or set .name on it")
+            if isinstance(own, str) and own != key:
+                raise ValueError(f"{self.kind} {obj!r} is named '{own}' but registered as '{key}'")
+            return self._add(key, obj, help)
 
         return deco
+
+    def _add(self, name: str, obj: T, help: str | None = None) -> T:
+        if name in self._items:
+            raise ValueError(f"{self.kind} '{name}' registered twice")
+        self._items[name] = obj
+        doc = help or (getattr(obj, "__doc__", None) or "").strip().splitlines()
+        self._help[name] = doc if isinstance(doc, str) else (doc[0] if doc else "")
+        return obj
 
     def get(self, name: str) -> T:
         try:

@@ -218,7 +218,7 @@ def test_cli_partition_reuses_model_and_prints_table(tiny_result, capsys, monkey
             "--sigma", "0", "--attack", "--no-similarity", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "reusing the analysis model" in text and "Golden Partition Zone" in text
+    assert "train: done already, skipped" in text and "Golden Partition Zone" in text
     assert "vacuous" in text and "attack MSE" in text
     res = json.loads((out / "partition.json").read_text())
     assert res["timings"]["train_s"] < 5 and res["cuts"][0]["kl_float_int8"] is None
@@ -257,3 +257,19 @@ def test_from_run_loads_and_freezes_the_edge(tmp_path):
         assert torch.equal(mine[key], theirs["encoder"][key]), key  # loaded, then frozen through training
     with pytest.raises(QdefendError, match="drop --width"):
         part.analyze_partition(part.PartitionConfig(from_run=str(src), width=0.5, out=str(tmp_path / "q")))
+
+
+def test_line_plot_draws_every_panel_and_skips_missing_points(tmp_path):
+    from PIL import Image
+
+    from qdefend.analysis.plot import Panel, Series, line_plot
+
+    xs = [1, 2, 3, 4]
+    panels = [Panel("radius", "R", [Series("R_c^2", [0.5, None, 0.3, 0.2])], spans=[(2, 3, "GPZ")]),
+              Panel("MSE", "MSE", [Series("int8", [0.01, 0.02, float("nan"), 0.04], dashed=True)], log_y=True)]
+    path = line_plot(xs, panels, tmp_path / "p.png", xticklabels=["a", "b", "c", "d"])
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape[:2] == (600, 760)  # two 300-pixel panels
+    top, bottom = img[:300], img[300:]
+    assert (top == (31, 119, 180)).all(-1).sum() > 20 and (bottom == (31, 119, 180)).all(-1).sum() > 20
+    assert (img == (255, 243, 205)).all(-1).sum() > 1000  # the shaded span

@@ -48,3 +48,34 @@ def test_bad_config_says_what_to_write(d, needle):
 def test_bad_override_syntax():
     with pytest.raises(QdefendError, match="KEY=VALUE"):
         apply_overrides({}, ["train.lr"])
+
+
+def test_one_key_value_parser_types_values_and_names_the_flag():
+    from qdefend.config import parse_assignment
+
+    assert parse_assignment("train.lr=0.01") == ("train.lr", 0.01)
+    assert parse_assignment(" milestones = [10, 20] ") == ("milestones", [10, 20])
+    assert parse_assignment("budgets=1000,5000", "--set") == ("budgets", "1000,5000")  # not TOML: the bare string
+    assert parse_assignment("flag=true") == ("flag", True)
+    for bad in ("epochs", "=3", "epochs="):
+        with pytest.raises(QdefendError, match=r"--preset expects ATTACK=PRESET, got .*: e.g. --preset decoder=fast"):
+            parse_assignment(bad, "--preset", "decoder=fast", "ATTACK=PRESET")
+
+
+def test_registries_take_the_name_from_the_class_and_refuse_a_contradiction():
+    from qdefend.attacks import ATTACKS
+    from qdefend.defenses import DEFENSES
+    from qdefend.registry import Registry
+
+    assert all(DEFENSES.get(n).name == n for n in DEFENSES.names())
+    assert all(ATTACKS.get(n).name == n for n in ATTACKS.names())
+    reg = Registry("widget")
+
+    class Knob:
+        name = "knob"
+
+    assert reg.register()(Knob) is Knob and reg.get("knob") is Knob
+    with pytest.raises(ValueError, match="named 'knob' but registered as 'dial'"):
+        reg.register("dial")(Knob)
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.register()(Knob)

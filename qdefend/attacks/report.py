@@ -96,13 +96,9 @@ class CompareConfig:
 
 def parse_presets(items: list[str]) -> dict[str, str]:
     """``["decoder=fast", "gan=fast"]`` -> {"decoder": "fast", "gan": "fast"}."""
-    out = {}
-    for item in items:
-        a, sep, p = item.partition("=")
-        if not sep or not a.strip() or not p.strip():
-            raise AttackError(f"--preset expects ATTACK=PRESET, got {item!r}: e.g. --preset decoder=fast")
-        out[a.strip()] = p.strip()
-    return out
+    from qdefend.config import parse_assignment
+
+    return {a: str(p) for a, p in (parse_assignment(item, "--preset", "decoder=fast", "ATTACK=PRESET", AttackError) for item in items)}
 
 
 # ---------------------------------------------------------------------------------------- verdicts

@@ -319,5 +319,5 @@ class RepurposeAttack(Attack):
         return self.result(target, seed, metrics, timings=timings, extra=extra)
 
 
-ATTACKS.register("repurpose", help="input repurposing: fresh probes on released features, suppression ratio")(
+ATTACKS.register(help="input repurposing: fresh probes on released features, suppression ratio")(
     RepurposeAttack)

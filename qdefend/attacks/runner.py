@@ -10,7 +10,6 @@ they attack ``service:ARTIFACT`` (that encoder + the exported cloud head) and sa
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,16 +26,9 @@ BUDGET_PARAMS = {"extraction": "budgets", "decoder": "aux_size", "gan": "aux_siz
 def parse_params(items: list[str] | None) -> dict[str, Any]:
     """``["epochs=5", "budgets=1000,5000", "through_twin=true"]`` -> typed dict (TOML values,
     else the raw string)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise AttackError(f"--set expects KEY=VALUE, got {item!r}: e.g. --set epochs=10")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = value.strip()
-    return out
+    from qdefend.config import parse_assignment
+
+    return dict(parse_assignment(item, "--set", "epochs=10", error=AttackError) for item in items or [])
 
 
 def budget_param(attack_cls: type[Attack]) -> str | None:

@@ -29,19 +29,19 @@ from .topk import TopkPrune
 from .vib import VIBMask
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
-DEFENSES.register("none", help="no defense: features are released as the encoder computes them")(Defense)
-DEFENSES.register("noise")(GaussianNoise)
-DEFENSES.register("laplace")(LaplaceNoise)
-DEFENSES.register("ldp")(LocalDPNoise)
-DEFENSES.register("dropout")(FeatureDropout)
-DEFENSES.register("topk")(TopkPrune)
-DEFENSES.register("nopeek")(NoPeek)
-DEFENSES.register("arl")(ARL)
-DEFENSES.register("shredder")(Shredder)
-DEFENSES.register("cem", help="CEM: per-class cluster variances of z pushed under the noise floor (needs noise)")(CEM)
-DEFENSES.register("divqat", help="DivQAT: KL push of the fake-quant outputs away from the float twin (needs --qat int8)")(DivQAT)
-DEFENSES.register("cem-slot", help="CEM with learned Slot Attention components instead of k-means (needs noise)")(CEMSlot)
-DEFENSES.register("vib-mask", help="variational bottleneck (learned variance, sampled on the device) with a dynamic mask")(VIBMask)
+DEFENSES.register(help="no defense: features are released as the encoder computes them")(Defense)
+DEFENSES.register()(GaussianNoise)
+DEFENSES.register()(LaplaceNoise)
+DEFENSES.register()(LocalDPNoise)
+DEFENSES.register()(FeatureDropout)
+DEFENSES.register()(TopkPrune)
+DEFENSES.register()(NoPeek)
+DEFENSES.register()(ARL)
+DEFENSES.register()(Shredder)
+DEFENSES.register(help="CEM: per-class cluster variances of z pushed under the noise floor (needs noise)")(CEM)
+DEFENSES.register(help="DivQAT: KL push of the fake-quant outputs away from the float twin (needs --qat int8)")(DivQAT)
+DEFENSES.register(help="CEM with learned Slot Attention components instead of k-means (needs noise)")(CEMSlot)
+DEFENSES.register(help="variational bottleneck (learned variance, sampled on the device) with a dynamic mask")(VIBMask)
 
 
 def parse_stack(stack: str) -> list[str]:

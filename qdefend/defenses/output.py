@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..config import parse_value
 from ..errors import QdefendError
 from ..registry import Registry
 
@@ -229,16 +230,6 @@ class OutputStack:
         return "+".join(parts)
 
 
-def _value(text: str):
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            return text
-
-
 def parse_output_defense(spec: str | None) -> OutputStack | None:
     """``"round:2"``, ``"topk:k=3"``, ``"reverse_sigmoid:beta=1,gamma=0.1+round:2"`` -> an
     OutputStack; ``None``, ``""`` or ``"none"`` -> None. Arguments are positional (in the config's
@@ -263,6 +254,6 @@ def parse_output_defense(spec: str | None) -> OutputStack | None:
             key = key.strip()
             if key not in fields:
                 raise QdefendError(f"service output '{name}' has no parameter '{key}'. Valid: {', '.join(fields)}")
-            kwargs[key] = _value(val.strip())
+            kwargs[key] = parse_value(val)
         defenses.append(cls(cls.Config(**kwargs)))
     return OutputStack(defenses)

@@ -133,7 +133,7 @@ DEVICES: Registry[DeviceProfile] = Registry("device")
 
 
 def _register(p: DeviceProfile) -> DeviceProfile:
-    DEVICES.register(p.name, help=p.description)(p)
+    DEVICES.register(help=p.description)(p)
     return p
 
 

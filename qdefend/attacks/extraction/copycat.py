@@ -43,4 +43,4 @@ class CopycatAttack(ExtractionAttack):
         return {"policy": "random"}
 
 
-ATTACKS.register("copycat", help="Copycat CNN extraction from hard labels on the attacker's images")(CopycatAttack)
+ATTACKS.register(help="Copycat CNN extraction from hard labels on the attacker's images")(CopycatAttack)

@@ -97,5 +97,5 @@ class JBDAAttack(ExtractionAttack):
                           f"queries over {len(rounds)} rounds"]}
 
 
-ATTACKS.register("jbda", help="Papernot's Jacobian-based dataset augmentation, substitute from labels only")(
+ATTACKS.register(help="Papernot's Jacobian-based dataset augmentation, substitute from labels only")(
     JBDAAttack)

@@ -161,5 +161,5 @@ class KnockoffAttack(ExtractionAttack):
             "reward": cfg.reward, "actions_from": f"the '{cfg.pool}' pool's own labels"}}
 
 
-ATTACKS.register("knockoff", help="KnockoffNets extraction from probabilities (random / adaptive bandit queries)")(
+ATTACKS.register(help="KnockoffNets extraction from probabilities (random / adaptive bandit queries)")(
     KnockoffAttack)

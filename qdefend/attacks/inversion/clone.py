@@ -186,7 +186,7 @@ def _run_of(target):
     return run
 
 
-@ATTACKS.register("clone_rmle", help="extract then invert: clone the encoder from feature queries, rMLE on the clone")
+@ATTACKS.register(help="extract then invert: clone the encoder from feature queries, rMLE on the clone")
 class CloneRMLEAttack(Attack):
     """Clone the encoder from (aux image, released features) queries; invert private features via the clone."""
 

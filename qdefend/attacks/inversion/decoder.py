@@ -227,7 +227,7 @@ def eval_indices(data, n: int) -> np.ndarray:
     return np.arange(min(n, len(data.test)))
 
 
-@ATTACKS.register("decoder", help="black-box inverse network (CEM's residual decoder) trained on released "
+@ATTACKS.register(help="black-box inverse network (CEM's residual decoder) trained on released "
                                   "features of the attacker's images (noise-aware)")
 class DecoderAttack(Attack):
     """Train a decoder on (released features, image) pairs of the attacker's images; invert test images.

@@ -174,7 +174,7 @@ def train_gan(gen: nn.Module, z: np.ndarray, x: np.ndarray, cfg: GanConfig, seed
     return gen.eval(), record
 
 
-@ATTACKS.register("gan", help="GAN refinement: the trained decoder as generator against a WGAN-GP critic "
+@ATTACKS.register(help="GAN refinement: the trained decoder as generator against a WGAN-GP critic "
                               "(CEM train_gan.py; noise-aware)")
 class GanAttack(Attack):
     """Decoder inversion refined with a WGAN-GP critic; inverts the private test images.

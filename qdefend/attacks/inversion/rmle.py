@@ -98,7 +98,7 @@ def rmle_invert(forward: Callable[[torch.Tensor], torch.Tensor], z: np.ndarray, 
     return torch.cat(out).numpy(), {"feature_mse": float(torch.cat(errs).mean())}
 
 
-@ATTACKS.register("rmle", help="white-box optimisation of the image to match released features (needs gradients)")
+@ATTACKS.register(help="white-box optimisation of the image to match released features (needs gradients)")
 class RMLEAttack(Attack):
     """Optimise pixels so the encoder's output matches the released features (TV + l2 priors).
 

@@ -44,7 +44,7 @@ class ShadowConfig(SurrogateInversionConfig):
         check_positive(self, "n_train", integer=True, allow_zero=True)
 
 
-@ATTACKS.register("shadow", help="query-free: shadow encoder trained through the frozen cloud head, rMLE on it")
+@ATTACKS.register(help="query-free: shadow encoder trained through the frozen cloud head, rMLE on it")
 class ShadowAttack(Attack):
     """Shadow encoder through the frozen head (aux labels, no encoder queries), then rMLE on the shadow."""
 
