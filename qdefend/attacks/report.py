@@ -48,7 +48,7 @@ PRIVACY_SIGN = {"mse": 1, "psnr": -1, "ssim": -1, "fidelity": -1, "clone_acc": -
 # The demo's attack budgets on 2 CPU cores: the decoder's "fast" preset (CEM's residual decoder,
 # fewer blocks and epochs); benchmarks/attack_strength.py measures how far it is from the default.
 DEMO_PRESETS = {"decoder": "fast"}
-STRENGTH_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "attack_strength" / \
+STRENGTH_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "attack_strength" / \
     "attack_strength.json"
 
 
