@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -166,20 +165,11 @@ def cached_data(t) -> Any:
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-        model = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")), "")
-        fl = next((ln for ln in flags.splitlines() if ln.startswith("flags")), "")
-        info["cpu"] = model
-        info["cpu_features"] = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8", "avx512_bf16") if f" {f}" in fl]
-    except OSError:
-        pass
-    import torch
+    from qdefend.machine import machine_info
 
-    info["torch"] = torch.__version__
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    info = machine_info(gpu=True)
+    info["cpus"] = info["logical_cpus"]  # the rows' older key
+    info["cpu_features"] = [f for f, on in info["flags"].items() if on]
     return info
 
 

@@ -58,8 +58,6 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from privacy_utility import ensure_attacked, ensure_exported, ensure_trained, plot, train_summary  # noqa: E402
 
 ARTIFACT = "encoder.int8.tflite"
 SERVICE = f"service:{ARTIFACT}"
@@ -176,7 +174,7 @@ def attack_metrics(attack: str, res: dict) -> dict[str, Any]:
 
 def build_row(study: str, name: str, seed: int, root: Path, manifest: dict,
               results: dict[str, dict[str, dict]]) -> dict[str, Any]:
-    from qdefend.run import RunPaths
+    from qdefend.run import RunPaths, train_summary
 
     records = RunPaths(root).read_metrics()
     ver = manifest.get("verification", {}).get("artifacts", {}).get(ARTIFACT, {})
@@ -278,12 +276,14 @@ PLOTS = {  # study -> (x key, y key, file, x label, y label, title, lowest y sho
 def plots(aggs: list[dict], out: Path) -> list[Path]:
     """One accuracy-vs-privacy scatter per study in PLOTS that has rows (per-config means, with the
     standard deviation over seeds as error bars)."""
+    from qdefend.analysis.plot import scatter_plot
+
     paths = []
     for study, (xk, yk, name, xl, yl, title, lo) in PLOTS.items():
         pts = [(a["config"], a[xk], a[yk], a.get(f"{xk}_std"), a.get(f"{yk}_std")) for a in aggs
                if a["study"] == study and xk in a and yk in a and a[yk] >= lo]  # error bars: std over seeds
         if pts:
-            paths.append(plot(pts, out / name, xlabel=xl, ylabel=yl, title=title))
+            paths.append(scatter_plot(pts, out / name, xlabel=xl, ylabel=yl, title=title))
     return paths
 
 
@@ -293,6 +293,7 @@ def plots(aggs: list[dict], out: Path) -> list[Path]:
 def _attack_all(root: Path, study: dict, size: dict, threads: int, say) -> dict[str, dict[str, dict]]:
     """Attack results keyed by service-output tag ("" = none) then attack name."""
     from qdefend.attacks.runner import attack_run, cached_result
+    from qdefend.stages import ensure_attacks
     from qdefend.attacks import build_attack
     from qdefend.run import load_run
 
@@ -302,8 +303,8 @@ def _attack_all(root: Path, study: dict, size: dict, threads: int, say) -> dict[
     out: dict[str, dict[str, dict]] = {}
     for attack, spec in study["attacks"].items():
         if spec == ARTIFACT:
-            out.setdefault("", {}).update(ensure_attacked(root, spec, preset, threads, holder, say, attacks=(attack,),
-                                                          params=params))
+            out.setdefault("", {}).update(ensure_attacks(root, spec, (attack,), preset=preset, params=params,
+                                                         threads=threads or None, say=say, run_holder=holder))
             continue
         for so in study.get("service_outputs", {}).get(attack, [None]):
             tag = so or ""
@@ -370,8 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from latency import _loadavg, machine_info
     from qdefend.attacks import AttackError
+    from qdefend.machine import load_average, machine_info
+    from qdefend.stages import ensure_exported, ensure_trained
     from qdefend.edge.manifest import ArtifactError
     from qdefend.errors import QdefendError
 
@@ -386,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             root = args.runs_dir / run_dirname(name, seed)
             say = lambda msg, tag=f"[{i}/{len(jobs)} {study}:{name} seed {seed}]": print(  # noqa: E731
                 f"{tag} {msg}", file=sys.stderr, flush=True)
-            ensure_trained(name, root, args.size, args.threads, say, run_cfg=run_config(name, args.size, seed))
-            manifest = ensure_exported(root, [ARTIFACT], size["verify_images"], say)
+            ensure_trained(root, run_config(name, args.size, seed), threads=args.threads, say=say)
+            manifest = ensure_exported(root, [ARTIFACT], verify_images=size["verify_images"], say=say)
             results = _attack_all(root, STUDIES[study], size, args.threads, say)
             rows.append(build_row(study, name, seed, root, manifest, results))
     except (QdefendError, AttackError, ArtifactError) as e:
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "qdefend.defenses_ii", "schema_version": 1, "started": started,
               "command": " ".join(["python", "benchmarks/defenses_ii.py", *(argv if argv is not None else sys.argv[1:])]),
-              "machine": machine_info(), "load_average_end": _loadavg(),
+              "machine": machine_info(), "load_average_end": load_average(),
               "settings": {"size": args.size, "studies": args.study, "seeds": args.seeds, "ablations": args.ablations,
                            "data": size["data"], "train": size["train"], "attack_preset": size["preset"] or "default",
                            "attack_params": {} if size["preset"] else MEDIUM_ATTACKS,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import sys
@@ -35,7 +34,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -50,7 +48,6 @@ GOAL = 2.0  # the issue: int8 at least 2x faster than float at the largest batch
 MIN_SAMPLE_S = 0.005  # a sample lasts at least this long (several calls at batch 1)
 ORT_DEFAULT = "onnxruntime-default"
 ORT_DEFAULT_NOTE = "ORT default x64quantprecision: incorrect results on AVX2 without VNNI"
-PACKAGES = ("numpy", "torch", "onnxruntime", "ai-edge-litert", "litert-torch", "qdefend")
 
 
 @dataclass
@@ -69,48 +66,6 @@ class Config:
     @property
     def key(self) -> tuple:
         return self.engine, self.precision, self.batch, self.threads
-
-
-# ----------------------------------------------------------------------------------- machine
-
-
-def machine_info() -> dict:
-    """CPU model, the SIMD flags that decide int8 speed, cores, OS and package versions."""
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first CPU's block
-            key, _, val = line.partition(":")
-            info.setdefault(key.strip(), val.strip())
-    except OSError:
-        pass
-    flags = set(info.get("flags", "").split())
-    versions = {pkg: _version(pkg) for pkg in PACKAGES}
-    return {
-        "cpu": info.get("model name") or platform.processor() or "unknown",
-        "cpu_family_model": [info.get("cpu family"), info.get("model")],  # AMD 23/1: Zen 1 (Naples)
-        "flags": {"avx2": "avx2" in flags, "fma": "fma" in flags, "avx512f": "avx512f" in flags,
-                  "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
-                  "amx_int8": "amx_int8" in flags},
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # ----------------------------------------------------------------------------------- engines
@@ -384,10 +339,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from qdefend.edge.manifest import ArtifactError
     from qdefend.errors import QdefendError
+    from qdefend.machine import load_average, machine_info
     from qdefend.run import load_run
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    started, load_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), _loadavg()
+    started, load_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), load_average()
     torch.set_num_threads(max(args.threads))
     tmp = Path(tempfile.mkdtemp(prefix="qdefend-bench-"))
     try:
@@ -421,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": " ".join(["python", "benchmarks/latency.py", *(argv if argv is not None else sys.argv[1:])]),
               "run": {"dir": str(args.run_dir), "name": run.paths.root.resolve().name,
                       "input_shape": list(x.shape[1:]), "input": "test split, normalised"},
-              "machine": machine_info(), "load_average": {"start": load_start, "end": _loadavg()},
+              "machine": machine_info(), "load_average": {"start": load_start, "end": load_average()},
               "settings": {"batches": args.batches, "threads": args.threads, "repeats": args.repeats,
                            "warmup": args.warmup, "min_sample_s": MIN_SAMPLE_S, "timing_s": round(timing_s, 1),
                            "order": "round-robin over configurations, shuffled per round"},

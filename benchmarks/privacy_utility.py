@@ -31,13 +31,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
@@ -102,22 +101,14 @@ def run_dirname(name: str) -> str:
 # ----------------------------------------------------------------------------------- rows
 
 
-def train_summary(records: list[dict]) -> dict[str, Any]:
-    """Test accuracies of the last "test" event and summed epoch time of a run's metrics.jsonl."""
-    tests = [r for r in records if r.get("event") == "test"]
-    epochs = [r for r in records if r.get("event") == "epoch"]
-    test = tests[-1] if tests else {}
-    return {"test_acc_int8": test.get("test_acc_int8"), "test_acc_fakequant": test.get("test_acc_fakequant"),
-            "epochs": len(epochs),
-            "train_time_s": round(sum(float(r.get("time_s", 0.0)) for r in epochs), 2) if epochs else None}
-
-
 def build_row(name: str, defense: dict[str, Any], artifact: str, records: list[dict], manifest: dict,
               attacks: dict[str, dict]) -> dict[str, Any]:
     """One result row from a run's metrics records, manifest and attack result JSONs (by attack name).
 
     ``test_acc`` is what a device user gets: the artifact with its release (noise, dropout) when
     verification measured it, else the artifact's plain accuracy, else the torch int8 accuracy."""
+    from qdefend.run import train_summary
+
     ver = manifest.get("verification", {}).get("artifacts", {}).get(artifact, {})
     row: dict[str, Any] = {"config": name, "stack": defense.get("stack", "none"),
                            "params": defense.get("params", {}), "artifact": artifact, **train_summary(records),
@@ -173,95 +164,6 @@ def markdown(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------------- plot
 
 
-def plot(points: list[tuple], path: Path, *, size: tuple[int, int] = (720, 480),
-         xlabel: str = "decoder MSE (higher = more private)", ylabel: str = "test accuracy",
-         title: str = "privacy vs utility (int8, Fashion-MNIST)") -> Path:
-    """Scatter of labelled points with matplotlib: ``(label, x, y)`` or ``(label, x, y, x_std,
-    y_std)`` (error bars: the standard deviation over seeds); non-finite points are left out."""
-    from matplotlib.figure import Figure
-
-    pts = [p for p in points if math.isfinite(p[1]) and math.isfinite(p[2])]
-    dpi = 100
-    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
-    ax = fig.subplots()
-    for lab, x, y, *err in pts:
-        xe, ye = (err + [None, None])[:2]
-        if xe or ye:
-            ax.errorbar(x, y, xerr=xe or None, yerr=ye or None, fmt="none", ecolor="0.4", elinewidth=1, capsize=3)
-        ax.scatter([x], [y], s=40, color="#1f77b4", edgecolors="black", linewidths=0.6, zorder=3)
-        ax.annotate(lab, (x, y), xytext=(6, 5), textcoords="offset points", fontsize=8)
-    if not pts:
-        ax.text(0.5, 0.5, "no finite points", transform=ax.transAxes, ha="center", va="center", color="0.4")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.margins(x=0.25, y=0.15)  # room for the labels
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
-
-
-# ----------------------------------------------------------------------------------- stages
-
-
-def ensure_trained(name: str, root: Path, size: str, threads: int, say: Callable[[str], None],
-                   run_cfg: dict[str, Any] | None = None) -> None:
-    """Train (or finish training) the run of config `name` at `root`, unless it is done
-    (:func:`qdefend.stages.ensure_trained`). ``run_cfg``: the RunConfig dict to train (default
-    ``run_config(name, size)``)."""
-    from qdefend.config import RunConfig
-    from qdefend.stages import ensure_trained as ensure
-
-    cfg = RunConfig.from_dict(run_cfg if run_cfg is not None else run_config(name, size))
-    if threads:
-        cfg.train.num_threads = threads
-    t0 = time.perf_counter()
-    done = ensure(root, cfg, say=say)
-    if not done.reused:
-        say(f"train: done in {time.perf_counter() - t0:.0f} s")
-
-
-def ensure_exported(root: Path, artifacts: list[str], verify_images: int | None, say: Callable[[str], None]) -> dict:
-    """Export the run unless its manifest lists every artifact intact; returns the manifest."""
-    from qdefend.stages import ensure_exported as ensure
-
-    t0 = time.perf_counter()
-    manifest = ensure(root, artifacts, say=say, verify_images=verify_images)
-    say(f"export: ready after {time.perf_counter() - t0:.0f} s")
-    return manifest
-
-
-def ensure_attacked(root: Path, artifact: str, preset: str | None, threads: int, run_holder: dict,
-                    say: Callable[[str], None], attacks: tuple[str, ...] = ATTACKS,
-                    params: dict[str, dict] | None = None) -> dict[str, dict]:
-    """Attack results (JSON dicts by attack) on `artifact`, running those missing or stale
-    (:func:`qdefend.stages.ensure_attacked`). ``params``: attack name -> parameter overrides (on
-    top of the preset)."""
-    from qdefend.attacks.runner import saved_result
-    from qdefend.run import load_run
-    from qdefend.stages import ensure_attacked as ensure
-
-    out = {}
-    for attack in attacks:
-        kw = dict((params or {}).get(attack, {}))
-        _, saved = saved_result(root, artifact, attack, preset=preset, params=kw)
-        if saved is not None:
-            say(f"attack {attack} on {artifact}: done already, skipped")
-            out[attack] = saved.to_json()
-            continue
-        if "run" not in run_holder:
-            run_holder["run"] = load_run(root)
-        result, _, _ = ensure(root, artifact, attack, preset=preset, params=kw, run=run_holder["run"],
-                              threads=threads or None, force=True, say=say)
-        shown = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-        say(f"attack {attack}: " + " ".join(f"{k} {v:.4g}" for k, v in list(shown.items())[:4])
-            + f" in {result.timings.get('total_s', 0):.0f} s")
-        out[attack] = result.to_json()
-    return out
-
-
 # ----------------------------------------------------------------------------------- main
 
 
@@ -298,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     from qdefend.errors import QdefendError
     from qdefend.run import RunPaths
 
-    sys.path.insert(0, str(HERE))
-    from latency import _loadavg, machine_info  # the same machine description as the latency benchmark
+    from qdefend.analysis.plot import scatter_plot
+    from qdefend.machine import load_average, machine_info
+    from qdefend.stages import ensure_attacks, ensure_exported, ensure_trained
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -310,12 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         for i, name in enumerate(args.configs, 1):
             root = args.runs_dir / run_dirname(name)
             say = lambda msg, tag=f"[{i}/{len(args.configs)} {name}]": print(f"{tag} {msg}", file=sys.stderr, flush=True)  # noqa: E731
-            ensure_trained(name, root, args.size, args.threads, say)
-            manifest = ensure_exported(root, args.artifacts, size["verify_images"], say)
+            ensure_trained(root, run_config(name, args.size), threads=args.threads, say=say)
+            manifest = ensure_exported(root, args.artifacts, verify_images=size["verify_images"], say=say)
             records = RunPaths(root).read_metrics()
             holder: dict = {}
             for art in args.artifacts:
-                results = ensure_attacked(root, art, size["preset"], args.threads, holder, say)
+                results = ensure_attacks(root, art, ATTACKS, preset=size["preset"], threads=args.threads or None,
+                                         say=say, run_holder=holder)
                 row = build_row(name, CONFIGS[name], art, records, manifest, results)
                 rows.append(row)
                 say(f"row: acc {row['test_acc']} ({row['test_acc_source']}), decoder mse {row['decoder_mse']}")
@@ -325,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "qdefend.privacy_utility", "schema_version": 1, "started": started,
               "command": " ".join(["python", "benchmarks/privacy_utility.py", *(argv if argv is not None else sys.argv[1:])]),
-              "machine": machine_info(), "load_average_end": _loadavg(),
+              "machine": machine_info(), "load_average_end": load_average(),
               "settings": {"size": args.size, "configs": args.configs, "artifacts": args.artifacts,
                            "data": size["data"], "train": size["train"], "attack_preset": size["preset"] or "default",
                            "attacks": list(ATTACKS), "verify_images": size["verify_images"],
@@ -339,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     pts = [(f"{r['config']} ({r['artifact'].split('.')[-1]})" if len(args.artifacts) > 1 else r["config"],
             r["decoder_mse"], r["test_acc"]) for r in rows
            if r["decoder_mse"] is not None and r["test_acc"] is not None]
-    plot(pts, args.out / "privacy_utility.png")
+    scatter_plot(pts, args.out / "privacy_utility.png")
     print(f"{'config':18s} {'artifact':22s} {'acc':>7s} {'dec mse':>8s} {'dec ssim':>8s} {'clone mse':>9s} {'train s':>8s}")
     for r in rows:
         f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731

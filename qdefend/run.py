@@ -174,3 +174,13 @@ def load_run(root: Path | str, which: str = "best", *, data: SplitData | None = 
     run.net.eval()
     run.paths, run.state = paths, state
     return run
+
+
+def train_summary(records: list[dict]) -> dict[str, Any]:
+    """Test accuracies of the last "test" event and summed epoch time of a run's metrics.jsonl."""
+    tests = [r for r in records if r.get("event") == "test"]
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    test = tests[-1] if tests else {}
+    return {"test_acc_int8": test.get("test_acc_int8"), "test_acc_fakequant": test.get("test_acc_fakequant"),
+            "epochs": len(epochs),
+            "train_time_s": round(sum(float(r.get("time_s", 0.0)) for r in epochs), 2) if epochs else None}

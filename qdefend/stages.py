@@ -16,16 +16,18 @@ these three functions, so they agree on when a stage's output on disk still stan
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .checkpoint import has_checkpoint
 from .config import RunConfig, flat_keys
 from .errors import QdefendError
 from .run import RunPaths
 
-__all__ = ["ensure_trained", "ensure_exported", "ensure_attacked", "Trained", "config_difference", "HOW_TO_RUN"]
+__all__ = ["ensure_trained", "ensure_exported", "ensure_attacked", "ensure_attacks", "Trained", "config_difference",
+           "HOW_TO_RUN"]
 
 # config keys that say how a run is executed, not what it computes: they may differ on re-use
 HOW_TO_RUN = ("train.num_threads", "train.device", "train.eval_batch_size", "train.keep_checkpoints")
@@ -69,16 +71,22 @@ def _test_event(paths: RunPaths) -> dict[str, Any] | None:
     return done[-1] if done and has_checkpoint(paths.checkpoints) else None
 
 
-def ensure_trained(root: str | Path, cfg: RunConfig | None = None, *, say: Say = _quiet,
-                   make_trainer: Callable[..., Any] | None = None, console: Any = None,
-                   progress: bool = False) -> Trained:
-    """Train the run at ``root`` with ``cfg``, finish it from its last checkpoint, or re-use it.
+def ensure_trained(root: str | Path, cfg: RunConfig | dict | None = None, *, say: Say = _quiet,
+                   threads: int | None = None, make_trainer: Callable[..., Any] | None = None,
+                   console: Any = None, progress: bool = False) -> Trained:
+    """Train the run at ``root`` with ``cfg`` (a RunConfig or its dict), finish it from its last
+    checkpoint, or re-use it. ``threads``: torch CPU threads for this training (not part of what
+    the run computes, so it may differ from the saved run's).
 
     ``cfg`` None re-uses (or resumes) whatever config the run directory holds and needs one there.
     ``make_trainer(cfg, root, resume=..., console=..., progress=...)`` builds the trainer
     (default :class:`qdefend.train.Trainer`); the run's own config.toml is what a resume trains.
     """
     paths = RunPaths(root)
+    if isinstance(cfg, dict):
+        cfg = RunConfig.from_dict(cfg)
+    if cfg is not None and threads:
+        cfg.train.num_threads = threads
     saved = RunConfig.load(paths.config) if paths.config.is_file() else None
     if saved is not None and cfg is not None:
         diff = config_difference(saved, cfg)
@@ -101,8 +109,12 @@ def ensure_trained(root: str | Path, cfg: RunConfig | None = None, *, say: Say =
             return Trainer(c, r, console=console, progress=progress)
 
     run_cfg = saved if resume else cfg if cfg is not None else saved
+    if threads:
+        run_cfg.train.num_threads = threads
     say(f"train: {'resuming ' if resume else ''}{paths.root} ({run_cfg.train.epochs} epoch(s))")
+    t0 = time.perf_counter()
     rec = make_trainer(run_cfg, paths.root, resume=resume, console=console, progress=progress).fit(resume=resume)
+    say(f"train: done in {time.perf_counter() - t0:.0f} s")
     return Trained(paths.root, rec, reused=False, resumed=resume)
 
 
@@ -150,3 +162,32 @@ def ensure_attacked(root: str | Path, artifact: str, attack: str, *, preset: str
     res, path = attack_run(root, artifact, attack, preset=preset, params=params, seed=seed, run=run,
                            threads=threads, progress=progress)
     return res, path, False
+
+
+def ensure_attacks(root: str | Path, artifact: str, attacks: Iterable[str], *, preset: str | None = None,
+                   params: dict[str, dict] | None = None, seed: int = 0, threads: int | None = None,
+                   say: Say = _quiet, run_holder: dict | None = None) -> dict[str, dict]:
+    """:func:`ensure_attacked` for several attacks on one target: their results as JSON dicts by
+    attack name, the run loaded once (and kept in ``run_holder["run"]`` across calls) only if an
+    attack really runs. ``params``: attack name -> parameter overrides on top of the preset."""
+    from .attacks.runner import saved_result
+    from .run import load_run
+
+    holder = run_holder if run_holder is not None else {}
+    out = {}
+    for attack in attacks:
+        kw = dict((params or {}).get(attack, {}))
+        path, saved = saved_result(root, artifact, attack, preset=preset, params=kw, seed=seed)
+        if saved is not None:
+            say(f"attack {attack} on {artifact}: done already, skipped (re-using {path})")
+            out[attack] = saved.to_json()
+            continue
+        if "run" not in holder:
+            holder["run"] = load_run(root)
+        result, _, _ = ensure_attacked(root, artifact, attack, preset=preset, params=kw, seed=seed, run=holder["run"],
+                                       threads=threads, force=True, say=say)
+        shown = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        say(f"attack {attack}: " + " ".join(f"{k} {v:.4g}" for k, v in list(shown.items())[:4])
+            + f" in {result.timings.get('total_s', 0):.0f} s")
+        out[attack] = result.to_json()
+    return out

@@ -273,3 +273,23 @@ def test_line_plot_draws_every_panel_and_skips_missing_points(tmp_path):
     top, bottom = img[:300], img[300:]
     assert (top == (31, 119, 180)).all(-1).sum() > 20 and (bottom == (31, 119, 180)).all(-1).sum() > 20
     assert (img == (255, 243, 205)).all(-1).sum() > 1000  # the shaded span
+
+
+def test_scatter_plot_draws_the_finite_points_with_error_bars(tmp_path):
+    from PIL import Image
+
+    from qdefend.analysis.plot import scatter_plot
+
+    def marker_pixels(path):
+        img = Image.open(path).convert("RGB")
+        return img.size, int((np.asarray(img) == (31, 119, 180)).all(-1).sum())
+
+    size, two = marker_pixels(scatter_plot([("none", 0.02, 0.9), ("noise", 0.05, 0.85), ("bad", float("nan"), 0.5)],
+                                      tmp_path / "p.png", size=(400, 300)))
+    assert size == (400, 300)
+    _, one = marker_pixels(scatter_plot([("none", 0.02, 0.9)], tmp_path / "one.png", size=(400, 300)))
+    _, none = marker_pixels(scatter_plot([("bad", float("nan"), 0.5)], tmp_path / "none.png", size=(400, 300)))
+    assert none == 0 and one > 20 and 1.5 * one < two < 2.5 * one  # two markers drawn, the NaN one not
+    _, bars = marker_pixels(scatter_plot([("a", 0.02, 0.9, 0.002, 0.01)], tmp_path / "err.png", size=(400, 300)))
+    assert bars > 20  # with seed error bars
+    scatter_plot([], tmp_path / "empty.png")

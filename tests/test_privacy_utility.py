@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import load_benchmark
@@ -91,24 +90,6 @@ def test_build_row_from_fixed_results(pu, tmp_path):
     assert md[0].startswith("| config |") and len(md) == 4
     assert md[2].startswith("| none | encoder.int8.tflite | 81.00% | 0.0200 (1.00x) |")
     assert "| noise | encoder.int8.tflite | 75.00% | 0.0300 (1.50x) | 0.400 | 0.1000 (above floor: attack failed) | 0.3 |" == md[3]
-
-
-def test_plot_draws_the_finite_points(pu, tmp_path):
-    from PIL import Image
-
-    def marker_pixels(path):
-        img = Image.open(path).convert("RGB")
-        return img.size, int((np.asarray(img) == (31, 119, 180)).all(-1).sum())
-
-    size, two = marker_pixels(pu.plot([("none", 0.02, 0.9), ("noise", 0.05, 0.85), ("bad", float("nan"), 0.5)],
-                                      tmp_path / "p.png", size=(400, 300)))
-    assert size == (400, 300)
-    _, one = marker_pixels(pu.plot([("none", 0.02, 0.9)], tmp_path / "one.png", size=(400, 300)))
-    _, none = marker_pixels(pu.plot([("bad", float("nan"), 0.5)], tmp_path / "none.png", size=(400, 300)))
-    assert none == 0 and one > 20 and 1.5 * one < two < 2.5 * one  # two markers drawn, the NaN one not
-    _, bars = marker_pixels(pu.plot([("a", 0.02, 0.9, 0.002, 0.01)], tmp_path / "err.png", size=(400, 300)))
-    assert bars > 20  # with seed error bars
-    pu.plot([], tmp_path / "empty.png")
 
 
 @pytest.mark.slow

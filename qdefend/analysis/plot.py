@@ -1,4 +1,4 @@
-"""Line plots with matplotlib: stacked panels sharing one x axis.
+"""Figures with matplotlib: line plots (stacked panels sharing one x axis) and labelled scatters.
 
 Each :class:`Panel` holds named series (NaN/None points are skipped, lines break there), optional
 shaded x spans (e.g. the Golden Partition Zone) and an optional log-scaled y axis. Used by the
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["Series", "Panel", "line_plot", "COLORS"]
+__all__ = ["Series", "Panel", "line_plot", "scatter_plot", "COLORS"]
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 
@@ -67,6 +67,37 @@ def line_plot(xs: Sequence[float], panels: Sequence[Panel], path: str | Path, *,
     axes[-1].set_xlabel(xlabel)
     if xs:
         axes[-1].set_xticks(xs, list(xticklabels) if xticklabels else [f"{x:g}" for x in xs])
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def scatter_plot(points: Sequence[tuple], path: str | Path, *, size: tuple[int, int] = (720, 480),
+                 xlabel: str = "decoder MSE (higher = more private)", ylabel: str = "test accuracy",
+                 title: str = "privacy vs utility (int8, Fashion-MNIST)") -> Path:
+    """Scatter of labelled points with matplotlib: ``(label, x, y)`` or ``(label, x, y, x_std,
+    y_std)`` (error bars: the standard deviation over seeds); non-finite points are left out."""
+    from matplotlib.figure import Figure
+
+    pts = [p for p in points if math.isfinite(p[1]) and math.isfinite(p[2])]
+    dpi = 100
+    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    ax = fig.subplots()
+    for lab, x, y, *err in pts:
+        xe, ye = (err + [None, None])[:2]
+        if xe or ye:
+            ax.errorbar(x, y, xerr=xe or None, yerr=ye or None, fmt="none", ecolor="0.4", elinewidth=1, capsize=3)
+        ax.scatter([x], [y], s=40, color="#1f77b4", edgecolors="black", linewidths=0.6, zorder=3)
+        ax.annotate(lab, (x, y), xytext=(6, 5), textcoords="offset points", fontsize=8)
+    if not pts:
+        ax.text(0.5, 0.5, "no finite points", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.25, y=0.15)  # room for the labels
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
