@@ -24,7 +24,12 @@ from typing import Any, Callable, Iterable
 from .checkpoint import has_checkpoint
 from .config import RunConfig, flat_keys
 from .errors import QdefendError
-from .run import RunPaths
+from .run import RunPaths, load_run
+from .defenses import build_defense, resolved_params
+from .edge.errors import ArtifactError
+from .edge.manifest import load_manifest, verify_artifact
+from .export import export_run
+from .attacks.runner import attack_run, saved_result
 
 __all__ = ["ensure_trained", "ensure_exported", "ensure_attacked", "ensure_attacks", "Trained", "config_difference",
            "HOW_TO_RUN"]
@@ -41,7 +46,6 @@ def _quiet(_: str) -> None:
 
 def _resolved(cfg: RunConfig) -> dict[str, Any]:
     """The config as the trainer saves it: every defense parameter filled in with its default."""
-    from .defenses import build_defense, resolved_params
 
     d = cfg.to_dict()
     d["defense"]["params"] = resolved_params(build_defense(cfg.defense))
@@ -123,8 +127,6 @@ def ensure_exported(root: str | Path, artifacts: list[str] | None = None, *, say
     """The run's manifest, exporting the run unless every artifact in ``artifacts`` (default: all
     the manifest lists) is there intact (sha256). ``export_kw`` go to
     :func:`qdefend.export.export_run` (formats, calibrate, verify_images, progress)."""
-    from .edge.errors import ArtifactError
-    from .edge.manifest import load_manifest, verify_artifact
 
     root = Path(root)
     try:
@@ -137,7 +139,6 @@ def ensure_exported(root: str | Path, artifacts: list[str] | None = None, *, say
             return m
     except ArtifactError:
         pass
-    from .export import export_run
 
     if artifacts is not None and "formats" not in export_kw:
         export_kw["formats"] = tuple(dict.fromkeys(a.rsplit(".", 1)[-1] for a in artifacts))
@@ -151,7 +152,6 @@ def ensure_attacked(root: str | Path, artifact: str, attack: str, *, preset: str
                     progress: Say | None = None) -> tuple[Any, Path, bool]:
     """``(result, path, reused)`` of ``attack`` on ``artifact`` of the run at ``root``: the saved
     result when it still stands (see the module docstring), else a fresh run of the attack."""
-    from .attacks.runner import attack_run, saved_result
 
     if not force:
         path, saved = saved_result(root, artifact, attack, preset=preset, params=params, seed=seed)
@@ -170,8 +170,6 @@ def ensure_attacks(root: str | Path, artifact: str, attacks: Iterable[str], *, p
     """:func:`ensure_attacked` for several attacks on one target: their results as JSON dicts by
     attack name, the run loaded once (and kept in ``run_holder["run"]`` across calls) only if an
     attack really runs. ``params``: attack name -> parameter overrides on top of the preset."""
-    from .attacks.runner import saved_result
-    from .run import load_run
 
     holder = run_holder if run_holder is not None else {}
     out = {}

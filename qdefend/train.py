@@ -26,7 +26,7 @@ from .config import RunConfig
 from .data import Split, batches
 from .defenses import StepContext, EpochContext, resolved_params
 from .errors import NonFiniteLossError, QdefendError
-from .run import Run, RunPaths, build_run, load_parts
+from .run import Run, RunPaths, build_run, load_parts, load_run
 
 
 MAX_LOSS_PER_NAT = 25.0  # divergence: a batch's task loss above 25 x ln(classes) (57.6 for 10 classes)
@@ -351,7 +351,6 @@ class Trainer:
 
     def _final_eval(self, device) -> dict[str, Any]:
         """Test accuracy of the best checkpoint: fake-quant/float and converted int8."""
-        from .run import load_run
 
         run = load_run(self.paths.root, "best", data=self._data)
         run.net.to(device)

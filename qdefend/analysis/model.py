@@ -27,6 +27,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import QdefendError
+from ..config import RunConfig, TrainConfig
+from ..data import DataConfig
+from ..defenses import parse_stack
+from ..models import ModelConfig, MODELS, build_model, valid_cuts
+from ..quant import QuantConfig
+from ..checkpoint import load_checkpoint
+from ..run import RunPaths, load_run
+from ..train import Trainer
+from ..stages import ensure_trained
 
 if TYPE_CHECKING:
     from .partition import PartitionConfig
@@ -53,11 +62,6 @@ class AnalysisPlan:
 
 def plan_analysis(cfg: "PartitionConfig") -> AnalysisPlan:
     """Resolve names, width, sigma, data split and output folder (reads the --from run's config)."""
-    from ..config import RunConfig, TrainConfig
-    from ..data import DataConfig
-    from ..defenses import parse_stack
-    from ..models import MODELS, ModelConfig, valid_cuts
-    from ..quant import QuantConfig
 
     notes: list[str] = []
     src = RunConfig.load(Path(cfg.from_run) / "config.toml") if cfg.from_run else None
@@ -107,9 +111,6 @@ def plan_analysis(cfg: "PartitionConfig") -> AnalysisPlan:
 
 def _edge_init(plan: AnalysisPlan, data) -> dict[str, dict[str, torch.Tensor]]:
     """Fresh analysis weights with the --from run's edge (stem, stages 1..cut) spliced in."""
-    from ..checkpoint import load_checkpoint
-    from ..models import build_model
-    from ..run import RunPaths
 
     paths = RunPaths(plan.run_cfg.init_from)
     paths.require_trained()
@@ -128,8 +129,6 @@ def _edge_init(plan: AnalysisPlan, data) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _trainer_cls():
-    from ..train import Trainer
-
     class _AnalysisTrainer(Trainer):
         """The project's Trainer, with a spliced initialisation and frozen edge stages (--from):
         the stages named in ``frozen`` go through the Trainer's own freezing (no gradient step, eval
@@ -154,8 +153,6 @@ def _trainer_cls():
 def ensure_model(plan: AnalysisPlan, data, console, progress: bool):
     """Train the analysis model into OUT/model, or reuse / resume the one already there
     (:func:`qdefend.stages.ensure_trained`)."""
-    from ..run import load_run
-    from ..stages import ensure_trained
 
     root = plan.out / "model"
     m = plan.run_cfg.model

@@ -47,6 +47,9 @@ from . import entropy as ent
 from .model import ensure_model, plan_analysis, say as _say
 from .radius import FLAT, RadiusAccumulator, locate_zone
 from .similarity import float_int8_kl, int8_stage_chain, neighbour_kl, pooled_channel_kl
+from ..models import MODELS, count_macs, count_params, stage_outputs, valid_cuts
+from ..attacks.metrics import image_metrics, mean_image_baseline
+from ..data import DATASETS, batches, load_dataset
 
 __all__ = ["PartitionConfig", "analyze_partition", "DECODER_BUDGET", "RESULT_VERSION"]
 
@@ -97,9 +100,6 @@ class PartitionConfig:
     out: str | None = None
 
     def __post_init__(self):
-        from ..data import DATASETS
-        from ..models import MODELS
-
         if self.model is not None:
             MODELS.get(self.model)  # unknown -> lists the valid models
         if self.dataset is not None:
@@ -163,8 +163,6 @@ def _noisy(z: np.ndarray, sigma: float, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def _stage_features(net, x01: np.ndarray, norm, keys: list[str], batch: int = 256) -> dict[str, np.ndarray]:
-    from ..models import stage_outputs
-
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for i in range(0, len(x01), batch):
         o = stage_outputs(net, torch.from_numpy(norm.apply(x01[i:i + batch])))
@@ -179,9 +177,6 @@ def _stage_features(net, x01: np.ndarray, norm, keys: list[str], batch: int = 25
 def analyze_partition(cfg: PartitionConfig, *, console=None, progress: bool = True, save: bool = True) -> dict:
     """Run the whole analysis (see the module docstring); returns the JSON-ready result and, with
     ``save``, writes OUT/partition.json, OUT/partition.png (and OUT/reconstructions.png)."""
-    from ..attacks.metrics import image_metrics, mean_image_baseline
-    from ..data import batches, load_dataset
-    from ..models import count_macs, count_params, stage_outputs, valid_cuts
 
     t_start = time.perf_counter()
     plan = plan_analysis(cfg)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..plainjson import plain
+from .plot import Panel, Series, line_plot
 
 __all__ = ["save_report", "render", "loose_cuts"]
 
@@ -90,7 +91,6 @@ def render(result: dict, console) -> None:
 
 def save_report(result: dict, out: str | Path, *, grid=None) -> list[str]:
     """Write OUT/partition.json, OUT/partition.png and (with a grid) OUT/reconstructions.png."""
-    from .plot import Panel, Series, line_plot
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 from torch.nn import functional as F
+from .. import quant
 
 __all__ = ["channel_kl", "pooled_channel_kl", "neighbour_kl", "int8_stage_chain", "float_int8_kl"]
 
@@ -81,7 +82,6 @@ def int8_stage_chain(encoder: nn.Sequential, calib_x: torch.Tensor) -> "OrderedD
     it from ``calib_x`` (normalised images). Returns {child name: converted int8 module}."""
     import warnings
 
-    from .. import quant
 
     out: OrderedDict[str, nn.Module] = OrderedDict()
     h = calib_x

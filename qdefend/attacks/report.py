@@ -35,6 +35,10 @@ from qdefend.plainjson import plain
 from .base import ATTACKS, AttackError, AttackResult
 from .grid import save_grid
 from .metrics import bootstrap_ci
+from qdefend.config import parse_assignment
+from qdefend.edge.manifest import load_manifest
+from qdefend.run import RunPaths, load_run
+from .runner import attack_run, saved_result
 
 __all__ = ["CompareConfig", "DEFAULT_ATTACKS", "DEFAULT_ARTIFACTS", "compare", "paired_verdict", "fidelity_verdict"]
 
@@ -96,7 +100,6 @@ class CompareConfig:
 
 def parse_presets(items: list[str]) -> dict[str, str]:
     """``["decoder=fast", "gan=fast"]`` -> {"decoder": "fast", "gan": "fast"}."""
-    from qdefend.config import parse_assignment
 
     return {a: str(p) for a, p in (parse_assignment(item, "--preset", "decoder=fast", "ATTACK=PRESET", AttackError) for item in items)}
 
@@ -174,8 +177,6 @@ def _precision(artifact: str) -> str:
 def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str | Path | None = None,
             progress: Callable[[str], None] | None = None) -> dict:
     """Attack every artifact of every run, write the report; returns report.json's content."""
-    from qdefend.edge.manifest import load_manifest
-    from qdefend.run import RunPaths
 
     cfg = cfg or CompareConfig()
     say = progress or (lambda m: None)
@@ -254,7 +255,6 @@ def _preset(cfg: CompareConfig, attack: str) -> str | None:
 
 def _reusable(run_dir: Path, art: str, attack: str, cfg: CompareConfig) -> tuple[Path, AttackResult | None]:
     """(result path, the saved result there if compare may reuse it: :func:`.runner.saved_result`)."""
-    from .runner import saved_result
 
     return saved_result(run_dir, art, attack, preset=_preset(cfg, attack), params=cfg.params.get(attack),
                         seed=cfg.seed)
@@ -271,9 +271,7 @@ def _attack_target(run_dir: str, art: str, cfg_dict: dict, threads: int | None,
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch/torchao internals, as in the CLI
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-    from qdefend.run import load_run
 
-    from .runner import attack_run
 
     if threads:
         torch.set_num_threads(threads)

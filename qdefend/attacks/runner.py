@@ -15,6 +15,13 @@ from typing import Any, Callable
 
 from .base import ATTACKS, Attack, AttackError, AttackResult, build_attack
 from .grid import save_grid
+from qdefend.config import parse_assignment
+from qdefend.checkpoint import MODEL_FILE, STATE_FILE, resolve_tag
+from qdefend.edge.manifest import ArtifactError, load_manifest
+from qdefend.errors import QdefendError
+from qdefend.run import RunPaths, load_run
+from qdefend.defenses.output import parse_output_defense
+from .targets import open_target
 
 __all__ = ["attack_run", "parse_params", "result_path", "resolve_spec", "cached_result", "saved_result", "BUDGET_PARAMS"]
 
@@ -26,7 +33,6 @@ BUDGET_PARAMS = {"extraction": "budgets", "decoder": "aux_size", "gan": "aux_siz
 def parse_params(items: list[str] | None) -> dict[str, Any]:
     """``["epochs=5", "budgets=1000,5000", "through_twin=true"]`` -> typed dict (TOML values,
     else the raw string)."""
-    from qdefend.config import parse_assignment
 
     return dict(parse_assignment(item, "--set", "epochs=10", error=AttackError) for item in items or [])
 
@@ -55,10 +61,6 @@ def target_fingerprint(run_dir: str | Path, spec: str) -> dict[str, str]:
     A cached result is reused only while its fingerprint is unchanged (retrain or re-export -> rerun)."""
     import json
 
-    from qdefend.checkpoint import MODEL_FILE, STATE_FILE, resolve_tag
-    from qdefend.edge.manifest import ArtifactError, load_manifest
-    from qdefend.errors import QdefendError
-    from qdefend.run import RunPaths
 
     paths = RunPaths(run_dir)
     fp: dict[str, str] = {}
@@ -94,8 +96,6 @@ def cached_result(run_dir: str | Path, spec: str, attack: Attack, *, seed: int =
     None means: run the attack again."""
     import json
 
-    from qdefend.defenses.output import parse_output_defense
-    from qdefend.errors import QdefendError
 
     post = parse_output_defense(service_output)
     path = _service_result_path(run_dir, attack.name, spec, post)
@@ -121,7 +121,6 @@ def attack_run(run_dir: str | Path, spec: str, attack: str, *, preset: str | Non
     and the path of its JSON (written when ``save``). ``service_output``: a service-side output
     defense (qdefend.defenses.output, e.g. "round:2") on the service's probabilities; the result
     is then written as ``ATTACK-TARGET@TAG.json``."""
-    from qdefend.run import RunPaths, load_run
 
     params = dict(params or {})
     cls = ATTACKS.get(attack)
@@ -138,7 +137,6 @@ def attack_run(run_dir: str | Path, spec: str, attack: str, *, preset: str | Non
     RunPaths(run_dir).require_trained()
     if run is None:
         run = load_run(run_dir)
-    from .targets import open_target
 
     target = open_target(run_dir, spec, run=run, output=output, threads=threads, service_output=service_output)
     result = atk.run(target, run.data, seed=seed, progress=progress)

@@ -31,6 +31,10 @@ from qdefend.data import Normalization
 from qdefend.edge.release import dequantize, quantize, random_release, torch_release, wire_quant_params, wire_torch
 
 from .base import CAPABILITIES, AttackError
+from qdefend.run import Run, RunPaths, load_run
+from qdefend import quant
+from qdefend.edge.manifest import ArtifactError
+from qdefend.edge.runtime import Runtime
 
 __all__ = [
     "TARGET_KINDS", "Target", "TorchTarget", "RuntimeTarget", "ServiceTarget", "open_target",
@@ -180,8 +184,6 @@ class TorchTarget(Target):
     @classmethod
     def from_run(cls, run: Any, precision: str = "float") -> "TorchTarget":
         """``run``: a loaded :class:`qdefend.run.Run` or a run directory."""
-        from qdefend import quant
-        from qdefend.run import Run, load_run
 
         if precision not in ("float", "int8"):
             raise AttackError(f"precision must be 'float' or 'int8', got {precision!r}")
@@ -283,8 +285,6 @@ class RuntimeTarget(Target):
     @classmethod
     def open(cls, run_dir, artifact: str, *, interpreter: str = "auto", threads: int | None = None,
              run: Any = None) -> "RuntimeTarget":
-        from qdefend.edge.manifest import ArtifactError
-        from qdefend.edge.runtime import Runtime
 
         try:
             rt = Runtime.open(run_dir, artifact, interpreter=interpreter, threads=threads)
@@ -409,7 +409,6 @@ def open_target(run_dir, spec: str, *, run: Any = None, output: str = "probabili
     ``service_output``: a service-side output defense applied to its probabilities, e.g. "round:2"
     (see qdefend.defenses.output); only for ``service:`` targets.
     """
-    from qdefend.run import RunPaths
 
     run_dir = Path(run_dir)
     paths = RunPaths(run_dir)

@@ -61,6 +61,7 @@ from torch import nn
 from .. import quant as _quant  # noqa: F401  (sets TORCHAO_FORCE_SKIP_LOADING_SO_FILES before torchao loads)
 from ..errors import QdefendError
 from .base import Defense, EpochContext, StepContext
+from ..data import batches
 
 __all__ = ["DivQATConfig", "DivQAT", "divergence", "divergence_loss", "float_twin", "has_fake_quant"]
 
@@ -207,7 +208,6 @@ class DivQAT(Defense):
         n = min(self.config.eval_samples, len(ctx.data.val))
         if n == 0 or not has_fake_quant(ctx.encoder, ctx.head):
             return {}
-        from ..data import batches
 
         dev = next(ctx.head.parameters()).device
         kls, agree, seen = [], 0, 0

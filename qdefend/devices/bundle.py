@@ -46,6 +46,7 @@ from qdefend.errors import QdefendError
 
 from qdefend.edge.manifest import load_manifest, sha256_file, verify_artifact, write_manifest
 from .profiles import DeviceProfile, get_profile
+from qdefend.edge.runtime import Runtime, _TFLite
 
 __all__ = ["BUNDLE_SCHEMA", "COPIED_FILES", "REFERENCE_IMAGES", "make_bundle", "extract_bundle", "bundle_top",
            "download_wheels", "reference_images"]
@@ -92,7 +93,6 @@ def _reference_runtime(stage: Path, artifact: str, runtime: str):
     from LiteRT's XNNPACK ones by a few LSB (22 of 3,136 on a tiny encoder, up to 6 LSB behind a
     Sigmoid), so its reference is made by LiteRT without the default delegates, which matched
     tflite-runtime 2.14.0 bit for bit on x86."""
-    from qdefend.edge.runtime import Runtime, _TFLite
 
     try:
         return Runtime.open(stage, artifact, interpreter=runtime, threads=1), "default"

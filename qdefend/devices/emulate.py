@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from qdefend.errors import QdefendError
+from .profiles import AARCH64_PLATFORMS, DEVICES
 
 __all__ = ["EmulateConfig", "EmulationError", "emulate", "emulated_devices", "cache_root", "ensure_qemu",
            "ensure_rootfs", "ensure_venv", "qemu_command", "pip_download_command", "requirements_hash",
@@ -82,7 +83,6 @@ class EmulationError(QdefendError):
 
 def emulated_devices() -> dict[str, str]:
     """Device profile name -> QEMU ``-cpu`` for every profile that QEMU stands in for (Pis first)."""
-    from .profiles import DEVICES
 
     names = sorted(DEVICES.names(), key=lambda n: (not n.startswith("rpi"), n))
     return {n: p.qemu_cpu for n in names if (p := DEVICES.get(n)).arch == "aarch64" and p.qemu_cpu}
@@ -128,7 +128,6 @@ def qemu_command(qemu: Path, rootfs: Path, cpu: str, argv: list) -> list[str]:
 
 def pip_download_command(requirements: Path, dest: Path, python: str = sys.executable) -> list[str]:
     """Host-side ``pip download`` of the cp311 manylinux aarch64 wheels of `requirements`."""
-    from .profiles import AARCH64_PLATFORMS
 
     plats = [a for p in AARCH64_PLATFORMS for a in ("--platform", p)]
     return [python, "-m", "pip", "download", "--only-binary=:all:", "--python-version", PYTHON_VERSION,

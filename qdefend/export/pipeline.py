@@ -44,6 +44,7 @@ from qdefend.run import Run, load_run
 from . import verify as V
 from .onnx import export_onnx
 from .tflite import export_tflite
+from qdefend.edge.runtime import Runtime
 
 __all__ = ["FORMATS", "ARTIFACTS", "ACCEPTANCE", "HEAD_CALIBRATION_IMAGES", "export_run", "float_twin"]
 
@@ -261,7 +262,6 @@ def _verify(run: Run, root: Path, entries: dict, enc_int8, enc_float, head_ref, 
     """Every artifact run through the device runtime on the test split against its torch model:
     int8 encoders vs the converted encoder, the float encoder vs the float twin, heads on the
     torch int8 features; plus the two int8 encoders against each other, sizes and acceptance."""
-    from qdefend.edge.runtime import Runtime
 
     test = run.data.test
     n = len(test) if limit is None else min(limit, len(test))
