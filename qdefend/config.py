@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checks import check_choice, check_number
 from .data import DataConfig
 from .errors import QdefendError
 from .models import ModelConfig
@@ -49,35 +50,24 @@ class TrainConfig:
     max_loss: float | None = None  # a batch's task loss above this is divergence (unset: 25 x ln(classes))
 
     def __post_init__(self):
-        if self.epochs < 1:
-            raise QdefendError(f"epochs must be >= 1, got {self.epochs}: pass --epochs 2")
-        if self.batch_size < 1:
-            raise QdefendError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise QdefendError(f"lr must be > 0, got {self.lr}: e.g. --set train.lr=0.05")
+        check_number(self.epochs, "train.epochs", lo=1, integer=True, fix="--epochs 2")
+        check_number(self.batch_size, "train.batch_size", lo=1, integer=True, example=128)
+        check_number(self.lr, "train.lr", lo=0, lo_open=True, example=0.05)
         for key in ("momentum", "weight_decay", "gamma"):
-            if getattr(self, key) < 0:
-                raise QdefendError(f"train.{key} must be >= 0, got {getattr(self, key)}: e.g. --set train.{key}=0")
-        if self.num_threads < 0:
-            raise QdefendError(f"num_threads must be >= 1 (or 0 for torch's default), got {self.num_threads}: "
-                               "e.g. --threads 2")
-        if self.eval_batch_size < 1:
-            raise QdefendError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}: e.g. --set train.eval_batch_size=512")
-        if self.keep_checkpoints < 1:
-            raise QdefendError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}: e.g. --set train.keep_checkpoints=2")
-        if any(m < 1 for m in self.milestones):
-            raise QdefendError(f"milestones are epochs >= 1, got {self.milestones}: e.g. --set train.milestones=[10,20]")
-        if self.max_loss is not None and self.max_loss <= 0:
-            raise QdefendError(f"max_loss must be > 0 (or unset for the automatic rule), got {self.max_loss}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise QdefendError(f"unknown optimizer '{self.optimizer}'. Valid optimizers: adam, sgd")
-        if self.schedule not in ("cosine", "step", "none"):
-            raise QdefendError(f"unknown schedule '{self.schedule}'. Valid schedules: cosine, none, step")
-        if self.device not in ("cpu", "cuda"):
-            raise QdefendError(f"unknown device '{self.device}'. Valid devices: cpu, cuda")
-        if self.freeze not in FREEZE:
-            raise QdefendError(f"unknown freeze '{self.freeze}'. Valid: {', '.join(FREEZE)} "
-                               "(e.g. --set train.freeze=network to train only a defense's own parameters)")
+            check_number(getattr(self, key), f"train.{key}", lo=0, example=0)
+        check_number(self.num_threads, "train.num_threads (0: torch's default)", lo=0, integer=True, fix="--threads 2")
+        check_number(self.eval_batch_size, "train.eval_batch_size", lo=1, integer=True, example=512)
+        check_number(self.keep_checkpoints, "train.keep_checkpoints", lo=1, integer=True, example=2)
+        for m in self.milestones:
+            check_number(m, "train.milestones (epochs)", lo=1, integer=True, fix="--set train.milestones=[10,20]")
+        if self.max_loss is not None:
+            check_number(self.max_loss, "train.max_loss (or unset for the automatic rule)", lo=0, lo_open=True,
+                         fix="--set train.max_loss=50")
+        check_choice(self.optimizer, "train.optimizer", ("sgd", "adam"))
+        check_choice(self.schedule, "train.schedule", ("cosine", "step", "none"))
+        check_choice(self.device, "train.device", ("cpu", "cuda"))
+        check_choice(self.freeze, "train.freeze", FREEZE,
+                     fix="--set train.freeze=network (to train only a defense's own parameters, with --from)")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from .checks import check_number
 from .errors import QdefendError
 from .registry import Registry
 
@@ -51,13 +52,11 @@ class DataConfig:
         if self.data_dir is not None:
             self.data_dir = str(self.data_dir)
         for key in ("val_size", "aux_size", "seed"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or v < 0:
-                raise QdefendError(f"data.{key} must be an integer >= 0, got {v!r}: e.g. --set data.{key}=0")
+            check_number(getattr(self, key), f"data.{key}", lo=0, integer=True, example=0)
         for key, example in (("limit_train", 1000), ("limit_test", 1000), ("image_size", 32)):
-            v = getattr(self, key)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise QdefendError(f"data.{key} must be >= 1 or unset, got {v!r}: e.g. --set data.{key}={example}")
+            if getattr(self, key) is not None:
+                check_number(getattr(self, key), f"data.{key} (or unset)", lo=1, integer=True,
+                             fix=f"--set data.{key}={example}")
         if self.image_size is not None and self.name != "imagefolder":
             raise QdefendError(f"data.image_size applies only to the imagefolder data set, not {self.name}: remove it")
 

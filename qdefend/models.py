@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checks import check_number
 from .errors import QdefendError
 from .registry import Registry
 
@@ -119,21 +120,15 @@ class ModelConfig:
                 f"{family.cuts[0]}..{family.cuts[-1]} (reference: "
                 f"ModelConfig(name='{self.name}', cut={family.reference_cut}))."
             )
-        if self.bottleneck_channels < 0:
-            raise QdefendError(
-                f"bottleneck_channels={self.bottleneck_channels} must be >= 0 "
-                "(0 = no bottleneck conv); the reference is ModelConfig(bottleneck_channels=8)."
-            )
+        check_number(self.bottleneck_channels, "model.bottleneck_channels (0 = no bottleneck conv)", lo=0,
+                     integer=True, fix="--set model.bottleneck_channels=8 (the reference)")
         if self.sigmoid and self.bottleneck_channels == 0:
             raise QdefendError(
                 "sigmoid=True follows the bottleneck conv, but bottleneck_channels=0 has none; use "
                 "ModelConfig(bottleneck_channels=0, sigmoid=False)."
             )
         for field in ("head_width", "width"):
-            if not getattr(self, field) > 0:
-                raise QdefendError(
-                    f"{field}={getattr(self, field)} must be > 0; e.g. ModelConfig({field}=1.0)."
-                )
+            check_number(getattr(self, field), f"model.{field}", lo=0, lo_open=True, example=1.0)
 
     @property
     def resolved_cut(self) -> int:

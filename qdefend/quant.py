@@ -38,6 +38,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .checks import check_choice
 from .errors import QdefendError
 
 __all__ = [
@@ -73,11 +74,7 @@ class QuantConfig:
     quantize_head: bool = False
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise QdefendError(
-                f"unknown quantization scheme '{self.scheme}'. Valid schemes: {', '.join(SCHEMES)} "
-                f"(e.g. QuantConfig(scheme='int8'))."
-            )
+        check_choice(self.scheme, "quant.scheme", SCHEMES, fix="--qat int8")
         if self.scheme == "none" and self.quantize_head:
             raise QdefendError(
                 "quantize_head=True needs scheme='int8'; use QuantConfig(scheme='int8', "

@@ -24,7 +24,7 @@ def test_list_commands(capsys):
         (["train", "--dataset", "cifar10", "--data-dir", "{tmp}/nowhere", "--out", "{tmp}/r"], "cifar"),
         (["train", "--qat", "int4", "--out", "{tmp}/r"], "int8"),
         (["train", "--resume", "--out", "{tmp}/nothing"], "no config"),
-        (["train", "--sigma", "-1", "--defense", "noise", "--out", "{tmp}/r"], "sigma must be >= 0"),
+        (["train", "--sigma", "-1", "--defense", "noise", "--out", "{tmp}/r"], "sigma must be a finite number >= 0"),
         (["train", "--device", "cuda", "--out", "{tmp}/r", "--set", "data.limit_train=64"], "--device cpu"),
         (["attack", "{tmp}/nothing", "--attack", "decoder"], "not a qdefend run"),
         (["attack", "{tmp}/nothing", "--attack", "invert-all"], "Valid attacks:"),

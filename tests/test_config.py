@@ -33,7 +33,7 @@ def test_int_is_accepted_for_float_fields():
     [
         ({"train": {"lrr": 0.1}}, "Valid keys of [train]"),
         ({"train": {"epochs": 0}}, "--epochs"),
-        ({"train": {"optimizer": "rmsprop"}}, "adam, sgd"),
+        ({"train": {"optimizer": "rmsprop"}}, "must be one of sgd, adam"),
         ({"train": {"epochs": "two"}}, "must be int"),
         ({"model": {"name": "vgg99"}}, "vgg11_bn"),
         ({"data": {"name": "svhn"}}, "fashion-mnist"),
@@ -79,3 +79,27 @@ def test_registries_take_the_name_from_the_class_and_refuse_a_contradiction():
         reg.register("dial")(Knob)
     with pytest.raises(ValueError, match="registered twice"):
         reg.register()(Knob)
+
+
+def test_the_validation_helpers_name_the_key_the_rule_the_value_and_the_fix():
+    from qdefend.checks import check_choice, check_number
+
+    assert check_number(3.0, "a.n", lo=1, integer=True) == 3 and isinstance(check_number(3.0, "a.n", integer=True), int)
+    assert check_number(0.5, "a.p", lo=0, hi=1, hi_open=True) == 0.5
+    cases = [
+        (dict(v=-1, lo=0), "a.x must be a finite number >= 0, got -1: e.g. --set a.x=2"),
+        (dict(v=0, lo=0, lo_open=True), "a.x must be a finite number > 0, got 0: e.g. --set a.x=2"),
+        (dict(v=1.0, lo=0, hi=1, hi_open=True), "a.x must be a finite number in [0, 1), got 1.0: e.g. --set a.x=2"),
+        (dict(v=float("nan"), lo=0), "a.x must be a finite number >= 0, got nan"),
+        (dict(v=True, lo=0), "got True"),  # a bool is not a number
+        (dict(v=2.5, lo=1, integer=True), "a.x must be an integer >= 1, got 2.5"),
+    ]
+    for kw, needle in cases:
+        v = kw.pop("v")
+        with pytest.raises(QdefendError) as e:
+            check_number(v, "a.x", example=2, **kw)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(QdefendError, match=r"^a.x must be a finite number >= 1, got 0: e.g. --epochs 2$"):
+        check_number(0, "a.x", lo=1, fix="--epochs 2")
+    with pytest.raises(QdefendError, match=r"^a.m must be one of sgd, adam, got 'rms': e.g. --set a.m=sgd$"):
+        check_choice("rms", "a.m", ("sgd", "adam"))

@@ -239,7 +239,7 @@ def test_wire_covers_four_sigmas_of_the_largest_kept_noise():
         ({"mask_every": 0}, "defense.params.vib-mask.mask_every=2"),
         ({"mask_every": 1.5}, "mask_every must be an integer"),
         ({"keep_ratio": 0.0}, "defense.params.vib-mask.keep_ratio=0.5"),
-        ({"keep_ratio": 1.5}, "keep_ratio must be in (0, 1]"),
+        ({"keep_ratio": 1.5}, "keep_ratio must be a finite number in (0, 1]"),
         ({"saliency_samples": -1}, "defense.params.vib-mask.saliency_samples=2048"),
         ({"init_logvar": 50.0}, "defense.params.vib-mask.init_logvar=-6"),
         ({"granularity": "pixel"}, "granularity must be one of element, channel"),

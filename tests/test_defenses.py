@@ -34,7 +34,7 @@ def test_defaults_are_resolved():
     "cfg, needle",
     [
         (DefenseConfig("noize"), "Valid defenses: "),
-        (DefenseConfig("noise", {"noise": {"sigma": -1.0}}), "sigma must be >= 0"),
+        (DefenseConfig("noise", {"noise": {"sigma": -1.0}}), "sigma must be a finite number >= 0"),
         (DefenseConfig("noise", {"noise": {"sgima": 1.0}}), "Valid keys of [defense.params.noise]: sigma"),
         (DefenseConfig("none", {"noise": {"sigma": 1.0}}), "not in the stack"),
         (DefenseConfig("noise+noise"), "twice"),

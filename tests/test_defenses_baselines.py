@@ -199,7 +199,7 @@ def test_composition_noise_nopeek():
     "spec, params, needle",
     [
         ("dropout", {"p": 1.0}, "defense.params.dropout.p=0.2"),
-        ("dropout", {"p": -0.1}, "dropout p must be in [0, 1)"),
+        ("dropout", {"p": -0.1}, "defense.params.dropout.p must be a finite number in [0, 1)"),
         ("topk", {"ratio": 1.0}, "defense.params.topk.ratio=0.5"),
         ("laplace", {"scale": -1.0}, "defense.params.laplace.scale="),
         ("ldp", {"epsilon": 0.0}, "defense.params.ldp.epsilon=10"),
@@ -434,7 +434,7 @@ def test_freeze_needs_a_trained_run_and_something_to_train(tmp_path):
 
     with pytest.raises(QdefendError, match="needs trained ones: add --from"):
         Trainer(_tiny_run_cfg({"stack": "shredder"}, freeze="network"), tmp_path / "a").fit()
-    with pytest.raises(QdefendError, match="unknown freeze 'all'. Valid: none, encoder, head, network"):
+    with pytest.raises(QdefendError, match="train.freeze must be one of none, encoder, head, network, got 'all'"):
         _tiny_run_cfg({"stack": "none"}, freeze="all")
     Trainer(_tiny_run_cfg({"stack": "none"}, epochs=1), tmp_path / "base").fit()
     cfg = _tiny_run_cfg({"stack": "noise"}, freeze="network")

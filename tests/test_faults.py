@@ -107,8 +107,8 @@ def test_binary_config_file_is_refused_in_one_line(tmp_path):
     (["--set", "train.milestones=[1, \"two\"]"], "train.milestones[1] must be int"),
     (["--set", "train.milestones=3"], "train.milestones must be a list"),
     (["--set", "train.epochs=true"], "train.epochs must be int"),
-    (["--threads", "-2"], "num_threads must be >= 1"),
-    (["--set", "train.keep_checkpoints=0"], "keep_checkpoints must be >= 1"),
+    (["--threads", "-2"], "num_threads (0: torch's default) must be an integer >= 0"),
+    (["--set", "train.keep_checkpoints=0"], "keep_checkpoints must be an integer >= 1"),
 ])
 def test_bad_config_values_are_refused(extra, needle, tmp_path, capsys):
     rc = main(["train", "--out", str(tmp_path / "r"), *extra])
@@ -241,7 +241,7 @@ def test_resume_applies_lr_and_epochs_and_records_them(run, capsys):
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--epochs", "0"], "epochs must be >= 1"),
+    (["--epochs", "0"], "epochs must be an integer >= 1"),
     (["--set", "model.width=0.5"], "cannot change model.width"),
     (["--set", "train.batch_size=32"], "cannot change train.batch_size"),
     (["--set", "defense.stack=noise"], "cannot change defense.stack"),

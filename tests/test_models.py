@@ -131,10 +131,10 @@ def test_unknown_model_lists_valid_names():
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    (dict(bottleneck_channels=-1), "bottleneck_channels=-1 must be >= 0"),
+    (dict(bottleneck_channels=-1), "model.bottleneck_channels (0 = no bottleneck conv) must be an integer >= 0, got -1"),
     (dict(bottleneck_channels=0), "sigmoid=False"),
-    (dict(width=0.0), "width=0.0 must be > 0"),
-    (dict(head_width=-1.0), "head_width=-1.0 must be > 0"),
+    (dict(width=0.0), "model.width must be a finite number > 0, got 0.0"),
+    (dict(head_width=-1.0), "model.head_width must be a finite number > 0, got -1.0"),
 ])
 def test_config_validation(kwargs, needle):
     with pytest.raises(QdefendError, match=re.escape(needle)):

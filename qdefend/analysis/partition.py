@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checks import check_choice, check_number
 from ..attacks.inversion.decoder import DecoderConfig, build_decoder, decode, eval_indices, train_decoder
 from ..errors import QdefendError
 from . import entropy as ent
@@ -106,22 +107,23 @@ class PartitionConfig:
             DATASETS.get(self.dataset)
         if isinstance(self.decoder, dict):
             self.decoder = DecoderConfig(**{**DECODER_BUDGET, **self.decoder})
-        checks = [
-            ("epochs", self.epochs >= 1, "--epochs 1"),
-            ("width", self.width is None or self.width > 0, "--width 0.5"),
-            ("limit_train", self.limit_train is None or self.limit_train >= 1, "--limit-train 20000"),
-            ("limit_eval", self.limit_eval is None or self.limit_eval >= 2, "--limit-eval 1000"),
-            ("batch_size", self.batch_size >= 1, "PartitionConfig(batch_size=128)"),
-            ("lr", self.lr > 0, "PartitionConfig(lr=0.05)"),
-            ("sigma", self.sigma is None or self.sigma >= 0, "--sigma 0.1 (or 0 for no noise)"),
-            ("flat", 0 < self.flat < 1, "PartitionConfig(flat=0.2)"),
-            ("entropy_samples", self.entropy_samples >= 2, "PartitionConfig(entropy_samples=1024)"),
-            ("similarity_samples", self.similarity_samples >= 3, "PartitionConfig(similarity_samples=256)"),
-            ("zone_labels", self.zone_labels in ("predicted", "true"), "PartitionConfig(zone_labels='predicted')"),
+        numbers = [  # name, bounds, the fix
+            ("epochs", dict(lo=1, integer=True), "--epochs 1"),
+            ("width", dict(lo=0, lo_open=True), "--width 0.5"),
+            ("limit_train", dict(lo=1, integer=True), "--limit-train 20000"),
+            ("limit_eval", dict(lo=2, integer=True), "--limit-eval 1000"),
+            ("batch_size", dict(lo=1, integer=True), "PartitionConfig(batch_size=128)"),
+            ("lr", dict(lo=0, lo_open=True), "PartitionConfig(lr=0.05)"),
+            ("sigma", dict(lo=0), "--sigma 0.1 (or 0 for no noise)"),
+            ("flat", dict(lo=0, hi=1, lo_open=True, hi_open=True), "PartitionConfig(flat=0.2)"),
+            ("entropy_samples", dict(lo=2, integer=True), "PartitionConfig(entropy_samples=1024)"),
+            ("similarity_samples", dict(lo=3, integer=True), "PartitionConfig(similarity_samples=256)"),
         ]
-        for name, ok, fix in checks:
-            if not ok:
-                raise QdefendError(f"partition {name}={getattr(self, name)!r} is invalid: e.g. {fix}")
+        for name, bounds, fix in numbers:
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), f"partition {name}", **bounds, fix=fix)
+        check_choice(self.zone_labels, "partition zone_labels", ("predicted", "true"),
+                     fix="PartitionConfig(zone_labels='predicted')")
         if self.from_run is not None and not (Path(self.from_run) / "config.toml").is_file():
             raise QdefendError(f"--from {self.from_run} is not a run directory (no config.toml): "
                                "pass a folder made by `qdefend train`, e.g. --from runs/demo")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from qdefend import checks
 from qdefend.errors import QdefendError
 from qdefend.plainjson import plain
 from qdefend.registry import Registry
@@ -46,31 +46,27 @@ class AttackError(QdefendError):
 # ---------------------------------------------------------------------------------------- configs
 
 
+# An attack config's fields are set with `qdefend attack --set NAME=VALUE`, so the fix names the bare
+# field; the checks themselves are qdefend.checks'.
+
+
 def check_positive(cfg: Any, name: str, *, integer: bool = False, allow_zero: bool = False, example: Any = None):
-    """Raise an AttackError unless ``cfg.name`` is a (non-negative / positive) number."""
-    v = getattr(cfg, name)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v >= 0 if allow_zero else v > 0) and (not integer or float(v).is_integer())
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        bound = ">= 0" if allow_zero else "> 0"
-        ex = example if example is not None else _default(cfg, name)
-        raise AttackError(f"{_where(cfg)}.{name} must be {kind} {bound}, got {v!r}: e.g. --set {name}={ex}")
-    if integer:
-        setattr(cfg, name, int(v))
+    """AttackError unless ``cfg.name`` is a positive (``allow_zero``: non-negative) number."""
+    ex = example if example is not None else _default(cfg, name)
+    setattr(cfg, name, checks.check_number(getattr(cfg, name), f"{_where(cfg)}.{name}", lo=0, lo_open=not allow_zero,
+                                           integer=integer, fix=f"--set {name}={ex}", error=AttackError))
 
 
 def check_range(cfg: Any, name: str, lo: float, hi: float, example: Any):
-    v = getattr(cfg, name)
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not (lo <= v <= hi):
-        raise AttackError(f"{_where(cfg)}.{name} must be in [{lo}, {hi}], got {v!r}: e.g. --set {name}={example}")
+    """AttackError unless ``cfg.name`` is a number in [lo, hi]."""
+    checks.check_number(getattr(cfg, name), f"{_where(cfg)}.{name}", lo=lo, hi=hi, fix=f"--set {name}={example}",
+                        error=AttackError)
 
 
 def check_choice(cfg: Any, name: str, choices: tuple[str, ...]):
-    v = getattr(cfg, name)
-    if v not in choices:
-        raise AttackError(f"{_where(cfg)}.{name} must be one of {', '.join(choices)}, got {v!r}: "
-                          f"e.g. --set {name}={choices[0]}")
+    """AttackError unless ``cfg.name`` is one of ``choices``."""
+    checks.check_choice(getattr(cfg, name), f"{_where(cfg)}.{name}", choices, fix=f"--set {name}={choices[0]}",
+                        error=AttackError)
 
 
 def _where(cfg: Any) -> str:

@@ -23,7 +23,6 @@ CVPR 2025 (arXiv 2503.00383) for the baseline settings.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_number
 from ..decoders import InverseNet
 from ..errors import QdefendError
 from .base import Defense, EpochContext, OwnOptimizer, StepContext
@@ -143,21 +143,13 @@ class ARLConfig:
     width: int = 16  # decoder width (InverseNet)
 
     def __post_init__(self):
-        p = "--set defense.params.arl"
-        if not (0 <= self.alpha < math.inf):
-            raise QdefendError(f"arl alpha must be a finite number >= 0, got {self.alpha}: e.g. {p}.alpha=1.0")
-        if not (0 <= self.tau < 1):
-            raise QdefendError(f"arl tau must be in [0, 1), got {self.tau}: e.g. {p}.tau=0.5")
-        if not (isinstance(self.steps, int) and self.steps >= 1):
-            raise QdefendError(f"arl steps must be an integer >= 1, got {self.steps}: e.g. {p}.steps=2")
-        if not (0 < self.lr < math.inf):
-            raise QdefendError(f"arl lr must be a finite number > 0, got {self.lr}: e.g. {p}.lr=1e-3")
-        if not (isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0):
-            raise QdefendError(
-                f"arl warmup_epochs must be an integer >= 0, got {self.warmup_epochs}: e.g. {p}.warmup_epochs=1"
-            )
-        if not (isinstance(self.width, int) and self.width >= 1):
-            raise QdefendError(f"arl width must be an integer >= 1, got {self.width}: e.g. {p}.width=16")
+        p = "defense.params.arl"
+        check_number(self.alpha, f"{p}.alpha", lo=0, example=1.0)
+        check_number(self.tau, f"{p}.tau", lo=0, hi=1, hi_open=True, example=0.5)
+        check_number(self.steps, f"{p}.steps", lo=1, integer=True, example=2)
+        check_number(self.lr, f"{p}.lr", lo=0, lo_open=True, example="1e-3")
+        check_number(self.warmup_epochs, f"{p}.warmup_epochs", lo=0, integer=True, example=1)
+        check_number(self.width, f"{p}.width", lo=1, integer=True, example=16)
 
 
 class ARL(OwnOptimizer, Defense):

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+
 
 import torch
 from torch import nn
 
+from ..checks import check_choice, check_number
 from ..errors import QdefendError
 from .base import Defense, EpochContext, StepContext
 
@@ -63,36 +64,22 @@ class CEMConfig:
     seed: int = 0
 
     def __post_init__(self):
-        p = "--set defense.params.cem."
-        if not (self.lam >= 0):
-            _fail(f"lam (lambda) must be >= 0, got {self.lam}", f"e.g. {p}lam=16")
-        if not (self.sigma >= 0):
-            _fail(f"sigma must be >= 0, got {self.sigma}",
-                  "leave it 0 to use the noise sigma, e.g. --defense noise+cem --sigma 0.1")
-        if not _is_int(self.clusters) or self.clusters < 1:
-            _fail(f"clusters must be an integer >= 1, got {self.clusters!r}", f"e.g. {p}clusters=5")
-        if self.surrogate not in SURROGATES:
-            _fail(f"unknown surrogate '{self.surrogate}'", f"write {p}surrogate=kmeans or {p}surrogate=gmm")
-        if self.schedule not in SCHEDULES:
-            _fail(f"unknown schedule '{self.schedule}'", f"write {p}schedule=lr or {p}schedule=constant")
+        p = "defense.params.cem"
+        check_number(self.lam, f"{p}.lam (lambda)", lo=0, fix=f"--set {p}.lam=16")
+        check_number(self.sigma, f"{p}.sigma", lo=0,
+                     fix="leave it 0 to use the noise sigma, e.g. --defense noise+cem --sigma 0.1")
+        self.clusters = check_number(self.clusters, f"{p}.clusters", lo=1, integer=True, example=5)
+        check_choice(self.surrogate, f"{p}.surrogate", SURROGATES)
+        check_choice(self.schedule, f"{p}.schedule", SCHEDULES)
         for name in ("tau", "log_offset", "rho_scale", "lr_ref", "gmm_reg"):
-            if not (getattr(self, name) > 0):
-                _fail(f"{name} must be > 0, got {getattr(self, name)}", f"e.g. {p}{name}={getattr(CEMConfig, name)}")
-        if not (0 < self.rho_max <= 1):
-            _fail(f"rho_max must be in (0, 1], got {self.rho_max}", f"e.g. {p}rho_max=0.99")
-        if not (self.lr_floor >= 0):
-            _fail(f"lr_floor must be >= 0, got {self.lr_floor}", f"e.g. {p}lr_floor=0.00041")
-        if not _is_int(self.start_epoch) or self.start_epoch < 2:
-            _fail(f"start_epoch must be an integer >= 2 (statistics exist after epoch 1), got {self.start_epoch!r}",
-                  f"e.g. {p}start_epoch=2")
+            check_number(getattr(self, name), f"{p}.{name}", lo=0, lo_open=True, example=getattr(CEMConfig, name))
+        check_number(self.rho_max, f"{p}.rho_max", lo=0, hi=1, lo_open=True, example=0.99)
+        check_number(self.lr_floor, f"{p}.lr_floor", lo=0, example=0.00041)
+        self.start_epoch = check_number(self.start_epoch, f"{p}.start_epoch (statistics exist after epoch 1)", lo=2,
+                                        integer=True, fix=f"--set {p}.start_epoch=2")
         for name, lo in (("ramp_epochs", 0), ("kmeans_iters", 1), ("gmm_iters", 1), ("max_samples", 0)):
-            v = getattr(self, name)
-            if not _is_int(v) or v < lo:
-                _fail(f"{name} must be an integer >= {lo}, got {v!r}", f"e.g. {p}{name}={getattr(CEMConfig, name)}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+            setattr(self, name, check_number(getattr(self, name), f"{p}.{name}", lo=lo, integer=True,
+                                             example=getattr(CEMConfig, name)))
 
 
 # -- cluster statistics -----------------------------------------------------------------------

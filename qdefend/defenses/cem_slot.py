@@ -68,10 +68,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_number, require
 from ..errors import QdefendError
 from .arl import ShapeBuilt
 from .base import Defense, EpochContext, OwnOptimizer, StepContext
-from .cem import CEM, CEMConfig, _is_int, log_hinge
+from .cem import CEM, CEMConfig, log_hinge
 
 __all__ = ["CEMSlot", "CEMSlotConfig", "SlotSurrogate", "slot_dispersion", "slot_hinge"]
 
@@ -122,18 +123,15 @@ class CEMSlotConfig:
     def __post_init__(self):
         with _as_cem_slot():
             self.cem_config()  # the shared fields, checked by cem's own rules
+        p = f"defense.params.{NAME}"
         for name, lo in (("slots", 1), ("dim", 1), ("iters", 1), ("steps", 1)):
-            v = getattr(self, name)
-            if not _is_int(v) or v < lo:
-                _fail(f"{name} must be an integer >= {lo}, got {v!r}", f"e.g. {_P}{name}={_default(name)}")
+            setattr(self, name, check_number(getattr(self, name), f"{p}.{name}", lo=lo, integer=True,
+                                             example=_default(name)))
         for name in ("temperature", "var_clip", "lr"):
-            v = getattr(self, name)
-            if not (0 < v < math.inf):
-                _fail(f"{name} must be a finite number > 0, got {v}", f"e.g. {_P}{name}={_default(name)}")
-        if not math.isfinite(self.gate_init):
-            _fail(f"gate_init must be a finite number, got {self.gate_init}", f"e.g. {_P}gate_init=0.0")
-        if not isinstance(self.attn_grad, bool):
-            _fail(f"attn_grad must be true or false, got {self.attn_grad!r}", f"e.g. {_P}attn_grad=false")
+            check_number(getattr(self, name), f"{p}.{name}", lo=0, lo_open=True, example=_default(name))
+        check_number(self.gate_init, f"{p}.gate_init", example=0.0)
+        require(isinstance(self.attn_grad, bool),
+                f"{p}.attn_grad must be true or false, got {self.attn_grad!r}: e.g. --set {p}.attn_grad=false")
 
     def cem_config(self) -> CEMConfig:
         return CEMConfig(**{k: getattr(self, k) for k in SHARED})
@@ -141,10 +139,6 @@ class CEMSlotConfig:
 
 def _default(name: str):
     return next(f.default for f in fields(CEMSlotConfig) if f.name == name)
-
-
-def _fail(msg: str, fix: str) -> None:
-    raise QdefendError(f"{NAME} {msg}: {fix}")
 
 
 # -- statistics in the original feature space ------------------------------------------------------

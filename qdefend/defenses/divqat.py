@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_number, require
 from .. import quant as _quant  # noqa: F401  (sets TORCHAO_FORCE_SKIP_LOADING_SO_FILES before torchao loads)
 from ..errors import QdefendError
 from .base import Defense, EpochContext, StepContext
@@ -67,10 +68,6 @@ __all__ = ["DivQATConfig", "DivQAT", "divergence", "divergence_loss", "float_twi
 
 NO_TWIN = ("defense 'divqat' needs a fake-quantized network to diverge from its float twin, but this run "
            "has none: train with --qat int8 (e.g. qdefend train --qat int8 --defense divqat)")
-
-
-def _fail(msg: str, fix: str) -> None:
-    raise QdefendError(f"divqat {msg}: {fix}")
 
 
 @dataclass
@@ -83,26 +80,16 @@ class DivQATConfig:
     eval_samples: int = 1000  # validation images for the epoch-end KL / agreement report (0: off)
 
     def __post_init__(self):
-        p = "--set defense.params.divqat."
-        if not (isinstance(self.weight, (int, float)) and 0 <= self.weight < math.inf):
-            _fail(f"weight must be a finite number >= 0, got {self.weight!r}", f"e.g. {p}weight=0.5")
-        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < math.inf):
-            _fail(f"temperature must be a finite number > 0, got {self.temperature!r}", f"e.g. {p}temperature=4")
-        if not (isinstance(self.max_kl, (int, float)) and 0 < self.max_kl < math.inf):
-            _fail(f"max_kl must be a finite number > 0 (the KL term is unbounded without it), got {self.max_kl!r}",
-                  f"e.g. {p}max_kl=0.5")
-        if not _is_int(self.start_epoch) or self.start_epoch < 1:
-            _fail(f"start_epoch is 1-based and must be an integer >= 1, got {self.start_epoch!r}",
-                  f"e.g. {p}start_epoch=1")
-        if not isinstance(self.only_correct, bool):
-            _fail(f"only_correct must be true or false, got {self.only_correct!r}", f"e.g. {p}only_correct=true")
-        if not _is_int(self.eval_samples) or self.eval_samples < 0:
-            _fail(f"eval_samples must be an integer >= 0, got {self.eval_samples!r}", f"e.g. {p}eval_samples=1000")
-        self.start_epoch, self.eval_samples = int(self.start_epoch), int(self.eval_samples)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+        p = "defense.params.divqat"
+        check_number(self.weight, f"{p}.weight", lo=0, example=0.5)
+        check_number(self.temperature, f"{p}.temperature", lo=0, lo_open=True, example=4)
+        check_number(self.max_kl, f"{p}.max_kl (the KL term is unbounded without it)", lo=0, lo_open=True,
+                     fix=f"--set {p}.max_kl=0.5")
+        self.start_epoch = check_number(self.start_epoch, f"{p}.start_epoch (1-based)", lo=1, integer=True,
+                                        fix=f"--set {p}.start_epoch=1")
+        require(isinstance(self.only_correct, bool),
+                f"{p}.only_correct must be true or false, got {self.only_correct!r}: e.g. --set {p}.only_correct=true")
+        self.eval_samples = check_number(self.eval_samples, f"{p}.eval_samples", lo=0, integer=True, example=1000)
 
 
 # ------------------------------------------------------------------------------ the divergence

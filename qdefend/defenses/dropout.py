@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+from ..checks import check_number
 from ..edge.release import dropout_torch
-from ..errors import QdefendError
 from .base import Defense
 
 __all__ = ["DropoutConfig", "FeatureDropout"]
@@ -27,10 +27,7 @@ class DropoutConfig:
     p: float = 0.2  # probability of zeroing each released element
 
     def __post_init__(self):
-        if not (0 <= self.p < 1):
-            raise QdefendError(
-                f"dropout p must be in [0, 1), got {self.p}: e.g. --set defense.params.dropout.p=0.2"
-            )
+        check_number(self.p, "defense.params.dropout.p", lo=0, hi=1, hi_open=True, example=0.2)
 
 
 class FeatureDropout(Defense):

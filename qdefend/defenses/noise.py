@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_choice, check_number
 from ..edge.release import gaussian_noise_torch, laplace_noise_torch
 from ..errors import QdefendError
 from .base import Defense
@@ -44,10 +45,7 @@ class NoiseConfig:
     sigma: float = 0.1  # standard deviation, in units of the released feature (sigmoid output: [0,1])
 
     def __post_init__(self):
-        if not (self.sigma >= 0):
-            raise QdefendError(
-                f"noise sigma must be >= 0, got {self.sigma}: e.g. --set defense.params.noise.sigma=0.05"
-            )
+        check_number(self.sigma, "defense.params.noise.sigma", lo=0, example=0.05)
 
 
 class GaussianNoise(Defense):
@@ -68,11 +66,7 @@ class LaplaceConfig:
     scale: float = 0.1  # Laplace scale b (std sqrt(2) * b), in units of the released feature
 
     def __post_init__(self):
-        if not (0 <= self.scale < math.inf):
-            raise QdefendError(
-                f"laplace scale must be a finite number >= 0, got {self.scale}: "
-                "e.g. --set defense.params.laplace.scale=0.1"
-            )
+        check_number(self.scale, "defense.params.laplace.scale", lo=0, example=0.1)
 
 
 class LaplaceNoise(Defense):
@@ -99,25 +93,12 @@ class LDPConfig:
     sensitivity: float = 1.0  # per-element range of the features: 1 for the sigmoid cut
 
     def __post_init__(self):
-        if not (0 < self.epsilon < math.inf):
-            raise QdefendError(
-                f"ldp epsilon must be a finite number > 0, got {self.epsilon}: "
-                "e.g. --set defense.params.ldp.epsilon=10"
-            )
-        if self.mechanism not in MECHANISMS:
-            raise QdefendError(
-                f"ldp mechanism must be one of {', '.join(MECHANISMS)}, got {self.mechanism!r}: "
-                "e.g. --set defense.params.ldp.mechanism=laplace"
-            )
-        if not (0 < self.delta < 1):
-            raise QdefendError(
-                f"ldp delta must be in (0, 1), got {self.delta}: e.g. --set defense.params.ldp.delta=1e-4"
-            )
-        if not (0 < self.sensitivity < math.inf):
-            raise QdefendError(
-                f"ldp sensitivity must be a finite number > 0, got {self.sensitivity}: "
-                "e.g. --set defense.params.ldp.sensitivity=1.0 (sigmoid features lie in [0, 1])"
-            )
+        p = "defense.params.ldp"
+        check_number(self.epsilon, f"{p}.epsilon", lo=0, lo_open=True, example=10)
+        check_choice(self.mechanism, f"{p}.mechanism", MECHANISMS)
+        check_number(self.delta, f"{p}.delta", lo=0, hi=1, lo_open=True, hi_open=True, example="1e-4")
+        check_number(self.sensitivity, f"{p}.sensitivity", lo=0, lo_open=True,
+                     fix=f"--set {p}.sensitivity=1.0 (sigmoid features lie in [0, 1])")
 
     @property
     def scale(self) -> float:

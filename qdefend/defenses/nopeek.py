@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import QdefendError
+from ..checks import check_choice, check_number
 from .base import Defense, StepContext
 
 __all__ = ["NoPeekConfig", "NoPeek", "distance_correlation", "bias_corrected_dcor2", "pairwise_distances"]
@@ -90,19 +90,10 @@ class NoPeekConfig:
     eps: float = 1e-9  # guard inside the square roots
 
     def __post_init__(self):
-        if not (0 <= self.alpha < math.inf):
-            raise QdefendError(
-                f"nopeek alpha must be a finite number >= 0, got {self.alpha}: "
-                "e.g. --set defense.params.nopeek.alpha=1.0"
-            )
-        if self.estimator not in ("v", "u"):
-            raise QdefendError(
-                f"nopeek estimator must be 'v' or 'u', got {self.estimator!r}: e.g. --set defense.params.nopeek.estimator=v"
-            )
-        if not (0 < self.eps < 1e-3):
-            raise QdefendError(
-                f"nopeek eps must be in (0, 1e-3), got {self.eps}: e.g. --set defense.params.nopeek.eps=1e-9"
-            )
+        p = "defense.params.nopeek"
+        check_number(self.alpha, f"{p}.alpha", lo=0, example=1.0)
+        check_choice(self.estimator, f"{p}.estimator", ("v", "u"))
+        check_number(self.eps, f"{p}.eps", lo=0, hi=1e-3, lo_open=True, hi_open=True, example="1e-9")
 
 
 class NoPeek(Defense):

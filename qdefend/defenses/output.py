@@ -30,12 +30,12 @@ Perturbations", IEEE S&P Workshops 2019 (arXiv 1806.00054).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
+from ..checks import check_number
 from ..config import parse_value
 from ..errors import QdefendError
 from ..registry import Registry
@@ -112,21 +112,12 @@ def reverse_sigmoid(p, beta: float, gamma: float, *, eps: float = 1e-9) -> np.nd
 # ------------------------------------------------------------------------------ configs
 
 
-def _fail(name: str, msg: str, fix: str) -> None:
-    raise QdefendError(f"service output '{name}': {msg}: {fix}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 @dataclass
 class RoundConfig:
     decimals: int = 2
 
     def __post_init__(self):
-        if not _is_int(self.decimals) or not 0 <= self.decimals <= 8:
-            _fail("round", f"decimals must be an integer in [0, 8], got {self.decimals!r}", "e.g. round:2")
+        check_number(self.decimals, "service output 'round': decimals", lo=0, hi=8, integer=True, fix="round:2")
 
 
 @dataclass
@@ -134,8 +125,8 @@ class TopKConfig:
     k: int = 1
 
     def __post_init__(self):
-        if not _is_int(self.k) or self.k < 1:
-            _fail("topk", f"k must be an integer >= 1, got {self.k!r}", "e.g. topk:3 (topk:1 answers a one-hot label)")
+        check_number(self.k, "service output 'topk': k", lo=1, integer=True,
+                     fix="topk:3 (topk:1 answers a one-hot label)")
 
 
 @dataclass
@@ -145,10 +136,8 @@ class ReverseSigmoidConfig:
 
     def __post_init__(self):
         for name in ("beta", "gamma"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
-                _fail("reverse_sigmoid", f"{name} must be a finite number > 0, got {v!r}",
-                      "e.g. reverse_sigmoid:beta=1,gamma=0.1")
+            check_number(getattr(self, name), f"service output 'reverse_sigmoid': {name}", lo=0, lo_open=True,
+                         fix="reverse_sigmoid:beta=1,gamma=0.1")
 
 
 # ------------------------------------------------------------------------------ defenses

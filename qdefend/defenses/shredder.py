@@ -29,12 +29,12 @@ Privacy", ASPLOS 2020 (arXiv 1905.11814).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..checks import check_number
 from ..edge.release import additive_noise_torch
 from ..errors import QdefendError
 from .arl import ShapeBuilt
@@ -64,19 +64,12 @@ class ShredderConfig:
     max_abs: float = 4.0  # |n| is clamped to this after every step
 
     def __post_init__(self):
-        p = "--set defense.params.shredder"
-        if not (0 <= self.alpha < math.inf):
-            raise QdefendError(f"shredder alpha must be a finite number >= 0, got {self.alpha}: e.g. {p}.alpha=0.1")
-        if not (isinstance(self.n_tensors, int) and self.n_tensors >= 1):
-            raise QdefendError(f"shredder n_tensors must be an integer >= 1, got {self.n_tensors}: e.g. {p}.n_tensors=8")
-        if not (0 <= self.init_scale < math.inf):
-            raise QdefendError(
-                f"shredder init_scale must be a finite number >= 0, got {self.init_scale}: e.g. {p}.init_scale=0.1"
-            )
-        if not (0 < self.lr < math.inf):
-            raise QdefendError(f"shredder lr must be a finite number > 0, got {self.lr}: e.g. {p}.lr=0.01")
-        if not (0 < self.max_abs < math.inf):
-            raise QdefendError(f"shredder max_abs must be a finite number > 0, got {self.max_abs}: e.g. {p}.max_abs=4")
+        p = "defense.params.shredder"
+        check_number(self.alpha, f"{p}.alpha", lo=0, example=0.1)
+        check_number(self.n_tensors, f"{p}.n_tensors", lo=1, integer=True, example=8)
+        check_number(self.init_scale, f"{p}.init_scale", lo=0, example=0.1)
+        check_number(self.lr, f"{p}.lr", lo=0, lo_open=True, example=0.01)
+        check_number(self.max_abs, f"{p}.max_abs", lo=0, lo_open=True, example=4)
 
 
 class Shredder(OwnOptimizer, Defense):

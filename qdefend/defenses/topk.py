@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+from ..checks import check_number
 from ..edge.release import topk_prune_torch
-from ..errors import QdefendError
 from .base import Defense
 
 __all__ = ["TopkConfig", "TopkPrune"]
@@ -29,10 +29,7 @@ class TopkConfig:
     ratio: float = 0.5  # fraction of each sample's elements zeroed (the smallest |z|)
 
     def __post_init__(self):
-        if not (0 <= self.ratio < 1):
-            raise QdefendError(
-                f"topk ratio must be in [0, 1), got {self.ratio}: e.g. --set defense.params.topk.ratio=0.5"
-            )
+        check_number(self.ratio, "defense.params.topk.ratio", lo=0, hi=1, hi_open=True, example=0.5)
 
 
 class TopkPrune(Defense):

@@ -48,13 +48,13 @@ Paper: Guo et al., "Variational bottleneck with dynamic mask against input repur
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_choice, check_number
 from ..edge.release import unit_view_torch, vib_sample_torch
 from ..errors import QdefendError
 from .arl import ShapeBuilt
@@ -134,35 +134,17 @@ class VIBMaskConfig:
     lr: float = 1e-2  # Adam learning rate of logvar
 
     def __post_init__(self):
-        p = "--set defense.params.vib-mask"
-
-        def need(ok: bool, what: str, got, fix: str) -> None:
-            if not ok:
-                raise QdefendError(f"vib-mask {what}, got {got!r}: e.g. {p}.{fix}")
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def finite(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        need(finite(self.beta) and self.beta >= 0, "beta must be a finite number >= 0", self.beta, "beta=0.001")
-        need(is_int(self.warmup_epochs) and self.warmup_epochs >= 1,
-             "warmup_epochs must be an integer >= 1 (the mask needs trained features)", self.warmup_epochs,
-             "warmup_epochs=1")
-        need(is_int(self.mask_every) and self.mask_every >= 1, "mask_every must be an integer >= 1",
-             self.mask_every, "mask_every=2")
-        need(finite(self.keep_ratio) and 0 < self.keep_ratio <= 1, "keep_ratio must be in (0, 1]",
-             self.keep_ratio, "keep_ratio=0.5")
-        need(is_int(self.saliency_samples) and self.saliency_samples >= 0,
-             "saliency_samples must be an integer >= 0 (0 = the whole train split)", self.saliency_samples,
-             "saliency_samples=2048")
-        need(finite(self.init_logvar) and LOGVAR_RANGE[0] <= self.init_logvar <= LOGVAR_RANGE[1],
-             f"init_logvar must be a number in [{LOGVAR_RANGE[0]:g}, {LOGVAR_RANGE[1]:g}]", self.init_logvar,
-             "init_logvar=-6")
-        need(self.granularity in GRANULARITIES, f"granularity must be one of {', '.join(GRANULARITIES)}",
-             self.granularity, "granularity=element")
-        need(finite(self.lr) and self.lr > 0, "lr must be a finite number > 0", self.lr, "lr=0.01")
+        p = "defense.params.vib-mask"
+        check_number(self.beta, f"{p}.beta", lo=0, example=0.001)
+        check_number(self.warmup_epochs, f"{p}.warmup_epochs (the mask needs trained features)", lo=1, integer=True,
+                     fix=f"--set {p}.warmup_epochs=1")
+        check_number(self.mask_every, f"{p}.mask_every", lo=1, integer=True, example=2)
+        check_number(self.keep_ratio, f"{p}.keep_ratio", lo=0, hi=1, lo_open=True, example=0.5)
+        check_number(self.saliency_samples, f"{p}.saliency_samples (0 = the whole train split)", lo=0, integer=True,
+                     fix=f"--set {p}.saliency_samples=2048")
+        check_number(self.init_logvar, f"{p}.init_logvar", lo=LOGVAR_RANGE[0], hi=LOGVAR_RANGE[1], example=-6)
+        check_choice(self.granularity, f"{p}.granularity", GRANULARITIES)
+        check_number(self.lr, f"{p}.lr", lo=0, lo_open=True, example=0.01)
 
 
 class VIBMask(OwnOptimizer, Defense):
