@@ -9,12 +9,13 @@ import torch
 from qdefend.config import DefenseConfig, RunConfig
 from qdefend.data import Normalization
 from qdefend.defenses import DEFENSES, StepContext, build_defense, resolved_params
-from qdefend.defenses.arl import ARL, ssim01, ssim_hinge
+from qdefend.defenses.arl import ARL, ssim_hinge
 from qdefend.defenses.nopeek import bias_corrected_dcor2, distance_correlation
 from qdefend.defenses.shredder import Shredder
 from qdefend.edge import runtime
 from qdefend.edge.release import STEP_TYPES, apply_release, topk_prune_torch as topk_prune
 from qdefend.errors import QdefendError
+from qdefend.image_metrics import ssim01
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

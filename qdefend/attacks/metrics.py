@@ -40,7 +40,8 @@ def _as_torch(a):
 def image_metrics(orig01: np.ndarray, recon01: np.ndarray, *, per_image: bool = False) -> dict:
     """{"mse", "psnr", "ssim"}: means over images (floats) or, with ``per_image``, float64 arrays."""
     import torch
-    from pytorch_msssim import ssim
+
+    from qdefend.image_metrics import ssim01
 
     a, b = _as_torch(orig01), _as_torch(recon01)
     if a.shape != b.shape:
@@ -48,10 +49,8 @@ def image_metrics(orig01: np.ndarray, recon01: np.ndarray, *, per_image: bool = 
     b = b.clamp(0, 1)
     mse = ((a - b) ** 2).flatten(1).mean(1).double()
     psnr = 10 * torch.log10(1.0 / mse.clamp_min(PSNR_MSE_FLOOR))
-    win = min(11, a.shape[-1], a.shape[-2])
-    win -= 1 - win % 2  # pytorch_msssim needs an odd window no larger than the image
     with torch.no_grad():
-        s = ssim(a, b, data_range=1.0, size_average=False, win_size=win).double()
+        s = ssim01(a, b, per_image=True).double()  # SSIM is symmetric; the order as before
     out = {"mse": mse.numpy(), "psnr": psnr.numpy(), "ssim": s.numpy()}
     return out if per_image else {k: float(v.mean()) for k, v in out.items()}
 

@@ -33,9 +33,10 @@ from torch import nn
 from ..checks import check_number
 from ..decoders import InverseNet
 from ..errors import QdefendError
+from ..image_metrics import ssim01
 from .base import Defense, EpochContext, OwnOptimizer, StepContext
 
-__all__ = ["ARLConfig", "ARL", "ShapeBuilt", "ssim01", "ssim_hinge", "pixels01"]
+__all__ = ["ARLConfig", "ARL", "ShapeBuilt", "ssim_hinge", "pixels01"]
 
 
 class ShapeBuilt(nn.Module):
@@ -105,16 +106,6 @@ def pixels01(ctx: StepContext) -> torch.Tensor:
     """The step's input batch as [0,1] pixels (undoing the dataset normalisation)."""
     x = ctx.x if ctx.normalization is None else ctx.normalization.invert(ctx.x)
     return x.detach().clamp(0, 1)
-
-
-def ssim01(recon: torch.Tensor, x01: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM of [0,1] images (pytorch_msssim: Gaussian window 11 (smaller for tiny images),
-    sigma 1.5, data range 1), differentiable; the metric the inversion attacks report."""
-    from pytorch_msssim import ssim
-
-    win = min(11, x01.shape[-1], x01.shape[-2])
-    win -= 1 - win % 2
-    return ssim(recon.float(), x01.float(), data_range=1.0, size_average=True, win_size=win)
 
 
 def ssim_hinge(recon: torch.Tensor, x01: torch.Tensor, tau: float) -> torch.Tensor:
