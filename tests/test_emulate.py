@@ -59,7 +59,7 @@ def test_bad_device_is_refused_listing_the_valid_ones_before_touching_the_cache(
     with pytest.raises(QdefendError, match=r"cannot emulate device .*valid: rpi4, rpi5, generic-aarch64"):
         E.emulate(tmp_path, device=name, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
-    with pytest.raises(QdefendError, match="timeout_s must be > 0"):
+    with pytest.raises(QdefendError, match="timeout_s must be a finite number > 0"):
         E.EmulateConfig(timeout_s=0)
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from qdefend import checks
 from qdefend.plainjson import plain
 
 from .base import ATTACKS, AttackError, AttackResult
@@ -91,8 +92,7 @@ class CompareConfig:
             if p not in ("default", *cls.presets):
                 raise AttackError(f"attack '{a}' has no preset '{p}'. Valid presets: "
                                   f"{', '.join(['default', *sorted(cls.presets)])}")
-        if self.jobs < 0:
-            raise AttackError(f"--jobs must be >= 1 (or 0 for one per CPU), got {self.jobs}: e.g. --jobs 2")
+        checks.check_number(self.jobs, "--jobs (0: one per CPU)", lo=0, integer=True, fix="--jobs 2", error=AttackError)
         if not self.attacks or not self.artifacts:
             raise AttackError("compare needs at least one attack and one artifact: e.g. --attacks decoder "
                               "--artifacts encoder.float.onnx,encoder.int8.tflite")

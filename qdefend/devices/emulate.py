@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from qdefend.checks import check_number, require
 from qdefend.errors import QdefendError
 from .profiles import AARCH64_PLATFORMS, DEVICES
 
@@ -100,13 +101,10 @@ class EmulateConfig:
 
     def __post_init__(self):
         devices = emulated_devices()
-        if self.device not in devices:
-            raise QdefendError(f"cannot emulate device {self.device!r}; valid: {', '.join(devices)} "
-                               f"(e.g. --device rpi4)")
-        if not self.timeout_s > 0:
-            raise QdefendError(f"timeout_s must be > 0, got {self.timeout_s}: e.g. timeout_s=1800")
-        if not self.mirror.startswith(("http://", "https://")):
-            raise QdefendError(f"mirror {self.mirror!r} is not a URL: e.g. {MIRROR}")
+        require(self.device in devices, f"cannot emulate device {self.device!r}; valid: {', '.join(devices)} "
+                                        "(e.g. --device rpi4)")
+        check_number(self.timeout_s, "emulation timeout_s", lo=0, lo_open=True, fix="timeout_s=1800")
+        require(self.mirror.startswith(("http://", "https://")), f"mirror {self.mirror!r} is not a URL: e.g. {MIRROR}")
 
     @property
     def cpu(self) -> str:
