@@ -15,7 +15,6 @@ checkpoint usable. Loading verifies the sha256 recorded in state.json before rea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,19 +26,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .edge.manifest import sha256_file
 from .errors import QdefendError
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.safetensors"
 STATE_FILE = "state.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

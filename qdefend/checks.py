@@ -14,17 +14,18 @@ from typing import Any, Iterable
 
 from .errors import QdefendError
 
-__all__ = ["check_number", "check_choice", "require"]
+__all__ = ["check_number", "check_choice", "require", "fix_hint"]
 
 
-def _fix(key: str, example: Any, fix: str | None) -> str:
+def fix_hint(key: str, example: Any = None, fix: str | None = None) -> str:
+    """': e.g. FIX', else ': e.g. --set KEY=EXAMPLE' for a plain finite scalar example, else ''."""
     if fix is not None:
         return f": e.g. {fix}"
-    if example is None:
-        return ""
     if isinstance(example, bool):
-        example = str(example).lower()
-    return f": e.g. --set {key}={example}"
+        return f": e.g. --set {key}={str(example).lower()}"
+    if isinstance(example, str) or (isinstance(example, (int, float)) and math.isfinite(example)):
+        return f": e.g. --set {key}={example}"
+    return ""
 
 
 def _bounds(lo, hi, lo_open: bool, hi_open: bool) -> str:
@@ -48,7 +49,7 @@ def check_number(v: Any, key: str, *, lo: float | None = None, hi: float | None 
     ok = ok and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
     if not ok:
         kind = "an integer" if integer else "a finite number"
-        raise error(f"{key} must be {kind} {_bounds(lo, hi, lo_open, hi_open)}, got {v!r}{_fix(key, example, fix)}")
+        raise error(f"{key} must be {kind} {_bounds(lo, hi, lo_open, hi_open)}, got {v!r}{fix_hint(key, example, fix)}")
     return int(v) if integer else v
 
 
@@ -57,7 +58,7 @@ def check_choice(v: Any, key: str, choices: Iterable[str], *, fix: str | None = 
     """``v`` if it is one of ``choices``, else ``error`` listing them (fix: the first one)."""
     choices = tuple(choices)
     if v not in choices:
-        raise error(f"{key} must be one of {', '.join(choices)}, got {v!r}{_fix(key, choices[0], fix)}")
+        raise error(f"{key} must be one of {', '.join(choices)}, got {v!r}{fix_hint(key, choices[0], fix)}")
     return v
 
 

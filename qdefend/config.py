@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checks import check_choice, check_number
+from .checks import check_choice, check_number, fix_hint
 from .data import DataConfig
 from .errors import QdefendError
 from .models import ModelConfig
@@ -142,17 +142,6 @@ def from_dict(cls, d: dict[str, Any], where: str = ""):
         raise QdefendError(f"bad config section '{where or cls.__name__}': {e}") from None
 
 
-def _fix(key: str, example: Any) -> str:
-    """': e.g. --set key=<default>' when the default is a plain finite scalar, else ''."""
-    if isinstance(example, bool):
-        return f": e.g. --set {key}={str(example).lower()}"
-    if isinstance(example, (int, float)) and math.isfinite(example):
-        return f": e.g. --set {key}={example}"
-    if isinstance(example, str):
-        return f": e.g. --set {key}='{example}'"
-    return ""
-
-
 def check_value(v: Any, t: Any, key: str, *, parsed_lists: bool = False, example: Any = None) -> Any:
     """Type-check (and lightly coerce: int -> float) a value that arrives from the command line or
     TOML. Floats must be finite: TOML spells ``nan`` and ``inf``, and ``lr <= 0`` is False for NaN,
@@ -180,9 +169,9 @@ def check_value(v: Any, t: Any, key: str, *, parsed_lists: bool = False, example
     if t is float and isinstance(v, int) and not isinstance(v, bool):
         return float(v)
     if t in (int, float, str, bool) and (not isinstance(v, t) or (t is int and isinstance(v, bool))):
-        raise QdefendError(f"config key {key} must be {t.__name__}, got {v!r}{_fix(key, example)}")
+        raise QdefendError(f"config key {key} must be {t.__name__}, got {v!r}{fix_hint(key, example)}")
     if t is float and not math.isfinite(v):
-        raise QdefendError(f"config key {key} must be a finite number, got {v!r}{_fix(key, example)}")
+        raise QdefendError(f"config key {key} must be a finite number, got {v!r}{fix_hint(key, example)}")
     return v
 
 

@@ -89,8 +89,6 @@ def ensure_trained(root: str | Path, cfg: RunConfig | dict | None = None, *, say
     paths = RunPaths(root)
     if isinstance(cfg, dict):
         cfg = RunConfig.from_dict(cfg)
-    if cfg is not None and threads:
-        cfg.train.num_threads = threads
     saved = RunConfig.load(paths.config) if paths.config.is_file() else None
     if saved is not None and cfg is not None:
         diff = config_difference(saved, cfg)

@@ -32,17 +32,16 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 try:
     from .errors import ArtifactError
-    from .release import STEP_TYPES, check_grid, check_steps
+    from .release import STEP_TYPES, _fail, _is_num, check_grid, check_steps
 except ImportError:  # copied flat into a device bundle
     from errors import ArtifactError
-    from release import STEP_TYPES, check_grid, check_steps
+    from release import STEP_TYPES, _fail, _is_num, check_grid, check_steps
 
 __all__ = [
     "SCHEMA", "SCHEMA_VERSION", "MANIFEST_NAME", "FORMATS", "ROLES", "PRECISIONS", "DTYPES",
@@ -90,21 +89,12 @@ def _plain(obj: Any) -> Any:
                             f"strings, lists and dicts") from None
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 # --------------------------------------------------------------------------------------------
 # Validation (every message names the bad key)
-
-
-def _fail(key: str, what: str) -> None:
-    raise ArtifactError(f"manifest key '{key}' {what}: fix the exporter or re-export with "
-                        f"`qdefend export RUN`")
 
 
 def _need(d: Any, key: str, prefix: str) -> Any:

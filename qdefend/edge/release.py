@@ -51,11 +51,11 @@ __all__ = [
 WIRE_SIGMAS = 4.0  # the wire range covers the encoder output range widened by this many noise stds
 
 
-def _is_num(v: Any) -> bool:
+def _is_num(v: Any) -> bool:  # also the manifest's
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _fail(key: str, what: str) -> None:
+def _fail(key: str, what: str) -> None:  # also the manifest's: every message names the bad key
     raise ArtifactError(f"manifest key '{key}' {what}: fix the exporter or re-export with `qdefend export RUN`")
 
 
