@@ -360,6 +360,39 @@ def deploy(
         raise QdefendError(f"the bundle check on {res['target']} failed: {res['check'].get('error', 'see the JSON above')}")
 
 
+@app.command()
+def serve(
+    run: Path = typer.Argument(..., help="exported run directory, e.g. runs/demo"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, "--port", help="TCP port"),
+    workers: int = typer.Option(1, "--workers", help="uvicorn worker processes"),
+    threads: int = typer.Option(1, "--threads", help="ONNX Runtime threads per worker"),
+    head: str = typer.Option("int8", "--head", help="int8 (head.int8.onnx) or float (head.float.onnx)"),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="file holding the bearer token clients send"),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="no token (loopback only)"),
+    max_batch: int = typer.Option(256, "--max-batch", help="most samples in one request (sets the body limit)"),
+    allow_origin: list[str] = typer.Option([], "--allow-origin", help="CORS origin of a phone-web bundle's host (repeatable)"),
+    web_runtime: Optional[Path] = typer.Option(None, "--web-runtime", help="onnxruntime-web dist folder (default: the npm install)"),
+    ssl_certfile: Optional[Path] = typer.Option(None, "--ssl-certfile", help="TLS certificate (phones need https for sha256 checks)"),
+    ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="TLS private key"),
+):
+    """Serve the cloud head of an exported run: POST /v1/infer takes int8 features, answers labels;
+    GET / is the phone-browser page that runs the encoder in the browser."""
+    from .serve.app import serve as run_server
+    from .serve.service import ServeConfig
+
+    cfg = ServeConfig(run=str(run), head=head, host=host, port=port, workers=workers, threads=threads,
+                      max_batch=max_batch, token_file=str(token_file) if token_file else None,
+                      insecure_no_auth=insecure_no_auth, allow_origins=list(allow_origin),
+                      web_runtime=str(web_runtime) if web_runtime else None,
+                      ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+                      ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
+    scheme = "https" if ssl_certfile else "http"
+    typer.echo(f"serving {run} ({cfg.head} head) on {scheme}://{host}:{port}  (page: /, API: /v1/infer, "
+               f"metrics: /metrics; Ctrl-C stops)", err=True)
+    run_server(cfg)
+
+
 devices_app = typer.Typer(no_args_is_help=True, help="Edge devices: run a bundle on an emulated Raspberry Pi.")
 app.add_typer(devices_app, name="devices")
 

@@ -105,18 +105,26 @@ def test_int8_onnx_is_under_0_3_of_the_float_onnx(onnx_files):
     assert 0.2 < ratio <= 0.3
 
 
-def test_tflite_encoder_is_fully_int8_and_matches_torch(trained, onnx_files, tmp_path):
+@pytest.fixture(scope="module")
+def tflite_file(trained, tmp_path_factory):
+    """The trained encoder exported once to .tflite (dynamic batch, batch-2 example): (path, report)."""
     enc, _, x = trained
-    rep = export_tflite(enc, x[:2], tmp_path / "enc.tflite")
+    path = tmp_path_factory.mktemp("tflite") / "enc.tflite"
+    return path, export_tflite(enc, x[:2], path)
+
+
+def test_tflite_encoder_is_fully_int8_and_matches_torch(trained, onnx_files, tflite_file):
+    enc, _, x = trained
+    path, rep = tflite_file
     assert rep["int8_convs"] is True and len(rep["convs"]) == 3
     assert rep["input"]["dtype"] == "int8" and rep["output"]["dtype"] == "int8"
     assert rep["input"]["shape"] == [None, 1, 28, 28]
     assert rep["output"]["quant"] == {"scale": 1 / 256, "zero_point": -128}
-    assert (tmp_path / "enc.tflite").stat().st_size <= 0.3 * (onnx_files[0] / "enc.float.onnx").stat().st_size
+    assert path.stat().st_size <= 0.3 * (onnx_files[0] / "enc.float.onnx").stat().st_size
 
     from ai_edge_litert.interpreter import Interpreter
 
-    it = Interpreter(model_path=str(tmp_path / "enc.tflite"), num_threads=1)
+    it = Interpreter(model_path=str(path), num_threads=1)
     (i,), (o,) = it.get_input_details(), it.get_output_details()
     it.resize_tensor_input(i["index"], [len(x), 1, 28, 28])
     it.allocate_tensors()
@@ -130,6 +138,45 @@ def test_tflite_encoder_is_fully_int8_and_matches_torch(trained, onnx_files, tmp
     grid, pre = V.output_grids(conv)
     assert V.pre_activation_lsb(ref, got, grid, pre)["max_pre_activation_lsb"] <= 1
     assert V.lsb_parity(ref, got, grid)["frac_values_within_2lsb"] >= 0.99
+
+
+def test_tflite_batch_is_dynamic_in_every_tensor_not_the_example_batch(trained, tflite_file):
+    """litert-torch keeps the example batch (2) in every tensor from the first conv on; a runtime
+    that reads the stored shapes (LiteRT.js, no resize call) then sees [2, 8, 7, 7] out of a
+    [1, 1, 28, 28] input. Every activation must be stored as the input is: [1, ...] / [-1, ...]."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    path, rep = tflite_file
+    assert rep["input"]["shape"][0] is None and rep["output"]["shape"] == [None, 8, 7, 7]
+    it = Interpreter(model_path=str(path), num_threads=1)
+    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    (i,), (o,) = it.get_input_details(), it.get_output_details()
+    acts = {i["index"]} | {k for op in it._get_ops_details() for k in op["outputs"]}
+    assert o["index"] in acts and len(acts) == 9  # input, 2 transposes, 3 convs, 2 pools, sigmoid
+    for k in sorted(acts):
+        t = tensors[k]
+        assert t["shape_signature"][0] == -1 and t["shape"][0] == i["shape"][0] == 1, t
+        assert list(t["shape_signature"][1:]) == list(t["shape"][1:]), t  # only the batch is dynamic
+    for k in tensors.keys() - acts:  # weights, biases, permutations: no dynamic dim
+        assert (tensors[k]["shape_signature"] >= 0).all(), tensors[k]
+
+    s, zp = i["quantization"]
+    q = np.clip(np.rint(trained[2][:5].numpy() / s) + zp, -128, 127).astype(np.int8)
+
+    def run(it, x):
+        it.set_tensor(it.get_input_details()[0]["index"], x)
+        it.invoke()
+        return it.get_tensor(it.get_output_details()[0]["index"])
+
+    one = Interpreter(model_path=str(path), num_threads=1)  # as stored, never resized
+    one.allocate_tensors()
+    assert list(one.get_output_details()[0]["shape"]) == [1, 8, 7, 7]
+    singles = np.concatenate([run(one, q[j:j + 1]) for j in range(len(q))])
+    for b in (1, 5):
+        it.resize_tensor_input(i["index"], [b, 1, 28, 28])
+        it.allocate_tensors()
+        assert list(it.get_output_details()[0]["shape"]) == [b, 8, 7, 7]
+        assert np.array_equal(run(it, q[:b]), singles[:b])
 
 
 def test_int8_head_with_repeated_channel_counts_runs_exact_in_onnxruntime(trained, tmp_path):

@@ -8,6 +8,11 @@ torch or qdefend. Pillow is optional (PNG/JPEG input)::
     python runner.py --check                          bundle integrity + bit-exact parity, one JSON line
     python runner.py encode IMG_OR_DIR... --out feats.npz [--seed N] [--no-release]
     python runner.py --bench [--repeats N] [--batch B]
+    python runner.py send IMG_OR_DIR... [--url URL] [--token-file F] [--seed N]
+
+``send`` encodes on the device as ``encode`` does and posts only the int8 features to a ``qdefend
+serve`` endpoint (--url, or the "server" recorded by ``qdefend bundle --server``; token from
+--token-file or $QDEFEND_TOKEN), then prints the cloud head's labels as one JSON line.
 
 ``encode`` writes what the device sends: int8 features (release transform applied) plus their
 scale/zero-point. ``--check`` recomputes the sha256 of every file listed in bundle.json and the
@@ -102,6 +107,14 @@ def _modules():
     except ImportError:
         import runtime as rt  # the copy beside this file in a bundle
     return np, rt
+
+
+def _client_module():
+    try:
+        from . import client  # inside the qdefend source tree
+    except ImportError:
+        import client  # the copy beside this file in a bundle
+    return client
 
 
 def open_runtime(root: Path, bundle: dict, interpreter: str | None, threads: int | None):
@@ -229,6 +242,37 @@ def cmd_encode(root: Path, bundle: dict, args) -> dict:
             "interpreter": r.interpreter_name}
 
 
+def cmd_send(root: Path, bundle: dict, args) -> dict:
+    import os
+
+    cl = _client_module()
+    url = args.url or bundle.get("server")
+    if not url:
+        raise RunnerError("no server: pass --url http://HOST:PORT (or bundle with `qdefend bundle --server URL`)")
+    try:
+        token = cl.read_token(args.token_file) if args.token_file else os.environ.get("QDEFEND_TOKEN") or None
+    except ValueError as e:
+        raise RunnerError(str(e)) from None
+    r = open_runtime(root, bundle, args.interpreter, args.threads)
+    x, names = load_images(args.inputs, r.manifest["input"]["shape"])
+    sha = r.entry["sha256"]
+    t0 = time.perf_counter()
+    try:
+        c = cl.Client(url, token=token, timeout=args.timeout)
+        c.check_encoder(sha, r.name)
+        f = r.encode(x, seed=args.seed)
+        t1 = time.perf_counter()
+        ans = c.infer(f, encoder_sha256=sha)
+    except ValueError as e:  # ClientError, ArtifactError: one line each
+        raise RunnerError(str(e)) from None
+    t2 = time.perf_counter()
+    answers = [{"name": n, "label": lab, "class": cls, "p": round(max(p), 4)}
+               for n, lab, cls, p in zip(names, ans["labels"], ans["classes"], ans["probabilities"])]
+    return {"url": url, "images": len(names), "encoder": r.name, "interpreter": r.interpreter_name,
+            "bytes_sent": int(f.q.size), "encode_ms": round((t1 - t0) * 1e3, 2),
+            "round_trip_ms": round((t2 - t1) * 1e3, 2), "answers": answers}
+
+
 def _peak_rss_mb() -> float | None:
     try:
         import resource
@@ -314,16 +358,25 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     enc.add_argument("--out", required=True, help="output .npz: features (int8), scale, zero_point, names")
     enc.add_argument("--seed", type=int, default=None, help="seed the release noise (default: fresh randomness)")
     enc.add_argument("--no-release", action="store_true", help="skip the release transform (testing only)")
-    return top, enc
+    send = argparse.ArgumentParser(prog="runner.py send", parents=[common],
+                                   description="encode images here, send the int8 features to qdefend serve")
+    send.add_argument("inputs", nargs="+", help="image files or folders")
+    send.add_argument("--url", default=None, help="the server, e.g. http://cloud:8000 (default: bundle.json's)")
+    send.add_argument("--token-file", default=None, help="file holding the server's bearer token "
+                      "(default: $QDEFEND_TOKEN)")
+    send.add_argument("--seed", type=int, default=None, help="seed the release noise (default: fresh randomness)")
+    send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer (default 30)")
+    return top, enc, send
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    top, enc = _parser()
+    top, enc, send = _parser()
     if argv and argv[0] in ("check", "bench"):
         argv[0] = "--" + argv[0]
-    encoding = bool(argv) and argv[0] == "encode"
-    args = enc.parse_args(argv[1:]) if encoding else top.parse_args(argv)
+    sub = argv[0] if argv and argv[0] in ("encode", "send") else None
+    encoding = sub is not None  # one JSON line on success, one error line on stderr otherwise
+    args = {"encode": enc, "send": send}[sub].parse_args(argv[1:]) if sub else top.parse_args(argv)
     root = Path(args.bundle).resolve() if args.bundle else Path(__file__).resolve().parent
     checking = not encoding and args.check
     res: dict = {"ok": False, "bundle": root.name}
@@ -331,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle = load_bundle(root)
         res.update(device=bundle.get("device", {}).get("name"), artifact=bundle.get("artifact"))
         if encoding:
-            res.update(cmd_encode(root, bundle, args))
+            res.update((cmd_send if sub == "send" else cmd_encode)(root, bundle, args))
         else:
             res.update((cmd_check if checking else cmd_bench)(root, bundle, args))
         res["ok"] = "error" not in res

@@ -9,8 +9,19 @@ is already in the graph, made by qdefend's own XNNPACK-style quantizer during QA
 litert ``PT2EQuantizer`` with a static per-channel config is handed over as that flag; our
 quantizer (no ``global_config``) is refused by ``QuantConfig``.
 
-With ``dynamic_batch`` the input's batch dimension is -1 in the file, so an interpreter can
-``resize_tensor_input`` to any batch (litert bakes the example batch in otherwise).
+With ``dynamic_batch`` the batch dimension is dynamic in the whole file: every batch-dependent
+tensor (input, intermediates, output) is stored as shape ``[1, ...]`` with shape_signature
+``[-1, ...]``, so an interpreter can ``resize_tensor_input`` to any batch, and a runtime that
+cannot resize (LiteRT.js, which reads the stored shapes) sees one consistent batch-1 graph.
+litert-torch 0.10.0 alone does not get there: given ``dynamic_shapes`` it makes only the input
+(and its layout TRANSPOSE) dynamic, then its convolution lowering builds the result type from the
+example's concrete batch (``RankedTensorType.get(out_aval.shape)`` on a SymInt gives its hint), so
+every tensor from the first conv on keeps the example batch (``[2, 8, 7, 7]`` for a batch-2
+example); and its jax-bridged lowerings (the conv bias add) reject dynamic dims outright. So after
+conversion :func:`_make_batch_dynamic` rewrites the stored shapes, with the batch-dependent
+tensors found by asking the TFLite kernels themselves (allocate at two batches, see which
+tensors follow). Kernels recompute every shape at allocate_tensors, so the ops, weights and int8
+outputs are exactly those litert wrote; only the shape metadata changes.
 """
 
 from __future__ import annotations
@@ -93,7 +104,67 @@ def export_tflite(prepared_or_float: nn.Module, example: torch.Tensor, path: str
         edge = litert_torch.convert(module, (x,), dynamic_shapes=shapes,
                                     quant_config=_static_quant_config() if int8 else None)
         edge.export(str(path))
+    if dynamic_batch:
+        _make_batch_dynamic(path)
     return tflite_report(path)
+
+
+_PROBE_BATCHES = (3, 5)
+
+
+def _probe_shapes(path: Path, batch: int) -> dict[int, list[int]]:
+    """Every tensor's shape once the kernels have been prepared for `batch` input rows.
+
+    Without the default XNNPACK delegate: the tensors a delegate takes over keep their stored
+    shape in get_tensor_details(), only the plain kernels report what they computed."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=str(path), num_threads=1,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    (inp,) = it.get_input_details()
+    it.resize_tensor_input(inp["index"], [batch, *(int(v) for v in inp["shape"][1:])])
+    it.allocate_tensors()
+    return {t["index"]: [int(v) for v in t["shape"]] for t in it.get_tensor_details()}
+
+
+def _make_batch_dynamic(path: Path) -> list[int]:
+    """Store every batch-dependent tensor of a dynamic-input .tflite as [1, ...] with
+    shape_signature [-1, ...]; the indices rewritten. See the module docstring for why.
+
+    A tensor is batch-dependent when its dim 0 follows the input batch (probed at two batch
+    sizes) and its other dims stay as stored. Any other change, or a stored shape the kernels
+    do not reproduce, means a batch can't be resized in this graph (e.g. a RESHAPE with a
+    constant shape): then this raises rather than write a file whose shapes lie."""
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    hint = "export with dynamic_batch=False (a fixed batch) instead"
+    try:
+        probes = [_probe_shapes(path, b) for b in _PROBE_BATCHES]
+    except (RuntimeError, ValueError) as e:
+        raise QdefendError(f"{path.name}: the converted graph cannot be resized to another batch "
+                           f"({e}); {hint}") from e
+    model = fbu.read_model(str(path))
+    if len(model.subgraphs) != 1:
+        raise QdefendError(f"{path.name} has {len(model.subgraphs)} subgraphs; a dynamic batch is "
+                           f"only rewritten for a single-subgraph model: {hint}")
+    changed = []
+    for k, t in enumerate(model.subgraphs[0].tensors):
+        stored = [int(v) for v in t.shape] if t.shape is not None else []
+        got = [p[k] for p in probes]
+        if got[0] == got[1]:
+            if got[0] != stored:
+                raise QdefendError(f"{path.name}: tensor {k} is stored as {stored} but its kernel "
+                                   f"computes {got[0]}; {hint}")
+            continue
+        if not stored or any(g != [b, *stored[1:]] for g, b in zip(got, _PROBE_BATCHES)):
+            raise QdefendError(f"{path.name}: tensor {k} ({stored}) changes beyond its batch dim "
+                               f"when the input batch does ({got}); {hint}")
+        sig = [int(v) for v in t.shapeSignature] if t.shapeSignature is not None and len(t.shapeSignature) \
+            else stored
+        t.shape, t.shapeSignature = [1, *stored[1:]], [-1, *sig[1:]]
+        changed.append(k)
+    fbu.write_model(model, str(path))
+    return changed
 
 
 def _interpreter(path: str | os.PathLike):
@@ -115,7 +186,7 @@ def tflite_report(path: str | os.PathLike) -> dict[str, Any]:
 
     "int8_convs" is True when every CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED takes int8
     activations and int8 weights and gives int8 outputs (bias int32), as XNNPACK runs them.
-    The output's batch dim is written from the input's: litert keeps the example batch there.
+    Shapes are the file's shape_signature (None for a dynamic dim).
     """
     it = _interpreter(path)
     tensors = {t["index"]: t for t in it.get_tensor_details()}
@@ -131,7 +202,6 @@ def tflite_report(path: str | os.PathLike) -> dict[str, Any]:
         and c["outputs"] == ["int8"] for c in convs)
     (inp,), (out,) = it.get_input_details(), it.get_output_details()
     in_spec, out_spec = _spec(inp), _spec(out)
-    out_spec["shape"][0] = in_spec["shape"][0]
     return {
         "op_counts": dict(sorted(collections.Counter(o["op_name"] for o in ops).items())),
         "tensor_dtypes": dict(sorted(collections.Counter(np.dtype(t["dtype"]).name
