@@ -322,13 +322,18 @@ def bundle_(
     runtime: Optional[str] = typer.Option(None, "--runtime", help="litert, tflite-runtime or onnxruntime (default: the device's)"),
     out: Optional[Path] = typer.Option(None, "--out", help="archive path or folder (default RUN/bundles/)"),
     with_wheels: bool = typer.Option(False, "--with-wheels", help="also pip download the device's wheels into wheels/ (needs network)"),
+    server: Optional[str] = typer.Option(None, "--server", help="the qdefend serve URL the bundle sends features to, e.g. https://cloud:8000"),
 ):
     """Package a run's int8 encoder for one device: artifact, runtime, standalone runner.py, pinned
     requirements, reference outputs; one .tar.gz to copy onto it (then `python3 runner.py --check`)."""
     from .devices.bundle import bundle_top, make_bundle
 
-    path = make_bundle(run, device, fmt=format_, runtime=runtime, out=out, with_wheels=with_wheels)
+    path = make_bundle(run, device, fmt=format_, runtime=runtime, out=out, with_wheels=with_wheels, server=server)
     top = bundle_top(path)
+    if device == "phone-web":
+        typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)\nhost {top}/ on a static https server, "
+                   "start `qdefend serve RUN --allow-origin https://THAT-HOST`, open the page on the phone")
+        return
     typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)\non the device: tar xzf {path.name} && "
                f"cd {top}, install as its README.md says, then: python3 runner.py --check")
 

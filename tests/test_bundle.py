@@ -11,6 +11,7 @@ under ``-X importtime`` to prove that neither torch nor qdefend is imported on t
 
 import io
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -128,11 +129,11 @@ def test_profile_facts():
 def test_cli_lists_devices(capsys):
     assert main(["list", "devices"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ("rpi4", "rpi5", "android-arm64", "generic-aarch64", "x86_64"))
+    assert all(name in out for name in ("rpi4", "rpi5", "android-arm64", "generic-aarch64", "x86_64", "phone-web"))
 
 
 def test_unknown_device_lists_the_valid_ones(tmp_path, capsys):
-    with pytest.raises(QdefendError, match="Valid devices: android-arm64, generic-aarch64, rpi4, rpi5, x86_64"):
+    with pytest.raises(QdefendError, match="Valid devices: android-arm64, generic-aarch64, phone-web, rpi4, rpi5, x86_64"):
         make_bundle(tmp_path, "raspberry")
     assert main(["bundle", str(tmp_path), "--device", "rpi6"]) == 2
     err = capsys.readouterr().err.strip()
@@ -144,7 +145,7 @@ def test_unknown_device_lists_the_valid_ones(tmp_path, capsys):
     ("rpi5", {"runtime": "litert", "fmt": "onnx"}, "litert runs .tflite files, not .onnx: use --format tflite or --runtime onnxruntime"),
     ("rpi5", {"runtime": "tensorrt"}, "unknown runtime 'tensorrt'; valid runtimes: litert, tflite-runtime, onnxruntime"),
     ("rpi5", {"fmt": "coreml"}, "use --format tflite or --format onnx"),
-    ("android-arm64", {}, "android-arm64 has no pip wheels .*LiteRT Android library.*--device generic-aarch64"),
+    ("android-arm64", {}, "android-arm64 has no pip wheels .*--device phone-web.*LiteRT Android library.*--device generic-aarch64"),
 ])
 def test_runtimes_without_wheels_name_what_to_pick(tmp_path, device, kw, needle):
     with pytest.raises(QdefendError, match=needle) as e:
@@ -468,3 +469,33 @@ def test_real_qat_run_bundles_pass_their_check_bit_exact(qat_run, tmp_path, devi
     scale = load_manifest(root)["features"]["wire"]["scale"]
     assert noisy.shape == clean.shape == (8, 8, 7, 7)
     assert 0.8 * SIGMA < ((noisy.astype(int) - clean) * scale).std() < 1.2 * SIGMA
+
+
+def test_phone_web_bundle_is_a_static_page_with_the_onnx_encoder(tmp_path):
+    """Fast twin of the browser test's bundle check: layout, sha256s, the page marked as a bundle."""
+    from test_serve import toy_served_run
+
+    run = toy_served_run(tmp_path / "run")
+    archive = make_bundle(run, "phone-web", out=tmp_path / "out", server="https://cloud.example:8443")
+    root = extract_bundle(archive, tmp_path / "x")
+    b = json.loads((root / "bundle.json").read_text())
+    assert b["device"]["kind"] == "browser" and b["server"] == "https://cloud.example:8443"
+    for rel, meta in b["files"].items():
+        assert sha256_file(root / rel) == meta["sha256"], rel
+    assert {"index.html", "static/qdefend.js", "static/release.js", "static/ort/ort.wasm.min.mjs",
+            "encoder.int8.onnx", "client-manifest.json", "README.md"} <= set(b["files"])
+    html = (root / "index.html").read_text()
+    assert '<meta name="qdefend-bundle" content="1">' in html and 'content="https://cloud.example:8443"' in html
+    cm = json.loads((root / "client-manifest.json").read_text())
+    assert list(cm["encoders"]) == ["encoder.int8.onnx"]
+    assert cm["encoders"]["encoder.int8.onnx"]["sha256"] == sha256_file(root / "encoder.int8.onnx")
+    for js in ("qdefend.js", "release.js"):  # everything the page loads is in the bundle: no remote URL
+        assert not re.search(r"https?://", (root / "static" / js).read_text()), js
+
+
+@pytest.mark.parametrize("kw, needle", [({"fmt": "tflite"}, "drop --format"),
+                                        ({"server": "cloud:8000"}, "must look like https://HOST:PORT"),
+                                        ({"server": 'https://x"><script>'}, "must look like")])
+def test_phone_web_bundle_refuses_what_it_cannot_honour(tmp_path, run_dir, kw, needle):
+    with pytest.raises(QdefendError, match=needle):
+        make_bundle(run_dir, "phone-web", out=tmp_path, **kw)

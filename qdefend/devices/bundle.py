@@ -189,6 +189,15 @@ def download_wheels(requirements: list[str], profile: DeviceProfile, dest: Path)
     return sorted(dest.glob("*.whl"))
 
 
+def _check_server_url(url: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") \
+            or any(c in url for c in "\"'<> "):
+        raise QdefendError(f"--server {url!r} must look like https://HOST:PORT (the `qdefend serve` address)")
+
+
 def _write_tar(stage: Path, out: Path, mtime: int) -> None:
     """A reproducible .tar.gz of `stage` (sorted names, root-owned, fixed modes and times), atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,13 +224,23 @@ def _write_tar(stage: Path, out: Path, mtime: int) -> None:
 
 def make_bundle(run_dir: str | os.PathLike, device: str | DeviceProfile, fmt: str | None = None,
                 runtime: str | None = None, out: str | os.PathLike | None = None,
-                with_wheels: bool = False) -> Path:
+                with_wheels: bool = False, server: str | None = None) -> Path:
     """Write the device bundle of an exported run; returns the .tar.gz path.
 
     fmt/runtime default to the device profile's; a runtime without wheels for the device, or
     one that cannot run `fmt`, is refused naming what to pick instead. out: an archive path or a
-    folder (default RUN/bundles/). with_wheels: also `pip download` the wheels (needs network)."""
+    folder (default RUN/bundles/). with_wheels: also `pip download` the wheels (needs network).
+    server: the `qdefend serve` URL that `runner.py send` (or the phone-web page) talks to by default."""
     profile = get_profile(device)
+    if server is not None:
+        _check_server_url(server)
+    if profile.kind == "browser":
+        if fmt not in (None, "onnx") or runtime not in (None, profile.runtime) or with_wheels:
+            raise QdefendError(f"{profile.name} runs encoder.int8.onnx in {profile.runtime}: drop --format, "
+                               "--runtime and --with-wheels")
+        from .web_bundle import make_web_bundle
+
+        return make_web_bundle(run_dir, out, server=server)
     fmt, runtime = profile.choose(fmt, runtime)
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
@@ -277,7 +296,7 @@ def make_bundle(run_dir: str | os.PathLike, device: str | DeviceProfile, fmt: st
             "created": now.isoformat(), "qdefend_version": __version__,
             "device": profile.to_dict(), "artifact": artifact, "format": fmt, "runtime": runtime,
             "threads": profile.threads, "python": profile.python_version, "requirements": requirements,
-            "wheels": [w.name for w in wheels], "reference": ref_meta, "files": files,
+            "wheels": [w.name for w in wheels], "reference": ref_meta, "files": files, "server": server,
         }
         (stage / "bundle.json").write_text(json.dumps(bundle, indent=2, sort_keys=True) + "\n")
         _write_tar(stage, out, int(now.timestamp()))

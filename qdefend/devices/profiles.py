@@ -12,8 +12,9 @@ aarch64 wheel is tagged manylinux_2_34 (glibc >= 2.34: Raspberry Pi OS bookworm 
 images get none), its x86_64 one manylinux2014. So glibc 2.28 is the floor of every profile but the
 Pis. Android is not a manylinux platform (bionic libc, no glibc): none of the three
 interpreters has a pip wheel for it, so ``android-arm64`` bundles are refused with what to do
-instead (LiteRT's Android library in an app, or a glibc Linux userland on the phone and
-``--device generic-aarch64``).
+instead: ``--device phone-web`` (the int8 encoder in the phone's browser, onnxruntime-web's wasm
+build), or the ``.tflite`` + ``manifest.json`` in a native app with LiteRT's Android runtime.
+``phone-web`` is the one profile of kind ``browser``: no Python on the device, a static page.
 
 Paper: Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-
 Only Inference" (CVPR 2018): the int8 scheme the device interpreters (TFLite/XNNPACK, ONNX Runtime)
@@ -29,9 +30,10 @@ from typing import Any
 from qdefend.errors import QdefendError
 from qdefend.registry import Registry
 
-__all__ = ["DEVICES", "RUNTIMES", "RUNTIME_FORMAT", "REQUIREMENTS", "DeviceProfile", "get_profile",
+__all__ = ["DEVICES", "RUNTIMES", "RUNTIME_FORMAT", "WEB_RUNTIME", "REQUIREMENTS", "DeviceProfile", "get_profile",
            "list_profiles", "AARCH64_PLATFORMS", "X86_64_PLATFORMS"]
 
+WEB_RUNTIME = "onnxruntime-web"  # the browser runtime of kind "browser" profiles (npm, wasm)
 # Interpreter name (as qdefend/edge/runtime.py calls it) -> artifact format it runs.
 RUNTIME_FORMAT = {"litert": "tflite", "tflite-runtime": "tflite", "onnxruntime": "onnx"}
 RUNTIMES = tuple(RUNTIME_FORMAT)
@@ -68,8 +70,15 @@ class DeviceProfile:
     wheels: tuple[str, ...] = ()  # interpreters with a pip wheel here
     no_wheels: dict[str, str] = field(default_factory=dict)  # interpreter -> why it has none
     advice: str = ""  # what to do when no interpreter has wheels
+    kind: str = "python"  # python: runner.py + a pip interpreter; browser: a static page (phone-web)
 
     def __post_init__(self):
+        if self.kind == "browser":
+            if (self.runtime, self.format, self.arch) != (WEB_RUNTIME, "onnx", "wasm32"):
+                raise QdefendError(f"device {self.name}: a browser profile runs {WEB_RUNTIME} on .onnx (wasm32)")
+            return
+        if self.kind != "python":
+            raise QdefendError(f"device {self.name}: kind must be python or browser, got {self.kind!r}")
         if self.arch not in ("aarch64", "x86_64"):
             raise QdefendError(f"device {self.name}: arch must be aarch64 or x86_64, got {self.arch!r}")
         for r in (self.runtime, *self.wheels, *self.no_wheels):
@@ -161,9 +170,16 @@ _register(DeviceProfile(
     runtime="litert", format="tflite", threads=4, os="Android (bionic libc)", glibc=None, memory_mb=512,
     platforms=(), wheels=(),
     no_wheels={r: "PyPI has no Android wheel; manylinux wheels need glibc" for r in RUNTIMES},
-    advice=("ship runs/NAME/artifacts/encoder.int8.tflite in an app with the LiteRT Android library "
-            "(com.google.ai.edge.litert), or run a glibc Linux userland on the phone (e.g. Termux "
-            "proot-distro debian) and bundle with --device generic-aarch64")))
+    advice=("bundle with --device phone-web (the encoder runs in the phone's browser and talks to `qdefend "
+            "serve`), or ship runs/NAME/artifacts/encoder.int8.tflite + manifest.json in an app with the LiteRT "
+            "Android library (com.google.ai.edge.litert), or run a glibc Linux userland on the phone (e.g. "
+            "Termux proot-distro debian) and bundle with --device generic-aarch64")))
+_register(DeviceProfile(
+    name="phone-web", description="any phone's browser with wasm SIMD: a static page runs the int8 ONNX encoder "
+                                  "(onnxruntime-web), sends int8 features to qdefend serve",
+    cpu="the phone's CPU through WebAssembly SIMD (Chrome 91+, Safari 16.4+, Firefox 89+)", arch="wasm32",
+    qemu_cpu=None, runtime=WEB_RUNTIME, format="onnx", threads=1, os="any (browser)", glibc=None, memory_mb=256,
+    kind="browser"))
 _register(DeviceProfile(
     name="x86_64", description="64-bit x86 Linux with glibc >= 2.28, LiteRT int8 with XNNPACK",
     cpu="x86-64 (AVX2; AVX-512 VNNI where present)", arch="x86_64", qemu_cpu=None,

@@ -22,7 +22,6 @@ import os
 import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,24 +34,14 @@ from qdefend import __version__
 from qdefend.edge import wire
 from qdefend.errors import QdefendError
 
+from .page import ORT_FILES, PAGE_FILES, WEB_DIR, missing_runtime, web_runtime_dir
 from .service import RequestError, ServeConfig, Service
 
-__all__ = ["create_app", "serve", "app_from_env", "WEB_DIR", "ORT_FILES", "web_runtime_dir"]
+__all__ = ["create_app", "serve", "app_from_env"]
 
 log = logging.getLogger("qdefend.serve")
-WEB_DIR = Path(__file__).resolve().parent / "web"
-PAGE_FILES = {"qdefend.js": "text/javascript", "release.js": "text/javascript", "style.css": "text/css"}
-# onnxruntime-web's wasm build, the only files of the npm package the page loads
-ORT_FILES = {"ort.wasm.min.mjs": "text/javascript", "ort-wasm-simd-threaded.mjs": "text/javascript",
-             "ort-wasm-simd-threaded.wasm": "application/wasm"}
-ORT_VERSION = "1.31.1"
 _ENV = "QDEFEND_SERVE_CONFIG"
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-
-def web_runtime_dir(cfg: ServeConfig) -> Path:
-    """Where onnxruntime-web's dist files are: --web-runtime, else the npm install beside the page."""
-    return Path(cfg.web_runtime) if cfg.web_runtime else WEB_DIR / "node_modules" / "onnxruntime-web" / "dist"
 
 
 class _Metrics:
@@ -92,7 +81,7 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> FastAPI:
     svc = service or Service(cfg.run, head=cfg.head, threads=cfg.threads, max_batch=cfg.max_batch)
     limit = wire.max_body_bytes(svc.feature_shape, svc.max_batch)
     metrics = _Metrics()
-    ort_dir = web_runtime_dir(cfg)
+    ort_dir = web_runtime_dir(cfg.web_runtime)
     app = FastAPI(title="qdefend serve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service, app.state.metrics = svc, metrics
     if cfg.allow_origins:
@@ -229,9 +218,7 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> FastAPI:
             raise RequestError(404, f"no onnxruntime-web file {name!r}", "not_found")
         path = ort_dir / name
         if not path.is_file():
-            raise RequestError(503, f"the browser runtime is not installed ({path} missing): run `npm ci "
-                                    f"--ignore-scripts --prefix {WEB_DIR}` (onnxruntime-web {ORT_VERSION}) or pass "
-                                    "--web-runtime DIR", "web_runtime")
+            raise RequestError(503, missing_runtime(path), "web_runtime")
         return FileResponse(path, media_type=ORT_FILES[name], headers={"Cache-Control": "max-age=3600"})
 
     return app

@@ -27,7 +27,7 @@ from qdefend.edge.runtime import Runtime
 from qdefend.edge.wire import Message
 from qdefend.errors import QdefendError
 
-__all__ = ["HEADS", "ServeConfig", "RequestError", "Service"]
+__all__ = ["HEADS", "ServeConfig", "RequestError", "Service", "client_manifest"]
 
 HEADS = {"int8": "head.int8.onnx", "float": "head.float.onnx"}
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -93,6 +93,20 @@ class ServeConfig:
         return token
 
 
+def client_manifest(manifest: dict, head: str | None = None, max_batch: int | None = None) -> dict[str, Any]:
+    """What a client must run, from a run's manifest: the encoders (sha256, tensors), input
+    normalisation, release steps and wire grid; the head and limits when a server decides them."""
+    m = manifest
+    encoders = {name: {k: e[k] for k in ("sha256", "size_bytes", "format", "precision", "input", "output")}
+                for name, e in m["artifacts"].items() if e["role"] == "encoder"}
+    return {"schema": "qdefend.serve.manifest", "run": m.get("run"), "dataset": m["dataset"],
+            "input": m["input"], "release": m["release"], "features": m["features"], "encoders": encoders,
+            "head": {"artifact": head, "sha256": m["artifacts"][head]["sha256"]} if head else None,
+            "limits": {"max_batch": max_batch} if max_batch else None,
+            "wire_format": {"binary": "application/x-qdefend-features", "json": "application/json",
+                            "doc": "qdefend.edge.wire (README: Serving)"}}
+
+
 class Service:
     """One run's head behind the manifest's checks. Thread-safe: ONNX Runtime sessions are."""
 
@@ -126,15 +140,7 @@ class Service:
 
     def client_manifest(self) -> dict[str, Any]:
         """``GET /v1/manifest``: everything a client needs to produce valid features."""
-        m = self.manifest
-        encoders = {name: {k: e[k] for k in ("sha256", "size_bytes", "format", "precision", "input", "output")}
-                    for name, e in m["artifacts"].items() if e["role"] == "encoder"}
-        return {"schema": "qdefend.serve.manifest", "run": m.get("run"), "dataset": m["dataset"],
-                "input": m["input"], "release": m["release"], "features": m["features"], "encoders": encoders,
-                "head": {"artifact": self.head_name, "sha256": m["artifacts"][self.head_name]["sha256"]},
-                "limits": {"max_batch": self.max_batch},
-                "wire_format": {"binary": "application/x-qdefend-features", "json": "application/json",
-                                "doc": "qdefend.edge.wire (README: Serving)"}}
+        return client_manifest(self.manifest, self.head_name, self.max_batch)
 
     def encoder_path(self, name: str) -> Path:
         """The verified file of encoder artifact `name` (for the browser page)."""

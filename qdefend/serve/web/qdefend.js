@@ -10,6 +10,7 @@ const BINARY_TYPE = "application/x-qdefend-features";
 const ENCODER = "encoder.int8.onnx";
 const $ = (id) => document.getElementById(id);
 const bundled = document.querySelector('meta[name="qdefend-bundle"]')?.content === "1";
+const bundledServer = document.querySelector('meta[name="qdefend-server"]')?.content || "";
 
 ort.env.wasm.wasmPaths = new URL("./ort/", import.meta.url).href;
 ort.env.wasm.numThreads = 1; // threads need cross-origin isolation and did not help this small model
@@ -18,7 +19,7 @@ const state = { api: "", token: "", manifest: null, encoder: null, session: null
 
 function apiBase() {
   const q = new URLSearchParams(location.search).get("server");
-  return ($("server").value || q || (bundled ? "" : location.origin)).replace(/\/+$/, "");
+  return ($("server").value || q || (bundled ? bundledServer : location.origin)).replace(/\/+$/, "");
 }
 
 async function call(path, init = {}) {
@@ -175,7 +176,7 @@ async function onCheck() {
   } catch (e) { show(e.message, true); }
 }
 
-window.qdefend = { connect, encodePixels, infer, pack, selfCheck, state };
+window.qdefend = { connect, encodePixels, filePixels, infer, pack, selfCheck, state };
 window.addEventListener("DOMContentLoaded", () => {
   $("token").value = localStorage.getItem("qdefend-token") || "";
   $("connect").onclick = onConnect;
