@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qdefend.devices.bundle import reference_images
+from qdefend.data import reference_images
 from qdefend.edge import wire
 from qdefend.edge.manifest import load_manifest
 from qdefend.edge.release import dequantize

@@ -25,7 +25,7 @@ from .errors import QdefendError
 from .registry import Registry
 
 __all__ = [
-    "DATASETS", "DataConfig", "Normalization", "Split", "SplitData",
+    "DATASETS", "DataConfig", "Normalization", "Split", "SplitData", "REFERENCE_IMAGES", "reference_images",
     "batches", "load_dataset", "read_idx", "split_indices",
 ]
 
@@ -524,3 +524,26 @@ def _imagefolder(cfg: DataConfig) -> RawData:
     x = _decode([p for p, _ in tr + te], mode, cfg.image_size)
     y = np.array([y for _, y in tr + te], dtype=np.int64)
     return RawData(x[: len(tr)], y[: len(tr)], x[len(tr) :], y[len(tr) :], names, str(d))
+
+
+REFERENCE_IMAGES = 8  # 6 test images + an all-black and an all-white one (the saturating ends)
+
+
+def reference_images(run_dir: str | Path, shape: list[int], n: int = REFERENCE_IMAGES) -> tuple[np.ndarray, str]:
+    """(uint8 n x C x H x W, where they came from): the run's first test images, then an all-0
+    and an all-255 image; seeded random pixels if the run's data set cannot be read here."""
+    import tomllib
+
+    real = max(n - 2, 0)
+    try:
+        cfg = tomllib.loads((Path(run_dir) / "config.toml").read_text())["data"]
+        cfg = DataConfig(**{k: v for k, v in cfg.items() if k in DataConfig.__dataclass_fields__})
+        x = np.asarray(DATASETS.get(cfg.name)(cfg).test_x[:real], np.uint8)
+        if list(x.shape[1:]) != list(shape) or len(x) < real:
+            raise QdefendError(f"test images {x.shape} do not match the manifest input {shape}")
+        source = f"{cfg.name} test[0:{real}]"
+    except (QdefendError, OSError, KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as e:
+        x = np.random.default_rng(0).integers(0, 256, (real, *shape), dtype=np.uint8)
+        source = f"random uint8 (seed 0; the run's data set could not be read: {e})"
+    ends = np.stack([np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8)])[: n - real]
+    return np.concatenate([x, ends]), source + " + all-0 + all-255"

@@ -108,7 +108,7 @@ def server(run_dir, token_file):
 def encoded(run_dir):
     """(Runtime, Features) of 8 real test images through the toy encoder, release on, seed 0."""
     rt = Runtime.open(run_dir, "encoder.int8.onnx")
-    from qdefend.devices.bundle import reference_images
+    from qdefend.data import reference_images
 
     images, _ = reference_images(run_dir, rt.manifest["input"]["shape"])
     return rt, images, rt.encode(images, seed=0)
@@ -409,3 +409,68 @@ def test_served_process_answers_stops_gracefully_and_never_logs_features(run_dir
     assert "POST /v1/infer" in logged  # the access log is on ...
     assert str(f.q.reshape(-1)[:16].tolist())[1:-1] not in logged  # ... and holds no feature bytes
     assert f.q.tobytes()[:32].hex() not in logged
+
+
+def test_two_workers_share_the_port_and_their_metrics(run_dir, token_file, encoded):
+    rt, _, f = encoded
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "qdefend.cli", "serve", str(run_dir), "--head", "float",
+                             "--port", str(port), "--token-file", str(token_file), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while http_ok(url) is False:
+            assert proc.poll() is None and time.monotonic() - t0 < 90, "workers did not come up"
+            time.sleep(0.2)
+        body = wire.pack(f.q[:2], f.scale, f.zero_point, rt.entry["sha256"])
+        pids = set()
+        for _ in range(40):  # a new connection each: the kernel spreads them over the workers
+            assert http(url, "/v1/infer", body, wire.BINARY_TYPE)[0] == 200
+            pids.add(http(url, "/healthz", token=None)[1]["pid"])
+        _, text = http(url, "/metrics", token=None)
+        count = sum(float(ln.split(" ")[1]) for ln in text.splitlines()
+                    if ln.startswith('qdefend_requests_total{route="/v1/infer",status="200"}'))
+        assert count == 40, text  # summed over both workers' files, whichever answered /metrics
+        workers = [d for d in os.listdir("/proc") if d.isdigit() and _ppid(d) == proc.pid]
+        assert len(workers) >= 2 and pids <= {int(w) for w in workers}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
+def _ppid(pid: str) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def http_ok(url) -> bool:
+    try:
+        return http(url, "/healthz", token=None)[0] == 200
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return False
+
+
+def test_serving_benchmark_smoke_writes_its_json(run_dir, tmp_path):
+    """benchmarks/serving.py on the toy run, tiny windows: the schema, every answer right, no silent
+    loss over a restart, the fault classes' statuses (no timing asserted)."""
+    out = tmp_path / "serving.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serving.py"
+    p = subprocess.run([sys.executable, str(script), str(run_dir), "--seconds", "0.5", "--warmup", "0.2",
+                        "--concurrency", "1,4", "--head", "float", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["machine"]["cpu"] and [lv["clients"] for lv in res["levels"]] == [1, 4]
+    for lv in res["levels"]:
+        assert set(lv["outcomes"]) == {"ok"} and lv["requests_per_s"] > 0 and lv["latency_ms"]["p99"] >= lv["latency_ms"]["p50"]
+    r = res["restart"]
+    assert r["silent"] == 0 and r["answered"] + r["explicit_errors"] == r["requests"] and r["answered"] > 0
+    assert 0 <= r["in_flight_answered"] <= r["in_flight_at_sigterm"]  # drained or an explicit error, never silent
+    statuses = {k: v["status"] for k, v in res["faults"].items()}
+    assert statuses == {"unauthenticated": 401, "wrong_token": 401, "malformed": 400, "oversized": 413,
+                        "wrong_shape": 422, "wrong_grid": 422, "unknown_encoder": 409, "content_type": 415}

@@ -25,7 +25,8 @@ import threading
 import numpy as np
 import pytest
 
-from qdefend.devices.bundle import extract_bundle, make_bundle, reference_images
+from qdefend.data import reference_images
+from qdefend.devices.bundle import extract_bundle, make_bundle
 from qdefend.edge.runtime import Runtime
 from qdefend.serve.service import ServeConfig
 from test_serve import TOKEN, LiveServer

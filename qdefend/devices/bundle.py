@@ -42,6 +42,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from qdefend import __version__
+from qdefend.data import REFERENCE_IMAGES, reference_images
 from qdefend.errors import QdefendError
 
 from qdefend.edge.manifest import load_manifest, sha256_file, verify_artifact, write_manifest
@@ -55,34 +56,11 @@ BUNDLE_SCHEMA = "qdefend.bundle"
 BUNDLE_SCHEMA_VERSION = 1
 PREFIX = "qdefend-bundle-"
 COPIED_FILES = ("errors.py", "release.py", "manifest.py", "runtime.py", "wire.py", "client.py", "runner.py")  # qdefend/edge, as is
-REFERENCE_IMAGES = 8  # 6 test images + an all-black and an all-white one (the saturating ends)
 _EDGE = Path(__file__).resolve().parent.parent / "edge"  # the device-side files copied into bundles
 
 
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
-
-
-def reference_images(run_dir: Path, shape: list[int], n: int = REFERENCE_IMAGES) -> tuple[np.ndarray, str]:
-    """(uint8 n x C x H x W, where they came from): the run's first test images, then an all-0
-    and an all-255 image; seeded random pixels if the run's data set cannot be read here."""
-    import tomllib
-
-    real = max(n - 2, 0)
-    try:
-        from qdefend.data import DATASETS, DataConfig
-
-        cfg = tomllib.loads((run_dir / "config.toml").read_text())["data"]
-        cfg = DataConfig(**{k: v for k, v in cfg.items() if k in DataConfig.__dataclass_fields__})
-        x = np.asarray(DATASETS.get(cfg.name)(cfg).test_x[:real], np.uint8)
-        if list(x.shape[1:]) != list(shape) or len(x) < real:
-            raise QdefendError(f"test images {x.shape} do not match the manifest input {shape}")
-        source = f"{cfg.name} test[0:{real}]"
-    except (QdefendError, OSError, KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as e:
-        x = np.random.default_rng(0).integers(0, 256, (real, *shape), dtype=np.uint8)
-        source = f"random uint8 (seed 0; the run's data set could not be read: {e})"
-    ends = np.stack([np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8)])[: n - real]
-    return np.concatenate([x, ends]), source + " + all-0 + all-255"
 
 
 def _reference_runtime(stage: Path, artifact: str, runtime: str):

@@ -155,7 +155,7 @@ class Service:
         runtime computes for them, so any client can check its encoder bit for bit."""
         with self._lock:
             if self._reference is None:
-                from qdefend.devices.bundle import reference_images
+                from qdefend.data import reference_images
 
                 name = "encoder.int8.onnx" if "encoder.int8.onnx" in self.manifest["artifacts"] else next(
                     n for n, e in self.manifest["artifacts"].items() if e["role"] == "encoder")
