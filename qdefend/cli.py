@@ -348,19 +348,30 @@ def deploy(
     python: str = typer.Option("python3", "--python", help="the device's Python (with numpy and the runtime)"),
     ssh_option: list[str] = typer.Option([], "--ssh-option", help="extra ssh/scp -o KEY=VALUE (repeatable)"),
     bench: bool = typer.Option(False, "--bench", help="after the check, also run runner.py --bench"),
+    send: Optional[str] = typer.Option(None, "--send", help="then send the reference images' features to this qdefend serve URL"),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="--send: the server's token (goes over the ssh/adb stdin)"),
 ):
-    """Copy a bundle onto a device (ssh/scp or adb), unpack it, run its runner.py --check there; prints the JSON."""
+    """Copy a bundle onto a device (ssh/scp or adb), unpack it, run its runner.py --check there
+    (and, with --send URL, a round trip to qdefend serve); prints the JSON."""
     import json
 
     from .devices.deploy import deploy_adb, deploy_ssh
+    from .edge.client import read_token
 
     if (ssh is None) == (adb is None):
         raise QdefendError("pass exactly one of --ssh user@host[:dir] or --adb SERIAL")
+    if token_file is not None and send is None:
+        raise QdefendError("--token-file goes with --send URL (the server the device sends features to)")
+    token = read_token(str(token_file)) if token_file is not None else None
     if ssh is not None:
-        res = deploy_ssh(bundle, ssh, port=port, identity=identity, python=python, options=ssh_option, bench=bench)
+        res = deploy_ssh(bundle, ssh, port=port, identity=identity, python=python, options=ssh_option, bench=bench,
+                         send=send, token=token)
     else:
-        res = deploy_adb(bundle, adb, python=python, bench=bench)
+        res = deploy_adb(bundle, adb, python=python, bench=bench, send=send, token=token)
     typer.echo(json.dumps(res, sort_keys=True))
+    if "send" in res and not res["send"].get("ok"):
+        raise QdefendError(f"the device on {res['target']} could not send to {send}: "
+                           f"{res['send'].get('error', 'see the JSON above')}")
     if not res["ok"]:
         raise QdefendError(f"the bundle check on {res['target']} failed: {res['check'].get('error', 'see the JSON above')}")
 

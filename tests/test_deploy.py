@@ -186,3 +186,33 @@ def test_cli_deploy_over_ssh_and_a_tampered_bundle(archive, sshd, tmp_path, caps
     out, err = capsys.readouterr()
     assert json.loads(out)["ok"] is False
     assert "failed: 1 file failed the integrity check: runtime.py (sha256 differs from bundle.json" in err
+
+
+def test_ssh_deploy_ends_with_a_round_trip_to_qdefend_serve(sshd, tmp_path, capsys):
+    """--send: the device (over real ssh) encodes the reference images and posts them to a real
+    server on loopback; the token goes over stdin, so it is on no command line."""
+    from qdefend.serve.app import create_app
+    from qdefend.serve.service import ServeConfig
+    from test_serve import TOKEN, LiveServer, toy_served_run
+
+    port, user, key, known = sshd
+    run = toy_served_run(tmp_path / "run")
+    tok = tmp_path / "token.txt"
+    tok.write_text(TOKEN)
+    server = LiveServer(create_app(ServeConfig(run=str(run), head="float", token_file=str(tok))))
+    try:
+        archive = make_bundle(run, "x86_64", fmt="onnx", out=tmp_path / "b")
+        argv = ["deploy", str(archive), "--ssh", f"{user}@127.0.0.1:{tmp_path / 'remote'}", "--port", str(port),
+                "--identity", str(key), "--python", sys.executable, "--ssh-option", f"UserKnownHostsFile={known}",
+                "--send", server.url, "--token-file", str(tok)]
+        assert main(argv) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["send"]["ok"] and len(res["send"]["answers"]) == 8
+        assert all(TOKEN not in c for c in res["commands"])
+        wrong = tmp_path / "wrong.txt"
+        wrong.write_text("w" * 20)
+        assert main(argv[:-1] + [str(wrong)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "could not send" in err and "wrong bearer token" in err
+    finally:
+        server.stop()

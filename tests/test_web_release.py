@@ -74,19 +74,17 @@ def node():
         pytest.fail("node is not on PATH: install nodejs >= 20 (e.g. `apt-get install nodejs`) to test "
                     "qdefend/serve/web/release.js against the numpy release")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
-    major, minor = (int(v) for v in version.lstrip("v").split(".")[:2])
+    major = int(version.lstrip("v").split(".")[0])
     if major < 20:
         pytest.fail(f"node {version} is too old for release.js: install nodejs >= 20")
-    # release.js is an ES module in a .js file with no package.json: Node >= 20.19 detects that
-    # (and warns), 20.10-20.18 need it said
-    flag = "--experimental-default-type=module" if (major, minor) < (20, 19) else "--disable-warning=MODULE_TYPELESS_PACKAGE_JSON"
-    return exe, flag
+    # release.js is an ES module: qdefend/serve/web/package.json says "type": "module"
+    return exe
 
 
 @pytest.fixture
 def js(node, tmp_path):
     """js(cases) -> results: each case is [op, *args] (numpy arrays travel as their bytes)."""
-    exe, flag = node
+    exe = node
     driver = tmp_path / "driver.mjs"
     driver.write_text(DRIVER.replace("RELEASE_URL", json.dumps(RELEASE_JS.as_uri())))
 
@@ -102,7 +100,7 @@ def js(node, tmp_path):
 
     def run(cases):
         (tmp_path / "in.json").write_text(json.dumps([enc(list(c)) for c in cases]))
-        p = subprocess.run([exe, flag, str(driver), str(tmp_path / "in.json"), str(tmp_path / "out.json")],
+        p = subprocess.run([exe, str(driver), str(tmp_path / "in.json"), str(tmp_path / "out.json")],
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, f"node failed:\n{p.stderr}"
         return [dec(r) for r in json.loads((tmp_path / "out.json").read_text())]

@@ -8,6 +8,10 @@ and the bundle's interpreter (``pip install -r requirements.txt`` in the bundle)
 it (e.g. a venv's python). ssh runs with BatchMode (keys only, never a password prompt) and
 StrictHostKeyChecking=accept-new (a new host's key is recorded, a changed one refused).
 
+With ``send=URL`` (``--send URL --token-file F``) the deploy ends with a round trip to ``qdefend
+serve``: the device encodes the bundle's reference images and posts their int8 features to URL
+(``runner.py send``); the token travels on the ssh/adb stdin, never on a command line.
+
 Paper: Vepakomma et al., "Split learning for health: Distributed deep learning without sharing raw
 patient data" (2018): the edge half of the split network runs on the data owner's device.
 """
@@ -61,6 +65,12 @@ def _ssh_base(port: int | None, identity: str | os.PathLike | None, options: Seq
     return args
 
 
+def _send_script(directory: str, top: str, python: str, url: str, token: bool) -> str:
+    q = shlex.quote
+    read = "IFS= read -r QDEFEND_TOKEN && export QDEFEND_TOKEN && " if token else ""
+    return (f"cd {q(directory)}/{q(top)} && {read}{q(python)} runner.py send reference/images.npy --url {q(url)}")
+
+
 def ssh_commands(archive: str | os.PathLike, target: str, *, port: int | None = None,
                  identity: str | os.PathLike | None = None, python: str = "python3",
                  options: Sequence[str] = (), runner_args: Sequence[str] = ("--check",)) -> list[list[str]]:
@@ -97,7 +107,7 @@ def _last_json(text: str) -> dict | None:
     return None
 
 
-def _run(cmds: list[list[str]], where: str, timeout: float) -> subprocess.CompletedProcess:
+def _run(cmds: list[list[str]], where: str, timeout: float, stdin: str | None = None) -> subprocess.CompletedProcess:
     """Run the set-up commands (all but the last) and return the last one's result."""
     tool = cmds[0][0]
     if shutil.which(tool) is None:
@@ -105,7 +115,9 @@ def _run(cmds: list[list[str]], where: str, timeout: float) -> subprocess.Comple
         raise QdefendError(f"{tool} not found on PATH: {hint}")
     for cmd in cmds:
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            last = cmd is cmds[-1] and stdin is not None
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=stdin if last else None,
+                                  stdin=None if last else subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise QdefendError(f"{cmd[0]} to {where} timed out after {timeout:.0f} s: is the device reachable?") from None
         if cmd is cmds[-1]:
@@ -117,7 +129,8 @@ def _run(cmds: list[list[str]], where: str, timeout: float) -> subprocess.Comple
     raise AssertionError("unreachable")
 
 
-def _deploy(cmds_for, where: str, transport: str, bench: bool, timeout: float) -> dict[str, Any]:
+def _deploy(cmds_for, where: str, transport: str, bench: bool, timeout: float, send_cmd=None,
+            token: str | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {"transport": transport, "target": where}
     plan = cmds_for(("--check",))
     res["commands"] = [shlex.join(c) for c in plan]
@@ -133,21 +146,41 @@ def _deploy(cmds_for, where: str, transport: str, bench: bool, timeout: float) -
         bench_cmd = cmds_for(("--bench",))[-1]
         res["commands"].append(shlex.join(bench_cmd))
         res["bench"] = _last_json(_run([bench_cmd], where, timeout).stdout)
+    if send_cmd is not None and res["ok"]:
+        res["commands"].append(shlex.join(send_cmd))
+        proc = _run([send_cmd], where, timeout, stdin=(token or "") + "\n")
+        sent = _last_json(proc.stdout)
+        if sent is None:
+            lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+            sent = {"ok": False, "error": lines[-1].removeprefix("error: ") if lines else f"exit {proc.returncode}"}
+        res["send"] = sent
+        res["ok"] = bool(sent.get("ok"))
     return res
 
 
 def deploy_ssh(archive: str | os.PathLike, target: str, *, port: int | None = None,
                identity: str | os.PathLike | None = None, python: str = "python3",
-               options: Sequence[str] = (), bench: bool = False, timeout: float = 600) -> dict[str, Any]:
-    """Copy, unpack and check a bundle over ssh; returns {"ok", "check": runner JSON, "commands", ...}."""
+               options: Sequence[str] = (), bench: bool = False, timeout: float = 600, send: str | None = None,
+               token: str | None = None) -> dict[str, Any]:
+    """Copy, unpack and check a bundle over ssh; returns {"ok", "check": runner JSON, "commands", ...}
+    (and "send": the answer of `send`, a qdefend serve URL, to the reference images)."""
     host, directory = parse_ssh_target(target)
+    send_cmd = None
+    if send is not None:
+        ssh = ssh_commands(archive, target, port=port, identity=identity, python=python, options=options)[0][:-1]
+        send_cmd = [*ssh, _send_script(directory, bundle_top(archive), python, send, token is not None)]
     return _deploy(lambda args: ssh_commands(archive, target, port=port, identity=identity, python=python,
                                              options=options, runner_args=args),
-                   f"{host}:{directory}", "ssh", bench, timeout)
+                   f"{host}:{directory}", "ssh", bench, timeout, send_cmd, token)
 
 
 def deploy_adb(archive: str | os.PathLike, serial: str, *, python: str = "python3", directory: str = ADB_DIR,
-               bench: bool = False, timeout: float = 600) -> dict[str, Any]:
+               bench: bool = False, timeout: float = 600, send: str | None = None,
+               token: str | None = None) -> dict[str, Any]:
     """Copy, unpack and check a bundle over adb (the device's shell needs `python` with numpy)."""
+    send_cmd = None
+    if send is not None:
+        send_cmd = ["adb", "-s", serial, "shell", _send_script(directory, bundle_top(archive), python, send,
+                                                               token is not None)]
     return _deploy(lambda args: adb_commands(archive, serial, python=python, directory=directory, runner_args=args),
-                   f"adb:{serial}:{directory}", "adb", bench, timeout)
+                   f"adb:{serial}:{directory}", "adb", bench, timeout, send_cmd, token)
