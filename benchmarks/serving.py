@@ -2,7 +2,7 @@
 clients, a restart under load, and the status of each malformed-request class.
 
     python benchmarks/serving.py runs/demo [--seconds 5] [--concurrency 1,8,64] [--workers 1]
-        [--batch 1] [--out benchmarks/results/serving.json]
+        [--batch 1] [--browser] [--out benchmarks/results/serving.json]
 
 The server is a real `qdefend serve` process (uvicorn, ONNX Runtime head) on 127.0.0.1 with a
 bearer token; each client is a thread with its own keep-alive HTTP connection posting the binary
@@ -13,6 +13,8 @@ work without HTTP (`Service.infer` in-process, one thread), so `http_overhead` s
 transport costs. Restart: clients keep posting while the server gets SIGTERM (uvicorn drains what
 it accepted) and a new one starts on the same port; every request must end as a correct answer or
 an explicit error (refused/reset connection, 5xx, timeout): `silent` (a wrong 200) must be 0.
+`--browser` also opens the phone-browser page in headless Chromium (the encoder in wasm, one
+thread): int8 parity with the Python runtimes, encode time in the page and the round trip.
 JSON output records the machine (CPU flags) and load average. Nothing leaves 127.0.0.1.
 """
 
@@ -228,6 +230,51 @@ def faults(port: int, bodies: Bodies) -> dict:
     return out
 
 
+JS_TIMED = """(async () => {
+  const px = Uint8Array.from(atob("%s"), c => c.charCodeAt(0));
+  const n = %d, per = px.length / n, enc = [], rtt = [];
+  let codes = [];
+  for (let r = 0; r < %d; r++) for (let i = 0; i < n; i++) {
+    const t0 = performance.now();
+    const f = await qdefend.encodePixels(px.subarray(i * per, (i + 1) * per), 1, {release: false});
+    const t1 = performance.now();
+    await qdefend.infer(f);
+    enc.push(t1 - t0); rtt.push(performance.now() - t0);
+    if (r === 0) codes = codes.concat(Array.from(f.q));
+  }
+  return {enc, rtt, codes};
+})()"""
+
+
+def browser_check(url: str, run: Path, repeats: int = 3) -> dict:
+    """The phone-browser page in headless Chromium: int8 parity with the Python runtimes on the
+    reference images, per-image encode time in the page (wasm, 1 thread) and the encode + POST
+    round trip, medians."""
+    import base64
+
+    from qdefend.serve.browser import Chromium
+
+    arts = load_manifest(run)["artifacts"]
+    images, _ = reference_images(run, load_manifest(run)["input"]["shape"], n=66)
+    with Chromium(timeout=120) as b:
+        t0 = time.perf_counter()
+        b.goto(f"{url}/#token={TOKEN}", ready="!!(window.qdefend && window.qdefend.state.session)")
+        start_s = time.perf_counter() - t0
+        out = b.evaluate(JS_TIMED % (base64.b64encode(images.tobytes()).decode(), len(images), repeats), timeout=600)
+        version = b.evaluate("navigator.userAgent", await_promise=False)
+    q = np.asarray(out["codes"], np.int16).reshape(len(images), -1)
+    parity = {}
+    for name in ("encoder.int8.onnx", "encoder.int8.tflite"):
+        if name in arts:
+            ref = Runtime.open(run, name).encode(images, release=False).q.reshape(len(images), -1).astype(np.int16)
+            d = np.abs(q - ref)
+            parity[name] = {"values": int(d.size), "mismatches": int((d > 0).sum()), "max_abs_lsb": int(d.max())}
+    return {"browser": version, "images": len(images), "repeats": repeats, "page_start_s": round(start_s, 3),
+            "encode_ms_p50": round(float(np.median(out["enc"])), 3),
+            "round_trip_ms_p50": round(float(np.median(out["rtt"])), 3),
+            "round_trip_ms_p99": round(float(np.percentile(out["rtt"], 99)), 3), "parity_vs_python": parity}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="an exported run, e.g. runs/demo")
@@ -238,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1, help="samples per request")
     ap.add_argument("--head", default="int8", choices=("int8", "float"))
     ap.add_argument("--no-restart", action="store_true", help="skip the restart-under-load check")
+    ap.add_argument("--browser", action="store_true", help="also run the phone-browser page in headless Chromium")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
     a = ap.parse_args(argv)
     if not (a.run / "manifest.json").is_file():
@@ -264,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{c:3d} clients: {lv['requests_per_s']:8.1f} req/s  p50 {lv['latency_ms']['p50']:7.2f} ms  "
                       f"p99 {lv['latency_ms']['p99']:7.2f} ms  {lv['outcomes']}", file=sys.stderr)
             res["faults"] = faults(port, bodies)
+            if a.browser:
+                res["browser"] = browser_check(f"http://127.0.0.1:{port}", a.run)
+                print(f"browser: {res['browser']}", file=sys.stderr)
             if not a.no_restart:
                 res["restart"], proc = restart_under_load(a.run, port, proc, token_file, bodies, a.workers, a.head)
                 print(f"restart: {res['restart']}", file=sys.stderr)

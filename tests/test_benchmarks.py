@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_benchmark
+from conftest import load_benchmark, tiny_exported_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "latency.py"
@@ -67,25 +67,12 @@ def exported_run(tmp_path_factory):
     """A tiny QAT run (quarter-width encoder, 256 images, 1 epoch), exported with both int8 formats."""
     import torch
 
-    from qdefend.config import RunConfig
-    from qdefend.export import export_run
-    from qdefend.train import Trainer
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("bench") / "tiny"
-    cfg = RunConfig.from_dict({
-        "data": {"limit_train": 256, "limit_test": 64, "val_size": 64, "aux_size": 64},
-        "model": {"width": 0.25, "head_width": 0.125},
-        "quant": {"scheme": "int8"},
-        "train": {"epochs": 1, "batch_size": 64, "lr": 0.05},
-    })
     try:
-        Trainer(cfg, root, progress=False).fit()
-        export_run(root, verify_images=32)
+        return tiny_exported_run(tmp_path_factory.mktemp("bench") / "tiny")
     finally:
         torch.set_num_threads(threads)
-    return root
 
 
 @pytest.mark.slow

@@ -424,21 +424,9 @@ def test_extract_refuses_a_file_that_is_not_an_archive(tmp_path):
 def qat_run(tmp_path_factory):
     """Narrow VGG11-BN split (cut 2, bottleneck 8 + Sigmoid) QAT-trained one epoch on 128 real
     Fashion-MNIST images with Gaussian release noise, exported to int8 TFLite and ONNX."""
-    from qdefend.config import RunConfig
-    from qdefend.export import export_run
-    from qdefend.train import Trainer
+    from conftest import tiny_exported_run
 
-    cfg = RunConfig.from_dict({
-        "data": {"limit_train": 128, "limit_test": 32, "val_size": 32, "aux_size": 32},
-        "model": {"width": 0.25, "head_width": 0.125},
-        "quant": {"scheme": "int8"},
-        "train": {"epochs": 1, "batch_size": 64, "num_threads": 1},
-        "defense": {"stack": "noise", "params": {"noise": {"sigma": SIGMA}}},
-    })
-    root = tmp_path_factory.mktemp("runs") / "tiny"
-    Trainer(cfg, root, progress=False).fit()
-    export_run(root, verify_images=32)
-    return root
+    return tiny_exported_run(tmp_path_factory.mktemp("runs") / "tiny", images=128, sigma=SIGMA, num_threads=1)
 
 
 @pytest.mark.slow

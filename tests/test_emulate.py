@@ -242,20 +242,9 @@ def test_guest_environment_keeps_host_python_out(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory):
     """A tiny QAT run (quarter-width encoder, 256 images, 1 epoch) exported with both int8 formats."""
-    from qdefend.config import RunConfig
-    from qdefend.export import export_run
-    from qdefend.train import Trainer
+    from conftest import tiny_exported_run
 
-    root = tmp_path_factory.mktemp("emu") / "tiny"
-    cfg = RunConfig.from_dict({
-        "data": {"limit_train": 256, "limit_test": 64, "val_size": 64, "aux_size": 64},
-        "model": {"width": 0.25, "head_width": 0.125},
-        "quant": {"scheme": "int8"},
-        "train": {"epochs": 1, "batch_size": 64, "lr": 0.05},
-    })
-    Trainer(cfg, root, progress=False).fit()
-    export_run(root, verify_images=32)
-    return root
+    return tiny_exported_run(tmp_path_factory.mktemp("emu") / "tiny")
 
 
 @pytest.mark.slow

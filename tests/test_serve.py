@@ -380,14 +380,20 @@ def test_cli_refuses_an_unexported_run_and_a_busy_port(run_dir, tmp_path):
     assert p.returncode == 2 and "cannot listen on 127.0.0.1" in p.stderr.splitlines()[-1]
 
 
-def test_served_process_answers_stops_gracefully_and_never_logs_features(run_dir, token_file, encoded):
-    rt, _, f = encoded
+def _spawn(run_dir, token_file, *args, stdout=subprocess.DEVNULL):
+    """(process, port) of `qdefend serve` (float head) on a free loopback port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "qdefend.cli", "serve", str(run_dir), "--head", "float",
-                             "--port", str(port), "--token-file", str(token_file)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--port", str(port), "--token-file", str(token_file), *args],
+                            stdout=stdout, stderr=subprocess.PIPE, text=True)
+    return proc, port
+
+
+def test_served_process_answers_stops_gracefully_and_never_logs_features(run_dir, token_file, encoded):
+    rt, _, f = encoded
+    proc, port = _spawn(run_dir, token_file, stdout=subprocess.PIPE)
     try:
         c = Client(f"http://127.0.0.1:{port}", token=TOKEN, timeout=10)
         t0 = time.monotonic()
@@ -413,12 +419,7 @@ def test_served_process_answers_stops_gracefully_and_never_logs_features(run_dir
 
 def test_two_workers_share_the_port_and_their_metrics(run_dir, token_file, encoded):
     rt, _, f = encoded
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "qdefend.cli", "serve", str(run_dir), "--head", "float",
-                             "--port", str(port), "--token-file", str(token_file), "--workers", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc, port = _spawn(run_dir, token_file, "--workers", "2")
     url = f"http://127.0.0.1:{port}"
     try:
         t0 = time.monotonic()
@@ -474,3 +475,33 @@ def test_serving_benchmark_smoke_writes_its_json(run_dir, tmp_path):
     statuses = {k: v["status"] for k, v in res["faults"].items()}
     assert statuses == {"unauthenticated": 401, "wrong_token": 401, "malformed": 400, "oversized": 413,
                         "wrong_shape": 422, "wrong_grid": 422, "unknown_encoder": 409, "content_type": 415}
+
+
+def test_the_workers_listening_socket_gives_connections_tcp_nodelay():
+    """With --workers N the socket is ours (uvicorn's own gave accepted connections no TCP_NODELAY,
+    so each keep-alive answer waited for a delayed ACK); checked on a real asyncio server."""
+    import asyncio
+
+    from qdefend.serve.app import _listen_socket
+
+    sock = _listen_socket("127.0.0.1", 0)
+    seen = []
+
+    async def main():
+        def on_conn(reader, writer):
+            s = writer.get_extra_info("socket")
+            seen.append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_conn, sock=sock)
+        port = sock.getsockname()[1]
+        _, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.02)
+        w.close()
+        server.close()
+
+    asyncio.run(main())
+    assert seen and seen[0] != 0

@@ -29,6 +29,7 @@ from qdefend.data import reference_images
 from qdefend.devices.bundle import extract_bundle, make_bundle
 from qdefend.edge.runtime import Runtime
 from qdefend.serve.service import ServeConfig
+from conftest import tiny_exported_run
 from test_serve import TOKEN, LiveServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -62,21 +63,7 @@ def browser_encode(b, images, release=False, seed="null", send=False):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from qdefend.config import RunConfig
-    from qdefend.export import export_run
-    from qdefend.train import Trainer
-
-    root = tmp_path_factory.mktemp("web") / "tiny"
-    cfg = RunConfig.from_dict({
-        "data": {"limit_train": 256, "limit_test": 64, "val_size": 64, "aux_size": 64},
-        "model": {"width": 0.25, "head_width": 0.125},
-        "quant": {"scheme": "int8"},
-        "train": {"epochs": 1, "batch_size": 64, "lr": 0.05},
-        "defense": {"stack": "noise", "params": {"noise": {"sigma": SIGMA}}},
-    })
-    Trainer(cfg, root, progress=False).fit()
-    export_run(root, verify_images=32)
-    return root
+    return tiny_exported_run(tmp_path_factory.mktemp("web") / "tiny", sigma=SIGMA)
 
 
 @pytest.fixture(scope="module")

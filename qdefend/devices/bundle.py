@@ -167,6 +167,17 @@ def download_wheels(requirements: list[str], profile: DeviceProfile, dest: Path)
     return sorted(dest.glob("*.whl"))
 
 
+def archive_path(run_dir: Path, manifest: dict, device: str, out: str | os.PathLike | None) -> tuple[str, str, Path]:
+    """(run name, top folder, archive path) of a bundle: `out` is an archive path or a folder
+    (default RUN/bundles/), the archive is named after its top folder qdefend-bundle-RUN-DEVICE."""
+    run = _safe_name(str(manifest.get("run") or Path(run_dir).resolve().name))
+    top = f"{PREFIX}{run}-{device}"
+    out = Path(out) if out is not None else Path(run_dir) / "bundles"
+    if out.is_dir() or out.suffix == "" and not out.exists():
+        out = out / f"{top}.tar.gz"
+    return run, top, out
+
+
 def _check_server_url(url: str) -> None:
     from urllib.parse import urlsplit
 
@@ -228,11 +239,7 @@ def make_bundle(run_dir: str | os.PathLike, device: str | DeviceProfile, fmt: st
         alt = f", or pass --format {have[0].rsplit('.', 1)[1]} (the run has {', '.join(have)})" if have else ""
         raise QdefendError(f"{run_dir} has no {artifact}: run `qdefend export {run_dir} --format onnx,tflite`{alt}")
     src = verify_artifact(run_dir, manifest, artifact)
-    run = _safe_name(str(manifest.get("run") or run_dir.resolve().name))
-    top = f"{PREFIX}{run}-{profile.name}"
-    out = Path(out) if out is not None else run_dir / "bundles"
-    if out.is_dir() or out.suffix == "" and not out.exists():
-        out = out / f"{top}.tar.gz"
+    run, top, out = archive_path(run_dir, manifest, profile.name, out)
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     requirements = profile.requirements(runtime)
 

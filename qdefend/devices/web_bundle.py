@@ -86,7 +86,7 @@ Ship `runs/{run}/artifacts/encoder.int8.tflite` and `manifest.json` with LiteRT'
 def make_web_bundle(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                     server: str | None = None, web_runtime: str | None = None) -> Path:
     """Write the phone-web bundle of an exported run; returns the .tar.gz path."""
-    from .bundle import PREFIX, _safe_name, _write_tar
+    from .bundle import _write_tar, archive_path
 
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
@@ -94,11 +94,7 @@ def make_web_bundle(run_dir: str | os.PathLike, out: str | os.PathLike | None = 
         raise QdefendError(f"{run_dir} has no {ARTIFACT}: run `qdefend export {run_dir} --format onnx,tflite`")
     src = verify_artifact(run_dir, manifest, ARTIFACT)
     ort = {name: ort_file(name, web_runtime) for name in ORT_FILES}  # fails early if npm ci was not run
-    run = _safe_name(str(manifest.get("run") or run_dir.resolve().name))
-    top = f"{PREFIX}{run}-phone-web"
-    out = Path(out) if out is not None else run_dir / "bundles"
-    if out.is_dir() or out.suffix == "" and not out.exists():
-        out = out / f"{top}.tar.gz"
+    run, top, out = archive_path(run_dir, manifest, "phone-web", out)
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     with tempfile.TemporaryDirectory(prefix="qdefend-web-") as tmp:
         stage = Path(tmp) / top
