@@ -11,6 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from qdefend.edge.cpu import cpu_flags, ort_int8_precision
+
 __all__ = ["machine_info", "load_average", "PACKAGES"]
 
 PACKAGES = ("numpy", "torch", "torchao", "onnxruntime", "ai-edge-litert", "litert-torch", "qdefend")
@@ -34,11 +36,12 @@ def machine_info(gpu: bool = False) -> dict[str, Any]:
             info.setdefault(key.strip(), val.strip())
     except OSError:
         pass
-    flags = set(info.get("flags", "").split())
+    flags = cpu_flags()
     out: dict[str, Any] = {
         "cpu": info.get("model name") or platform.processor() or "unknown",
         "cpu_family_model": [info.get("cpu family"), info.get("model")],  # AMD 23/1: Zen 1 (Naples)
         "flags": {f: f in flags for f in FLAGS},
+        "ort_int8_precision": ort_int8_precision(),  # the mode qdefend's runtime picks here
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "platform": platform.platform(),

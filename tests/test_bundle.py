@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SIGMA = 0.1
 SHAPE, FEAT = [1, 28, 28], [4, 7, 7]
 IN_Q, OUT_Q = {"scale": 1 / 64, "zero_point": -128}, {"scale": 1 / 256, "zero_point": -128}
-LAYOUT = {"encoder.int8.onnx", "manifest.json", "errors.py", "release.py", "runtime.py", "manifest.py", "runner.py", "wire.py", "client.py",
+LAYOUT = {"encoder.int8.onnx", "manifest.json", "errors.py", "release.py", "runtime.py", "manifest.py", "runner.py", "wire.py", "client.py", "cpu.py",
           "requirements.txt",
           "reference/images.npy", "reference/features.npy", "reference/reference.json", "bundle.json", "README.md"}
 

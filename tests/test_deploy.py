@@ -163,7 +163,7 @@ def test_ssh_deploy_runs_the_check_on_the_remote_side(archive, sshd, tmp_path):
     check = res["check"]
     assert res["ok"] and check["ok"], check
     assert check["parity"]["bit_identical"] and check["interpreter"] == "onnxruntime"
-    assert check["files_checked"] == 14 and check["device"] == "x86_64"  # 7 edge files, artifact, manifest, requirements, README, 3 reference
+    assert check["files_checked"] == 15 and check["device"] == "x86_64"  # 8 edge files, artifact, manifest, requirements, README, 3 reference
     assert (remote / archive.name).is_file() and (remote / "qdefend-bundle-toy-x86_64" / "runner.py").is_file()
     assert res["bench"]["latency_ms"]["p50"] > 0 and known.read_text().strip()
 

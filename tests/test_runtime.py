@@ -452,3 +452,60 @@ def test_int8_tflite_matches_the_torch_int8_model(tmp_path):
         assert np.abs(f.q.astype(int) - want).max() <= 2
         assert (f.q == want).mean() > 0.999
     assert r.info()["input"]["quant"] == {"scale": pytest.approx(s_in), "zero_point": zp_in}
+
+
+# ------------------------------------------------------------------ ONNX Runtime's int8 mode from the CPU
+
+
+@pytest.mark.parametrize("machine, flags, mode", [
+    ("x86_64", {"avx2", "fma"}, "precise"),                   # Zen 1 / Haswell: u8s8 saturates 16-bit sums
+    ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, "fast"),   # Zen 4 / Ice Lake
+    ("x86_64", {"avx2", "avx_vnni"}, "fast"),                 # Alder Lake (AVX-VNNI)
+    ("x86_64", {"avx2", "amx_int8"}, "fast"),                 # Sapphire Rapids
+    ("aarch64", set(), "fast"),                               # Pi 4 (no sdot) and Pi 5 alike
+])
+def test_int8_precision_follows_the_cpus_int8_dot_product(machine, flags, mode, monkeypatch):
+    from qdefend.edge.cpu import ort_int8_precision
+
+    monkeypatch.delenv("QDEFEND_ORT_INT8_PRECISION", raising=False)
+    p = ort_int8_precision(machine=machine, flags=flags)
+    assert p["mode"] == mode and p["source"] == "cpu" and (p["x64quantprecision"] == "1") == (mode == "precise")
+    monkeypatch.setenv("QDEFEND_ORT_INT8_PRECISION", "precise")
+    assert ort_int8_precision(machine=machine, flags=flags)["mode"] == "precise"
+    assert ort_int8_precision("fast", machine=machine, flags=flags)["mode"] == "fast"  # an argument wins
+    monkeypatch.setenv("QDEFEND_ORT_INT8_PRECISION", "turbo")
+    with pytest.raises(ValueError, match="must be auto, fast or precise"):
+        ort_int8_precision(machine=machine, flags=flags)
+
+
+def test_cpu_flags_read_x86_and_arm_cpuinfo():
+    from qdefend.edge.cpu import cpu_flags
+
+    assert cpu_flags("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n") == {"fpu", "avx2", "avx512_vnni"}
+    assert cpu_flags("processor\t: 0\nFeatures\t: fp asimd asimddp\n") == {"fp", "asimd", "asimddp"}
+    assert cpu_flags("nothing here") == set()
+
+
+def test_the_onnx_session_gets_the_chosen_mode_and_records_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("QDEFEND_ORT_INT8_PRECISION", raising=False)
+    from test_bundle import toy_run
+
+    run = toy_run(tmp_path / "toy")
+    x = np.random.default_rng(0).integers(0, 256, (4, 1, 28, 28), dtype=np.uint8)
+    outs = {}
+    for mode in ("fast", "precise"):
+        r = rt.Runtime.open(run, "encoder.int8.onnx", int8_precision=mode)
+        so = r.backend.sess.get_session_options()
+        if mode == "precise":
+            assert so.get_session_config_entry("session.x64quantprecision") == "1"
+        else:
+            with pytest.raises(Exception, match="does not have configuration"):
+                so.get_session_config_entry("session.x64quantprecision")
+        assert r.info()["int8_precision"]["mode"] == mode
+        outs[mode] = r.encode(x, release=False).q
+    assert rt.Runtime.open(run, "encoder.int8.onnx").int8_precision["source"] == "cpu"
+    with pytest.raises(ArtifactError, match="must be auto, fast or precise"):
+        rt.Runtime.open(run, "encoder.int8.onnx", int8_precision="max")
+    exact = __import__("qdefend.edge.cpu", fromlist=["int8_dot_product"]).int8_dot_product()[0]
+    if exact:  # VNNI / AMX / ARM: the fast mode is exact, so both modes give the same codes
+        assert np.array_equal(outs["fast"], outs["precise"])

@@ -67,7 +67,10 @@ class LiveServer:
     def __init__(self, app):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        # log_config=None: uvicorn leaves logging alone (its dictConfig would bind handlers to the
+        # stream pytest captures for this test, closed by the next one)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None,
+                                                    access_log=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         t0 = time.monotonic()

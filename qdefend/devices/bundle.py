@@ -55,7 +55,7 @@ __all__ = ["BUNDLE_SCHEMA", "COPIED_FILES", "REFERENCE_IMAGES", "make_bundle", "
 BUNDLE_SCHEMA = "qdefend.bundle"
 BUNDLE_SCHEMA_VERSION = 1
 PREFIX = "qdefend-bundle-"
-COPIED_FILES = ("errors.py", "release.py", "manifest.py", "runtime.py", "wire.py", "client.py", "runner.py")  # qdefend/edge, as is
+COPIED_FILES = ("errors.py", "cpu.py", "release.py", "manifest.py", "runtime.py", "wire.py", "client.py", "runner.py")  # qdefend/edge, as is
 _EDGE = Path(__file__).resolve().parent.parent / "edge"  # the device-side files copied into bundles
 
 

@@ -24,10 +24,12 @@ from typing import Any, Callable
 import numpy as np
 
 try:
+    from .cpu import ort_int8_precision
     from .errors import ArtifactError
     from .manifest import load_manifest, manifest_path, verify_artifact
     from .release import apply_release, dequantize, quantize
 except ImportError:  # copied flat into a device bundle
+    from cpu import ort_int8_precision
     from errors import ArtifactError
     from manifest import load_manifest, manifest_path, verify_artifact
     from release import apply_release, dequantize, quantize
@@ -156,14 +158,20 @@ class _TFLite:
 class _Onnx:
     """An onnxruntime CPU session (graph optimisations on, so QDQ pairs fuse into int8 kernels)."""
 
-    def __init__(self, ort: Any, path: Path, threads: int | None):
+    def __init__(self, ort: Any, path: Path, threads: int | None, int8_precision: str = "auto"):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             so.intra_op_num_threads = threads
         # x86 without VNNI: the default u8s8 int8 kernels saturate 16-bit pair sums (measured on
-        # AVX2: up to 160 LSB off); "1" picks the exact u8u8 path there, changes nothing elsewhere.
-        so.add_session_config_entry("session.x64quantprecision", "1")
+        # AVX2: up to 160 LSB off), and "1" picks the exact u8u8 path; with VNNI/AMX/ARM it only
+        # halves the int8 GEMM rate (edge/cpu.py), so the mode follows the CPU.
+        try:
+            self.precision = ort_int8_precision(int8_precision)
+        except ValueError as e:
+            raise ArtifactError(f"{e}: pass int8_precision='auto' or unset ${'QDEFEND_ORT_INT8_PRECISION'}") from None
+        if self.precision["x64quantprecision"]:
+            so.add_session_config_entry("session.x64quantprecision", self.precision["x64quantprecision"])
         self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         if len(self.sess.get_inputs()) != 1 or len(self.sess.get_outputs()) != 1:
             raise ArtifactError(f"{path.name} must have one input and one output tensor: re-export it")
@@ -186,7 +194,7 @@ class _Onnx:
         return self.sess.run(None, {self.sess.get_inputs()[0].name: x})[0]
 
 
-def _open_backend(fmt: str, path: Path, interpreter: str, threads: int | None):
+def _open_backend(fmt: str, path: Path, interpreter: str, threads: int | None, int8_precision: str = "auto"):
     known = [n for names in INTERPRETERS.values() for n in names]
     if interpreter != "auto" and interpreter not in known:
         raise ArtifactError(f"unknown interpreter {interpreter!r}; choose auto, {', '.join(known)}")
@@ -196,7 +204,9 @@ def _open_backend(fmt: str, path: Path, interpreter: str, threads: int | None):
     names = INTERPRETERS[fmt] if interpreter == "auto" else (interpreter,)
     for name in names:
         if (found := _import_interpreter(name)) is not None:
-            return (_TFLite if fmt == "tflite" else _Onnx)(found[0], path, threads), name, found[1]
+            if fmt == "tflite":
+                return _TFLite(found[0], path, threads), name, found[1]
+            return _Onnx(found[0], path, threads, int8_precision), name, found[1]
     pip = " (or ".join(_PIP[n] for n in names) + ")" * (len(names) - 1)
     raise ArtifactError(f"no interpreter for {path.name} can be imported: pip install {pip}")
 
@@ -218,23 +228,25 @@ class Runtime:
         self.entry = manifest["artifacts"][name]
         self.backend, self.interpreter_name, self.interpreter_version = backend, interpreter, version
         self.threads = threads  # as asked; None = the interpreter's default
+        self.int8_precision = getattr(backend, "precision", None)  # ONNX Runtime's int8 mode, and why
         self.input_spec, self.output_spec = backend.spec("input"), backend.spec("output")
         self._in_q = self._check("input", self.input_spec)
         self._out_q = self._check("output", self.output_spec)
 
     @classmethod
     def open(cls, run_dir_or_manifest_path: str | os.PathLike, artifact: str = "encoder.int8.tflite", *,
-             interpreter: str = "auto", threads: int | None = None) -> "Runtime":
+             interpreter: str = "auto", threads: int | None = None, int8_precision: str = "auto") -> "Runtime":
         """Load `artifact` of a run after checking its size and sha256 against the manifest.
 
         interpreter: "auto" (LiteRT, else tflite-runtime, for .tflite; onnxruntime for .onnx),
         "litert", "tflite-runtime" or "onnxruntime". threads: interpreter CPU threads (None =
-        its default)."""
+        its default). int8_precision: ONNX Runtime's int8 mode, "auto" (from the CPU, see
+        edge/cpu.py), "fast" or "precise"."""
         manifest = load_manifest(run_dir_or_manifest_path)
         run_dir = manifest_path(run_dir_or_manifest_path).parent
         path = verify_artifact(run_dir, manifest, artifact)
         fmt = manifest["artifacts"][artifact]["format"]
-        backend, name, version = _open_backend(fmt, path, interpreter, threads)
+        backend, name, version = _open_backend(fmt, path, interpreter, threads, int8_precision)
         return cls(manifest, run_dir, artifact, backend, name, version, threads)
 
     def _check(self, side: str, got: dict) -> tuple[float, int, Any] | None:
@@ -329,6 +341,6 @@ class Runtime:
         keys = ("path", "format", "role", "precision", "sha256", "size_bytes")
         return {"artifact": self.name, **{k: self.entry[k] for k in keys},
                 "interpreter": self.interpreter_name, "interpreter_version": self.interpreter_version,
-                "threads": self.threads, "batch": self.backend.batch_mode(),
+                "threads": self.threads, "batch": self.backend.batch_mode(), "int8_precision": self.int8_precision,
                 "input": self.input_spec, "output": self.output_spec,
                 "release": self.manifest["release"]["steps"], "wire": self.manifest["features"]["wire"]}

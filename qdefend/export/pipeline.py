@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from qdefend import quant
+from qdefend.edge.cpu import MODES, ort_int8_precision
 from qdefend.edge.manifest import artifact_entry, write_manifest
 from qdefend.edge.release import wire_quant_params
 from qdefend.errors import QdefendError
@@ -293,6 +294,8 @@ def _verify(run: Run, root: Path, entries: dict, enc_int8, enc_float, head_ref, 
                 rt, got, images, labels, ref=z_float if float_enc else z_int8,
                 ref_preds=preds_float if float_enc else preds_ref, head=head_float if float_enc else head_ref,
                 grid=grids[name][0], pre_grid=grids[name][1], seed=_RELEASE_SEED)
+            if rt.int8_precision is not None:
+                out["artifacts"][name]["ort_int8_precision"] = rt.int8_precision["mode"]
         elif name == "head.float.onnx":
             out["artifacts"][name] = V.verify_head(rt, z_int8, labels, ref_logits=V.torch_batched(head_float, z_int8),
                                                    grid=None)
@@ -300,6 +303,9 @@ def _verify(run: Run, root: Path, entries: dict, enc_int8, enc_float, head_ref, 
             hgrid, _ = V.output_grids(head_int8)
             out["artifacts"][name] = V.verify_head(rt, z_int8, labels, ref_logits=V.torch_batched(head_int8, z_int8),
                                                    grid=hgrid, float_preds=preds_ref)
+    if "encoder.int8.onnx" in entries:  # ONNX Runtime's int8 modes (edge/cpu.py), each against torch
+        out["ort_int8_precision"] = _ort_modes(root, x, z_int8, int8_features.get("encoder.int8.onnx"), out_grid,
+                                               threads)
     if len(int8_features) == 2:  # the two int8 runtimes against each other (integer kernels both)
         a, b = int8_features.values()
         out["onnx_vs_tflite"] = V.lsb_parity(a, b, out_grid)
@@ -307,6 +313,23 @@ def _verify(run: Run, root: Path, entries: dict, enc_int8, enc_float, head_ref, 
                          for name in entries if name.startswith("encoder.int8")}
     out["acceptance"] = _acceptance(out)
     return out
+
+
+def _ort_modes(root: Path, x: np.ndarray, z_int8: np.ndarray, chosen_out, out_grid, threads: int) -> dict[str, Any]:
+    """encoder.int8.onnx in both of ONNX Runtime's int8 modes on this CPU: each one's parity with the
+    torch int8 encoder, whether they agree bit for bit, and which one the runtime chose (and why)."""
+    chosen = ort_int8_precision()
+    res: dict[str, Any] = {"chosen": chosen["mode"], "source": chosen["source"], "reason": chosen["reason"],
+                           "modes": {}}
+    outs = {}
+    for mode in MODES:
+        got = chosen_out if mode == chosen["mode"] and chosen_out is not None else V.run_batched(
+            Runtime.open(root, "encoder.int8.onnx", threads=threads, int8_precision=mode).run, x)
+        outs[mode] = got
+        p = V.lsb_parity(z_int8, got, out_grid)
+        res["modes"][mode] = {k: p[k] for k in ("max_abs_lsb", "mean_abs_lsb", "cosine") if k in p}
+    res["modes_bit_identical"] = bool(np.array_equal(outs["fast"], outs["precise"]))
+    return res
 
 
 def _acceptance(v: dict) -> dict[str, Any]:
