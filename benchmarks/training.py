@@ -36,16 +36,18 @@ def _ints(text: str) -> list[int]:
     return sorted(set(vals))
 
 
-def split_step(scheme: str, batch: int):
-    """(step function, description) of one training step of the reference split."""
+def split_step(scheme: str, batch: int, channels_last: bool | None = None):
+    """(step function, description) of one training step of the reference split (channels_last:
+    the config's default unless given)."""
     import torch
     import torch.nn.functional as F
 
     from qdefend.config import RunConfig
     from qdefend.run import build_run
 
+    train = {} if channels_last is None else {"channels_last": channels_last}
     cfg = RunConfig.from_dict({"data": {"limit_train": max(batch * 4, 512), "limit_test": 64, "val_size": 64,
-                                        "aux_size": 64}, "quant": {"scheme": scheme}})
+                                        "aux_size": 64}, "quant": {"scheme": scheme}, "train": train})
     run = build_run(cfg)
     net = run.net.train()
     if cfg.train.channels_last:
@@ -62,7 +64,7 @@ def split_step(scheme: str, batch: int):
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(net(x), y).backward()
         opt.step()
-    return step, f"{cfg.model.name} cut {cfg.model.cut}, {scheme}, channels_last={cfg.train.channels_last}"
+    return step, f"{cfg.model.name}, {scheme}, channels_last={cfg.train.channels_last}"
 
 
 def decoder_step(batch: int, channels_last: bool, feature_shape=(8, 7, 7), image_shape=(1, 28, 28)):

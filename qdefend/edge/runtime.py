@@ -158,8 +158,11 @@ class _TFLite:
 class _Onnx:
     """An onnxruntime CPU session (graph optimisations on, so QDQ pairs fuse into int8 kernels)."""
 
-    def __init__(self, ort: Any, path: Path, threads: int | None, int8_precision: str = "auto"):
+    def __init__(self, ort: Any, path: Path, threads: int | None, int8_precision: str = "auto",
+                 config: dict[str, str] | None = None):
         so = ort.SessionOptions()
+        for key, value in (config or {}).items():  # ORT session config entries, e.g. allow_spinning
+            so.add_session_config_entry(key, str(value))
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             so.intra_op_num_threads = threads
@@ -194,7 +197,8 @@ class _Onnx:
         return self.sess.run(None, {self.sess.get_inputs()[0].name: x})[0]
 
 
-def _open_backend(fmt: str, path: Path, interpreter: str, threads: int | None, int8_precision: str = "auto"):
+def _open_backend(fmt: str, path: Path, interpreter: str, threads: int | None, int8_precision: str = "auto",
+                  ort_config: dict[str, str] | None = None):
     known = [n for names in INTERPRETERS.values() for n in names]
     if interpreter != "auto" and interpreter not in known:
         raise ArtifactError(f"unknown interpreter {interpreter!r}; choose auto, {', '.join(known)}")
@@ -206,7 +210,7 @@ def _open_backend(fmt: str, path: Path, interpreter: str, threads: int | None, i
         if (found := _import_interpreter(name)) is not None:
             if fmt == "tflite":
                 return _TFLite(found[0], path, threads), name, found[1]
-            return _Onnx(found[0], path, threads, int8_precision), name, found[1]
+            return _Onnx(found[0], path, threads, int8_precision, ort_config), name, found[1]
     pip = " (or ".join(_PIP[n] for n in names) + ")" * (len(names) - 1)
     raise ArtifactError(f"no interpreter for {path.name} can be imported: pip install {pip}")
 
@@ -235,18 +239,20 @@ class Runtime:
 
     @classmethod
     def open(cls, run_dir_or_manifest_path: str | os.PathLike, artifact: str = "encoder.int8.tflite", *,
-             interpreter: str = "auto", threads: int | None = None, int8_precision: str = "auto") -> "Runtime":
+             interpreter: str = "auto", threads: int | None = None, int8_precision: str = "auto",
+             ort_config: dict[str, str] | None = None) -> "Runtime":
         """Load `artifact` of a run after checking its size and sha256 against the manifest.
 
         interpreter: "auto" (LiteRT, else tflite-runtime, for .tflite; onnxruntime for .onnx),
         "litert", "tflite-runtime" or "onnxruntime". threads: interpreter CPU threads (None =
         its default). int8_precision: ONNX Runtime's int8 mode, "auto" (from the CPU, see
-        edge/cpu.py), "fast" or "precise"."""
+        edge/cpu.py), "fast" or "precise". ort_config: extra ONNX Runtime session config entries
+        (e.g. {"session.intra_op.allow_spinning": "0"})."""
         manifest = load_manifest(run_dir_or_manifest_path)
         run_dir = manifest_path(run_dir_or_manifest_path).parent
         path = verify_artifact(run_dir, manifest, artifact)
         fmt = manifest["artifacts"][artifact]["format"]
-        backend, name, version = _open_backend(fmt, path, interpreter, threads, int8_precision)
+        backend, name, version = _open_backend(fmt, path, interpreter, threads, int8_precision, ort_config)
         return cls(manifest, run_dir, artifact, backend, name, version, threads)
 
     def _check(self, side: str, got: dict) -> tuple[float, int, Any] | None:
