@@ -88,7 +88,8 @@ def _reference_runtime(stage: Path, artifact: str, runtime: str):
     return rt, "builtin (no default delegates, as tflite-runtime 2.14.0)"
 
 
-def _readme(top: str, profile: DeviceProfile, fmt: str, runtime: str, meta: dict, with_wheels: bool) -> str:
+def _readme(top: str, profile: DeviceProfile, fmt: str, runtime: str, meta: dict, with_wheels: bool,
+            server: str | None = None) -> str:
     install = ("pip install --no-index --find-links wheels -r requirements.txt" if with_wheels
                else "pip install -r requirements.txt")
     numpy_note = ("\ntflite-runtime 2.14.0 was built against numpy 1.x: keep numpy==1.26.4 (requirements.txt "
@@ -138,6 +139,16 @@ python runner.py --bench --repeats 100 [--batch 1] [--threads {profile.threads}]
 ```
 
 Latency p50/p90/p99 per call and peak resident memory (budget for {profile.name}: {profile.memory_mb} MB).
+
+## Send features to the cloud head
+
+```sh
+python runner.py send photo.png [more images or folders] --url {server or "http://CLOUD:8000"} --token-file token.txt
+```
+
+Encodes here, applies the release transform and posts only the int8 features to `qdefend serve`
+(which must serve this run: the encoder's sha256 is checked first); prints the labels as one JSON
+line. The token may also come from `$QDEFEND_TOKEN`.{" `--url` defaults to " + server + "." if server else ""}
 """
 
 
@@ -272,7 +283,7 @@ def make_bundle(run_dir: str | os.PathLike, device: str | DeviceProfile, fmt: st
         wheels = download_wheels(requirements, profile, stage / "wheels") if with_wheels else []
         meta = {"run": run, "created": now.isoformat(), "input_shape": m["input"]["shape"],
                 "release": ", ".join(f"{s['type']}" for s in m["release"]["steps"]), "reference": ref_meta}
-        (stage / "README.md").write_text(_readme(top, profile, fmt, runtime, meta, with_wheels))
+        (stage / "README.md").write_text(_readme(top, profile, fmt, runtime, meta, with_wheels, server))
 
         files = {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "size_bytes": p.stat().st_size}
                  for p in sorted(stage.rglob("*")) if p.is_file()}
