@@ -321,3 +321,59 @@ def test_export_run_writes_verified_artifacts_and_manifest(tmp_path):
     assert v["artifacts"]["encoder.float.onnx"]["parity"]["max_abs_error"] < 1e-4
     feats = Runtime.open(root, "encoder.int8.tflite").encode(np.zeros((2, 1, 28, 28), np.uint8), seed=0)
     assert feats.shape == (2, 8, 7, 7)
+
+
+# ------------------------------------------------------------------ exact export-time rewrites
+
+
+def _qdq_first_conv(c_in: int, seed: int = 0):
+    """input (float) -> Q -> DQ -> Conv (per-channel int8 weights) -> Relu -> Q -> DQ: a QDQ graph
+    as the exporter writes an int8 encoder's first layer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "s_in": np.float32(0.02), "zp_in": np.int8(-7), "w": rng.integers(-127, 128, (16, c_in, 3, 3), dtype=np.int8),
+        "s_w": rng.uniform(0.001, 0.01, 16).astype(np.float32), "zp_w": np.zeros(16, np.int8),
+        "b": rng.normal(0, 0.1, 16).astype(np.float32), "s_out": np.float32(0.05), "zp_out": np.int8(-128)}.items()]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "s_in", "zp_in"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s_in", "zp_in"], ["xf"]),
+             helper.make_node("DequantizeLinear", ["w", "s_w", "zp_w"], ["wf"], axis=0),
+             helper.make_node("Conv", ["xf", "wf", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "s_out", "zp_out"], ["rq"]),
+             helper.make_node("DequantizeLinear", ["rq", "s_out", "zp_out"], ["out"])]
+    g = helper.make_graph(nodes, "first", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", c_in, 12, 12])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 16, 12, 12])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+@pytest.mark.parametrize("c_in, padded", [(1, 4), (3, 4), (4, None), (6, 8)])
+def test_padding_the_first_convs_channels_keeps_every_output_bit(c_in, padded):
+    import onnxruntime as ort
+
+    from qdefend.export.onnx import pad_first_conv_channels
+
+    model = _qdq_first_conv(c_in)
+    before = model.SerializeToString()
+    note = pad_first_conv_channels(model)
+    assert (note is None) == (padded is None)
+    if padded:
+        assert f"{c_in} -> {padded}" in note and "Pad" in [n.op_type for n in model.graph.node]
+    x = (np.random.default_rng(1).random((5, c_in, 12, 12), dtype=np.float32) * 6 - 3)
+    x[0, :, :3] = 0.0  # zeros quantise to the input zero point, the value the padding uses
+    outs = []
+    for blob in (before, model.SerializeToString()):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        outs.append(ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0])
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_the_rewrite_leaves_a_conv_not_fed_by_the_graph_input_alone():
+    from qdefend.export.onnx import pad_first_conv_channels
+
+    model = _qdq_first_conv(1)
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    q.input[0] = "elsewhere"
+    assert pad_first_conv_channels(model) is None

@@ -223,7 +223,7 @@ def _export_run(run_dir, formats, calibrate, progress, verify_images) -> dict:
     entries = {}
     for name, spec in specs.items():
         fmt, precision = name.rsplit(".", 1)[1], name.split(".")[1]
-        extra = {k: spec[k] for k in ("opset", "op_counts") if k in spec}
+        extra = {k: spec[k] for k in ("opset", "op_counts", "rewrites") if spec.get(k)}
         extra["source"] = sources[name]
         extra["checks"] = V.static_checks(art / name, fmt, precision)
         entries[name] = artifact_entry(paths.root, f"artifacts/{name}", format=fmt, role=name.split(".")[0],
