@@ -200,7 +200,7 @@ def pad_first_conv_channels(model, to: int = PAD_CHANNELS_TO) -> str | None:
         q_x.input[0] = "input_channels_padded"
         g.node.insert(list(g.node).index(q_x), helper.make_node(
             "Pad", [inp, "first_conv_channel_pads"], ["input_channels_padded"], mode="constant"))
-        stale = {q_x.output[0], dq_x.output[0], dq_w.output[0]}  # their shapes changed: let ORT infer them
+        stale = {q_x.output[0], dq_x.output[0], dq_w.input[0], dq_w.output[0]}  # reshaped: left to inference
         keep = [v for v in g.value_info if v.name not in stale]
         del g.value_info[:]
         g.value_info.extend(keep)
