@@ -28,7 +28,7 @@ from qdefend.edge.client import Client, ClientError
 from qdefend.edge.manifest import artifact_entry, load_manifest, write_manifest
 from qdefend.edge.runtime import Runtime
 from qdefend.errors import QdefendError
-from qdefend.serve.service import RequestError, ServeConfig, Service
+from qdefend.serve.service import ServeConfig, Service
 from test_bundle import FEAT, toy_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
