@@ -31,12 +31,13 @@ def machine_info(gpu: bool = False) -> dict[str, Any]:
     """CPU model, SIMD flags, cores, OS and package versions (and the CUDA device with ``gpu``)."""
     info: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first CPU's block
-            key, _, val = line.partition(":")
-            info.setdefault(key.strip(), val.strip())
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    flags = cpu_flags()
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():  # the first CPU's block
+        key, _, val = line.partition(":")
+        info.setdefault(key.strip(), val.strip())
+    flags = cpu_flags(cpuinfo)
     out: dict[str, Any] = {
         "cpu": info.get("model name") or platform.processor() or "unknown",
         "cpu_family_model": [info.get("cpu family"), info.get("model")],  # AMD 23/1: Zen 1 (Naples)

@@ -189,6 +189,12 @@ def archive_path(run_dir: Path, manifest: dict, device: str, out: str | os.PathL
     return run, top, out
 
 
+def file_table(stage: Path) -> dict[str, dict]:
+    """bundle.json's "files": every file under `stage` (so far) with its sha256 and size."""
+    return {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "size_bytes": p.stat().st_size}
+            for p in sorted(stage.rglob("*")) if p.is_file()}
+
+
 def _check_server_url(url: str) -> None:
     from urllib.parse import urlsplit
 
@@ -285,8 +291,7 @@ def make_bundle(run_dir: str | os.PathLike, device: str | DeviceProfile, fmt: st
                 "release": ", ".join(f"{s['type']}" for s in m["release"]["steps"]), "reference": ref_meta}
         (stage / "README.md").write_text(_readme(top, profile, fmt, runtime, meta, with_wheels, server))
 
-        files = {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "size_bytes": p.stat().st_size}
-                 for p in sorted(stage.rglob("*")) if p.is_file()}
+        files = file_table(stage)
         bundle = {
             "schema": BUNDLE_SCHEMA, "schema_version": BUNDLE_SCHEMA_VERSION, "name": top, "run": run,
             "created": now.isoformat(), "qdefend_version": __version__,

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from qdefend import __version__
-from qdefend.edge.manifest import load_manifest, sha256_file, verify_artifact
+from qdefend.edge.manifest import load_manifest, verify_artifact
 from qdefend.errors import QdefendError
 from qdefend.serve.page import ORT_FILES, ORT_VERSION, PAGE_FILES, WEB_DIR, ort_file
 from qdefend.serve.service import client_manifest
@@ -86,7 +86,7 @@ Ship `runs/{run}/artifacts/encoder.int8.tflite` and `manifest.json` with LiteRT'
 def make_web_bundle(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                     server: str | None = None, web_runtime: str | None = None) -> Path:
     """Write the phone-web bundle of an exported run; returns the .tar.gz path."""
-    from .bundle import _write_tar, archive_path
+    from .bundle import _write_tar, archive_path, file_table
 
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
@@ -109,8 +109,7 @@ def make_web_bundle(run_dir: str | os.PathLike, out: str | os.PathLike | None = 
         m["artifacts"] = {ARTIFACT: dict(m["artifacts"][ARTIFACT], path=ARTIFACT)}
         (stage / "client-manifest.json").write_text(json.dumps(client_manifest(m), indent=2) + "\n")
         (stage / "README.md").write_text(_readme(top, run, server))
-        files = {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "size_bytes": p.stat().st_size}
-                 for p in sorted(stage.rglob("*")) if p.is_file()}
+        files = file_table(stage)
         bundle = {"schema": "qdefend.bundle", "schema_version": 1, "name": top, "run": run, "created": now.isoformat(),
                   "qdefend_version": __version__, "device": {"name": "phone-web", "kind": "browser"},
                   "artifact": ARTIFACT, "format": "onnx", "runtime": "onnxruntime-web", "server": server,

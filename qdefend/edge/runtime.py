@@ -24,12 +24,12 @@ from typing import Any, Callable
 import numpy as np
 
 try:
-    from .cpu import ort_int8_precision
+    from .cpu import ENV, ort_int8_precision
     from .errors import ArtifactError
     from .manifest import load_manifest, manifest_path, verify_artifact
     from .release import apply_release, dequantize, quantize
 except ImportError:  # copied flat into a device bundle
-    from cpu import ort_int8_precision
+    from cpu import ENV, ort_int8_precision
     from errors import ArtifactError
     from manifest import load_manifest, manifest_path, verify_artifact
     from release import apply_release, dequantize, quantize
@@ -172,7 +172,7 @@ class _Onnx:
         try:
             self.precision = ort_int8_precision(int8_precision)
         except ValueError as e:
-            raise ArtifactError(f"{e}: pass int8_precision='auto' or unset ${'QDEFEND_ORT_INT8_PRECISION'}") from None
+            raise ArtifactError(f"{e}: pass int8_precision='auto' or unset ${ENV}") from None
         if self.precision["x64quantprecision"]:
             so.add_session_config_entry("session.x64quantprecision", self.precision["x64quantprecision"])
         self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -98,7 +98,9 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLik
 
     model = onnx.load(str(path))
     _unshare_weight_qparams(model)
-    rewrites = [r for r in ([pad_first_conv_channels(model)] if pad_channels and kind != "float" else []) if r]
+    rewrites = []
+    if pad_channels and kind != "float" and (note := pad_first_conv_channels(model)):
+        rewrites.append(note)
     _strip_metadata(model)
     onnx.save(model, str(path))
     in_q, out_q = io_quant(model)
@@ -177,35 +179,34 @@ def pad_first_conv_channels(model, to: int = PAD_CHANNELS_TO) -> str | None:
     by_out = {o: n for n in g.node for o in n.output}
     inits = {t.name: t for t in g.initializer}
     inp = g.input[0].name
-    for conv in g.node:
-        if conv.op_type != "Conv":
-            continue
-        dq_x, dq_w = by_out.get(conv.input[0]), by_out.get(conv.input[1])
-        q_x = by_out.get(dq_x.input[0]) if dq_x is not None and dq_x.op_type == "DequantizeLinear" else None
-        if (q_x is None or q_x.op_type != "QuantizeLinear" or q_x.input[0] != inp or dq_w is None
-                or dq_w.op_type != "DequantizeLinear" or dq_w.input[0] not in inits
-                or any(a.name == "group" and a.i != 1 for a in conv.attribute)):
-            return None  # only the graph's first conv, fed by the quantised graph input
-        w = numpy_helper.to_array(inits[dq_w.input[0]])
-        c = w.shape[1]
-        if c % to == 0:
-            return None
-        new = -(-c // to) * to
-        wp = np.zeros((w.shape[0], new, *w.shape[2:]), w.dtype)
-        wp[:, :c] = w
-        inits[dq_w.input[0]].CopyFrom(numpy_helper.from_array(wp, dq_w.input[0]))
-        pads = np.zeros(2 * len(w.shape), np.int64)
-        pads[len(w.shape) + 1] = new - c  # after the existing channels
-        g.initializer.append(numpy_helper.from_array(pads, "first_conv_channel_pads"))
-        q_x.input[0] = "input_channels_padded"
-        g.node.insert(list(g.node).index(q_x), helper.make_node(
-            "Pad", [inp, "first_conv_channel_pads"], ["input_channels_padded"], mode="constant"))
-        stale = {q_x.output[0], dq_x.output[0], dq_w.input[0], dq_w.output[0]}  # reshaped: left to inference
-        keep = [v for v in g.value_info if v.name not in stale]
-        del g.value_info[:]
-        g.value_info.extend(keep)
-        return f"first conv input channels padded {c} -> {new} with zero weights (exact)"
-    return None
+    conv = next((n for n in g.node if n.op_type == "Conv"), None)  # the graph's first conv, only
+    if conv is None:
+        return None
+    dq_x, dq_w = by_out.get(conv.input[0]), by_out.get(conv.input[1])
+    q_x = by_out.get(dq_x.input[0]) if dq_x is not None and dq_x.op_type == "DequantizeLinear" else None
+    if (q_x is None or q_x.op_type != "QuantizeLinear" or q_x.input[0] != inp or dq_w is None
+            or dq_w.op_type != "DequantizeLinear" or dq_w.input[0] not in inits
+            or any(a.name == "group" and a.i != 1 for a in conv.attribute)):
+        return None  # not fed by the quantised graph input, or grouped
+    w = numpy_helper.to_array(inits[dq_w.input[0]])
+    c = w.shape[1]
+    if c % to == 0:
+        return None
+    new = -(-c // to) * to
+    wp = np.zeros((w.shape[0], new, *w.shape[2:]), w.dtype)
+    wp[:, :c] = w
+    inits[dq_w.input[0]].CopyFrom(numpy_helper.from_array(wp, dq_w.input[0]))
+    pads = np.zeros(2 * len(w.shape), np.int64)
+    pads[len(w.shape) + 1] = new - c  # after the existing channels
+    g.initializer.append(numpy_helper.from_array(pads, "first_conv_channel_pads"))
+    q_x.input[0] = "input_channels_padded"
+    g.node.insert(list(g.node).index(q_x), helper.make_node(
+        "Pad", [inp, "first_conv_channel_pads"], ["input_channels_padded"], mode="constant"))
+    stale = {q_x.output[0], dq_x.output[0], dq_w.input[0], dq_w.output[0]}  # reshaped: left to inference
+    keep = [v for v in g.value_info if v.name not in stale]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    return f"first conv input channels padded {c} -> {new} with zero weights (exact)"
 
 
 def _spec(value_info, grid: dict | None, dynamic_batch: bool) -> dict[str, Any]:

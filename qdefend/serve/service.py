@@ -24,6 +24,7 @@ from qdefend.edge.errors import ArtifactError
 from qdefend.edge.manifest import load_manifest
 from qdefend.edge.release import dequantize
 from qdefend.edge.runtime import Runtime
+from qdefend.edge import wire
 from qdefend.edge.wire import Message
 from qdefend.errors import QdefendError
 
@@ -103,7 +104,7 @@ def client_manifest(manifest: dict, head: str | None = None, max_batch: int | No
             "input": m["input"], "release": m["release"], "features": m["features"], "encoders": encoders,
             "head": {"artifact": head, "sha256": m["artifacts"][head]["sha256"]} if head else None,
             "limits": {"max_batch": max_batch} if max_batch else None,
-            "wire_format": {"binary": "application/x-qdefend-features", "json": "application/json",
+            "wire_format": {"binary": wire.BINARY_TYPE, "json": wire.JSON_TYPE,
                             "doc": "qdefend.edge.wire (README: Serving)"}}
 
 
