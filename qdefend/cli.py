@@ -4,6 +4,7 @@ that ``qdefend --help`` is instant. User mistakes raise :class:`QdefendError`, p
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,7 @@ app = typer.Typer(
 )
 
 LISTABLE = ("datasets", "models", "defenses", "attacks", "devices")
+_ARGV: list[str] = []  # this invocation's arguments (set by main)
 
 
 def _console():
@@ -62,12 +64,20 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its latest checkpoint"),
     set_: list[str] = typer.Option([], "--set", help="override any config key: --set train.lr=0.01"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    nproc: int = typer.Option(1, "--nproc", help="train in N processes under torch.distributed (torchrun): gloo on CPU, NCCL on CUDA (one per GPU)"),
+    nnodes: int = typer.Option(1, "--nnodes", help="machines taking part (each runs the same command with its --node-rank)"),
+    node_rank: int = typer.Option(0, "--node-rank", help="this machine's rank among --nnodes (0 on the one at --rdzv-endpoint)"),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0, for --nnodes > 1"),
 ):
     """Train a split network (edge encoder + cloud head), with int8 QAT and privacy defenses."""
-    from . import api
-    from .config import RunConfig
+    from . import api, distributed
+    from .config import RunConfig, resume_config
 
-    console = _console()
+    # --nproc N: this same command runs again in N processes under torchrun, which find the launcher's
+    # environment (distributed.launched()) and train; what can be checked is checked here, once
+    launch = None if distributed.launched() else distributed.LaunchConfig(nproc, nnodes, node_rank, rdzv_endpoint, threads or 0)
+    launch = launch if launch is not None and launch.world > 1 else None
+    console = _console() if os.environ.get("RANK", "0") == "0" else None  # torchrun's other workers stay quiet
     if resume:
         if out is None:
             raise QdefendError("--resume needs --out RUN_DIR naming the run to continue")
@@ -78,36 +88,75 @@ def train(
             raise QdefendError(f"--resume continues {out} as it was configured, so {given[0]} cannot be given: drop it, "
                                "or train a new run with another --out")
         cfg = RunConfig.load(out / "config.toml")
-        console.print(f"[bold]qdefend train[/bold] -> {out}  (resuming {cfg.model.name} on {cfg.data.name}, "
+        resume_flags = {"train.epochs": epochs, "train.device": device, "train.num_threads": threads}
+        if launch is not None:
+            resume_config(cfg, list(set_), resume_flags)  # refused changes are refused once, here
+            _launch_train(out, True, launch, cfg.train.device if device is None else device)
+            return
+        _say(console, f"[bold]qdefend train[/bold] -> {out}  (resuming {cfg.model.name} on {cfg.data.name}, "
                       f"qat {cfg.quant.scheme}, defense {cfg.defense.stack})")
         trained = api.train(None, out, overrides=set_, resume=True, console=console, progress=not quiet,
-                            resume_flags={"train.epochs": epochs, "train.device": device, "train.num_threads": threads})
+                            resume_flags=resume_flags)
         _print_test(console, trained.test)
         return
-    else:
-        flags = {
-            "quant.scheme": qat, "model.name": model, "model.cut": cut, "data.name": dataset,
-            "data.data_dir": data_dir, "defense.stack": defense, "train.epochs": epochs,
-            "train.seed": seed, "train.device": device, "train.num_threads": threads,
-            "init_from": None,
-        }
-        overrides = list(set_)
-        if sigma is not None:
-            overrides.insert(0, f"defense.params.noise.sigma={sigma}")
-        cfg = _resolve_config(config, flags, overrides)
-        if seed is not None:
-            cfg.data.seed = seed
-        if from_run is not None:
-            cfg.init_from = str(from_run)
-        if out is None:
-            out = Path("runs") / f"{cfg.model.name}-{cfg.data.name}-{cfg.defense.stack.replace('+', '_')}-{cfg.quant.scheme}"
-    console.print(f"[bold]qdefend train[/bold] -> {out}  ({cfg.model.name} on {cfg.data.name}, qat {cfg.quant.scheme}, defense {cfg.defense.stack})")
+    flags = {
+        "quant.scheme": qat, "model.name": model, "model.cut": cut, "data.name": dataset,
+        "data.data_dir": data_dir, "defense.stack": defense, "train.epochs": epochs,
+        "train.seed": seed, "train.device": device, "train.num_threads": threads,
+        "init_from": None,
+    }
+    overrides = list(set_)
+    if sigma is not None:
+        overrides.insert(0, f"defense.params.noise.sigma={sigma}")
+    cfg = _resolve_config(config, flags, overrides)
+    if seed is not None:
+        cfg.data.seed = seed
+    if from_run is not None:
+        cfg.init_from = str(from_run)
+    if out is None:
+        out = Path("runs") / f"{cfg.model.name}-{cfg.data.name}-{cfg.defense.stack.replace('+', '_')}-{cfg.quant.scheme}"
+    if launch is not None:
+        _launch_train(out, False, launch, cfg.train.device)
+        return
+    _say(console, f"[bold]qdefend train[/bold] -> {out}  ({cfg.model.name} on {cfg.data.name}, qat {cfg.quant.scheme}, defense {cfg.defense.stack})")
     _print_test(console, api.train(cfg, out, console=console, progress=not quiet).test)
+
+
+def _say(console, msg: str) -> None:
+    if console is not None:
+        console.print(msg)
+
+
+def _launch_train(out: Path, resume: bool, launch, device: str) -> None:
+    """``qdefend train --nproc N``: run this same command in N processes under torchrun (each joins
+    the process group; see qdefend.distributed) once the run directory is known to fit."""
+    from . import distributed
+    from .checkpoint import has_checkpoint
+    from .run import RunPaths
+
+    paths = RunPaths(out)
+    if resume and not has_checkpoint(paths.checkpoints):
+        raise QdefendError(f"--resume: {out} has no checkpoint to resume; drop --resume to start it")
+    if not resume and has_checkpoint(paths.checkpoints):
+        raise QdefendError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < launch.nproc:
+            raise QdefendError(f"--nproc {launch.nproc} --device cuda runs one process per GPU, but this machine has "
+                               f"{torch.cuda.device_count()}: use --nproc {max(1, torch.cuda.device_count())} "
+                               "(or --device cpu)")
+    _console().print(f"[bold]qdefend train[/bold] -> {out}  ({launch.world} processes, {launch.nproc} on this machine"
+                     + (f", node {launch.node_rank} of {launch.nnodes} meeting at {launch.rdzv_endpoint}"
+                        if launch.nnodes > 1 else "") + "; torch.distributed)")
+    distributed.launch(launch, _ARGV, run_dir=str(out))  # rank 0 prints the epochs and the test accuracy
 
 
 def _print_test(console, rec: dict) -> None:
     from rich.table import Table
 
+    if console is None or not rec:
+        return
     t = Table(title="test accuracy (best checkpoint, release transform applied)")
     t.add_column("model")
     t.add_column("accuracy", justify="right")
@@ -378,7 +427,7 @@ def deploy(
 
 @app.command()
 def serve(
-    run: Path = typer.Argument(..., help="exported run directory, e.g. runs/demo"),
+    runs: list[str] = typer.Argument(..., help="exported run directory, e.g. runs/demo; with --zoo several RUN[:int8|float]"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
     port: int = typer.Option(8000, "--port", help="TCP port"),
     workers: int = typer.Option(1, "--workers", help="uvicorn worker processes"),
@@ -391,20 +440,34 @@ def serve(
     web_runtime: Optional[Path] = typer.Option(None, "--web-runtime", help="onnxruntime-web dist folder (default: the npm install)"),
     ssl_certfile: Optional[Path] = typer.Option(None, "--ssl-certfile", help="TLS certificate (phones need https for sha256 checks)"),
     ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="TLS private key"),
+    zoo: bool = typer.Option(False, "--zoo", help="serve a model zoo: several heads over one encoder, picked per "
+                             "request from its X-Qdefend-Accuracy / X-Qdefend-Latency-Ms targets"),
+    target_noise: Optional[str] = typer.Option(None, "--target-noise", help="--zoo defense: noise on the requested "
+                                               "targets, DIST:ACC[,LAT] with DIST gaussian or uniform, e.g. gaussian:0.02"),
+    zoo_seed: Optional[int] = typer.Option(None, "--zoo-seed", help="seed of the target noise"),
+    latency_resolution_ms: float = typer.Option(0.1, "--latency-resolution-ms", help="--zoo: latency profiles are "
+                                                "rounded up to this (heads of one architecture then cost the same)"),
 ):
     """Serve the cloud head of an exported run: POST /v1/infer takes int8 features, answers labels;
-    GET / is the phone-browser page that runs the encoder in the browser."""
+    GET / is the phone-browser page that runs the encoder in the browser. With --zoo, several heads
+    over one encoder, one picked per request by its accuracy / latency targets."""
     from .serve.app import serve as run_server
     from .serve.service import ServeConfig
 
+    if len(runs) > 1 and not zoo:
+        raise QdefendError(f"qdefend serve takes one run, got {len(runs)}: add --zoo to serve them as a model zoo")
+    run = Path(runs[0])
     cfg = ServeConfig(run=str(run), head=head, host=host, port=port, workers=workers, threads=threads,
                       max_batch=max_batch, token_file=str(token_file) if token_file else None,
                       insecure_no_auth=insecure_no_auth, allow_origins=list(allow_origin),
                       web_runtime=str(web_runtime) if web_runtime else None,
                       ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
-                      ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
+                      ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
+                      zoo=list(runs) if zoo else [], target_noise=target_noise, zoo_seed=zoo_seed,
+                      latency_resolution_ms=latency_resolution_ms)
     scheme = "https" if ssl_certfile else "http"
-    typer.echo(f"serving {run} ({cfg.head} head) on {scheme}://{host}:{port}  (page: /, API: /v1/infer, "
+    what = f"a zoo of {len(runs)} heads" if zoo else f"{run} ({cfg.head} head)"
+    typer.echo(f"serving {what} on {scheme}://{host}:{port}  (page: /, API: /v1/infer, "
                f"metrics: /metrics; Ctrl-C stops)", err=True)
     run_server(cfg)
 
@@ -493,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .edge.manifest import ArtifactError
 
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)  # what `train --nproc` runs again in each process
     usage_errors, aborts = _click_exceptions()
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch/torchao internals, not the user's
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -521,7 +586,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except Exception as e:  # a bug of ours: still one line, with where it happened; the full stack on request
-        import os
         import traceback
 
         if os.environ.get("QDEFEND_TRACEBACK"):

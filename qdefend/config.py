@@ -48,6 +48,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC activations in training: ~18% faster convs on CPU (mkldnn)
     freeze: str = "none"  # none | encoder | head | network: parts kept fixed (eval mode, no step); needs --from
     max_loss: float | None = None  # a batch's task loss above this is divergence (unset: 25 x ln(classes))
+    nproc: int = 1  # processes that trained it (qdefend train --nproc N, recorded); batch_size stays the global batch
 
     def __post_init__(self):
         check_number(self.epochs, "train.epochs", lo=1, integer=True, fix="--epochs 2")
@@ -56,6 +57,7 @@ class TrainConfig:
         for key in ("momentum", "weight_decay", "gamma"):
             check_number(getattr(self, key), f"train.{key}", lo=0, example=0)
         check_number(self.num_threads, "train.num_threads (0: torch's default)", lo=0, integer=True, fix="--threads 2")
+        check_number(self.nproc, "train.nproc (recorded by qdefend train --nproc)", lo=1, integer=True, fix="--nproc 2")
         check_number(self.eval_batch_size, "train.eval_batch_size", lo=1, integer=True, example=512)
         check_number(self.keep_checkpoints, "train.keep_checkpoints", lo=1, integer=True, example=2)
         for m in self.milestones:
@@ -224,7 +226,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 # model, quantization, defenses, batch size, seed) makes another run, so a resume refuses it.
 RESUMABLE = tuple(f"train.{k}" for k in (
     "epochs", "lr", "momentum", "weight_decay", "schedule", "milestones", "gamma", "device", "num_threads",
-    "eval_batch_size", "keep_checkpoints", "max_loss"))
+    "eval_batch_size", "keep_checkpoints", "max_loss", "nproc"))
 
 
 def flat_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

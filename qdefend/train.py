@@ -6,6 +6,11 @@ as encoder-only (CEM) are back-propagated first, their encoder gradients kept an
 task backward. After every epoch: validation accuracy of the fake-quant model AND of the converted
 int8 model, an atomic checkpoint, and one line in metrics.jsonl. A NaN/Inf loss stops training and
 keeps the last good checkpoint; ``--resume`` continues from the latest checkpoint.
+
+Under torchrun (``qdefend train --nproc N``) the same loop runs in every process: each takes its
+share of every global batch, the split forward runs under DistributedDataParallel, and
+:mod:`qdefend.distributed` keeps quantization ranges, BatchNorm statistics and defense state
+identical on every rank; rank 0 alone evaluates and writes files.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from . import quant
+from . import distributed, quant
 from .checkpoint import has_checkpoint, load_checkpoint, resolve_tag, save_checkpoint, write_lines_atomic
 from .config import RunConfig
 from .data import Split, batches
@@ -53,10 +59,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def release_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """Seeded generator for the release transform, so noise is reproducible per (seed, epoch)."""
+def release_generator(seed: int, epoch: int, device: torch.device, rank: int = 0) -> torch.Generator:
+    """Seeded generator for the release transform, so noise is reproducible per (seed, epoch); each
+    rank of a distributed run draws its own stream."""
     g = torch.Generator(device=device)
-    g.manual_seed(seed * 100_003 + epoch)
+    g.manual_seed(seed * 100_003 + epoch + rank * 1_000_003)
     return g
 
 
@@ -90,6 +97,28 @@ def features(encoder: Callable, split: Split, run: Run, *, device: torch.device,
     return torch.cat(zs), torch.from_numpy(split.labels).to(device)
 
 
+def _state_tensors(run: Run) -> list[torch.Tensor]:
+    """Everything a rank's training state holds: weights, buffers (quantization ranges, BN
+    statistics) and the defense's module."""
+    mod = run.defense.module()
+    return [*run.net.state_dict().values(), *(mod.state_dict().values() if mod is not None else [])]
+
+
+class SplitForward(nn.Module):
+    """encoder -> release -> head as one module: the unit DistributedDataParallel wraps (a DDP
+    forward must run through the wrapper for its backward to reduce the gradients)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, release: Callable):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+        self._release = release
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator):
+        z = self.encoder(x)
+        zr = self._release(z, generator)
+        return z, zr, self.head(zr)
+
+
 class _NoStep:
     """The optimizer when ``train.freeze`` leaves no network weight to train (a defense such as
     Shredder then trains only its own parameters): it keeps the learning-rate schedule visible to
@@ -119,6 +148,7 @@ class Trainer:
         self.paths = RunPaths(out)
         self.console = console
         self.progress = progress
+        self.dist = distributed.SINGLE  # the process group, joined in fit() under torchrun
 
     # -- set-up -----------------------------------------------------------------------------
     def _init_weights(self) -> dict | None:
@@ -172,10 +202,26 @@ class Trainer:
         """Train (or, with ``resume``, continue) the run; ``changed`` lists the config keys a resume
         changed (``{key: [old, new]}``, see :func:`qdefend.config.resume_config`), recorded in
         config.toml and as a ``resume`` event in metrics.jsonl."""
-        cfg, paths = self.cfg, self.paths
+        cfg = self.cfg
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        device = pick_device(cfg.train.device)
+        if not distributed.launched():
+            return self._fit(pick_device(cfg.train.device), resume, changed)
+        self.dist, device = distributed.join(cfg.train.device)
+        try:
+            return self._fit(device, resume, changed)
+        except RuntimeError as e:
+            if not distributed.lost_peer(e):
+                raise
+            raise QdefendError(
+                f"training process rank {self.dist.rank} lost contact with the others ({' '.join(str(e).split())[:160]}); "
+                f"the run stops and its last finished epoch is checkpointed: continue with "
+                f"qdefend train --out {self.paths.root} --resume --nproc N") from None
+        finally:
+            distributed.leave()
+
+    def _fit(self, device: torch.device, resume: bool, changed: dict[str, list] | None) -> dict[str, Any]:
+        cfg, paths, dist = self.cfg, self.paths, self.dist
         if has_checkpoint(paths.checkpoints) and not resume:
             raise QdefendError(
                 f"{paths.root} already holds a run: pass --resume to continue it, or choose another --out"
@@ -187,6 +233,14 @@ class Trainer:
             raise QdefendError(
                 f"train.freeze={cfg.train.freeze} keeps weights fixed, so it needs trained ones: add --from runs/BASE "
                 "(a run with the same model), or drop --set train.freeze")
+        if cfg.train.batch_size < dist.world:
+            raise QdefendError(f"train.batch_size {cfg.train.batch_size} is the global batch and must give each of the "
+                               f"{dist.world} processes a sample: use --set train.batch_size={dist.world * 64} or fewer processes")
+        if cfg.train.nproc != dist.world:  # the processes that train it, recorded (a resume may change them)
+            if resume:
+                changed = {**(changed or {}), "train.nproc": [cfg.train.nproc, dist.world]}
+            cfg.train.nproc = dist.world
+        dist.barrier()  # every rank has checked the run directory before rank 0 writes to it
         init = None if resume else self._init_weights()
         run = build_run(cfg, float_init=init.get("float") if init else None)
         run.paths = paths
@@ -218,18 +272,23 @@ class Trainer:
             if cfg.train.epochs < start_epoch:
                 raise QdefendError(f"--epochs {cfg.train.epochs} is fewer than the {start_epoch} epochs {paths.root} "
                                    f"has trained: pass --epochs {start_epoch} or more to continue it")
-            self._reconcile_metrics(start_epoch, state.get("metrics") or {})
-            if changed:
-                cfg.save(paths.config)
-                self._log({"event": "resume", "after_epoch": start_epoch, "changed": changed})
+            if dist.main:
+                self._reconcile_metrics(start_epoch, state.get("metrics") or {})
+                if changed:
+                    cfg.save(paths.config)
+                    self._log({"event": "resume", "after_epoch": start_epoch, "changed": changed})
             what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in (changed or {}).items())
             self._say(f"resuming {paths.root} after epoch {start_epoch} (step {step})" + (f"; changed: {what}" if what else ""))
-        else:
+        elif dist.main:
             paths.root.mkdir(parents=True, exist_ok=True)
             cfg.save(paths.config)
             if paths.metrics.exists():
                 paths.metrics.unlink()
             self._checkpoint(run, opt, 0, step, best, {}, is_best=False)
+        if dist.enabled:
+            self._say(f"{dist.world} processes ({dist.backend}), global batch {cfg.train.batch_size} "
+                      f"({cfg.train.batch_size // dist.world}-{-(-cfg.train.batch_size // dist.world)} per process)")
+        self._model = dist.wrap(SplitForward(net.encoder, net.head, run.defense.release), device)
 
         steps_per_epoch = math.ceil(len(run.data.train) / cfg.train.batch_size)
         # the best checkpoint is picked among the epochs the defense has shaped (the last one at least)
@@ -242,18 +301,26 @@ class Trainer:
         for epoch in range(start_epoch, cfg.train.epochs):
             last = self._epoch(run, opt, epoch, step, steps_per_epoch, device)
             step += steps_per_epoch
-            score = last.get("val_acc_int8", last["val_acc"])
-            is_best = epoch + 1 >= first and score > best
-            if is_best:
-                best = score
-            self._checkpoint(run, opt, epoch + 1, step, best, last, is_best=is_best)
-            self._log(last)
-        return self._final_eval(device)
+            if dist.main:
+                score = last.get("val_acc_int8", last["val_acc"])
+                is_best = epoch + 1 >= first and score > best
+                if is_best:
+                    best = score
+                self._checkpoint(run, opt, epoch + 1, step, best, last, is_best=is_best)
+                self._log(last)
+            # rank 0's state (bit for bit) on every rank; also the others' wait for its evaluation
+            dist.broadcast_state(net)
+            dist.broadcast_state(run.defense.module())
+        # each rank's final state, hashed: rank 0 records them with the test accuracy (all equal, or a bug)
+        digests = dist.digests(_state_tensors(run))
+        if not dist.main:
+            return {}
+        return self._final_eval(device, {"rank_state_sha256": digests} if dist.enabled else {})
 
     def _epoch(self, run: Run, opt, epoch: int, step0: int, steps_per_epoch: int, device) -> dict:
-        cfg, net, defense = self.cfg, run.net, run.defense
-        torch.manual_seed(cfg.train.seed * 1000 + epoch)
-        gen = release_generator(cfg.train.seed, epoch + 1, device)
+        cfg, net, defense, dist = self.cfg, run.net, run.defense, self.dist
+        torch.manual_seed(cfg.train.seed * 1000 + epoch + 7919 * dist.rank)
+        gen = release_generator(cfg.train.seed, epoch + 1, device, dist.rank)
         norm = run.data.normalization
         net.train()
         for m in self._frozen:
@@ -268,6 +335,12 @@ class Trainer:
         max_loss = cfg.train.max_loss or MAX_LOSS_PER_NAT * math.log(max(2, run.data.num_classes))
         for i, (xb, yb) in enumerate(it):
             step = step0 + i
+            n_global = len(yb)
+            if n_global < dist.world:  # a last batch too small to share: every rank skips it
+                continue
+            share = dist.shard(n_global)
+            xb, yb = xb[share], yb[share]
+            weight = dist.loss_weight(len(yb), n_global)  # DDP's average becomes the global batch's mean
             for g in opt.param_groups:
                 g["lr"] = self.lr_at(step, epoch, steps_per_epoch)
             x = torch.from_numpy(norm.apply(xb)).to(device)
@@ -275,11 +348,7 @@ class Trainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(yb).to(device)
             try:
-                z = net.encoder(x)
-                if not torch.isfinite(z).all():
-                    self._diverged("the encoder's output at the cut is not finite", epoch, i)
-                zr = defense.release(z, gen)
-                logits = net.head(zr)
+                z, zr, logits = self._model(x, gen)
             except AssertionError as e:  # torchao's observers assert min <= max, which NaN fails
                 if not run.quantized:
                     raise
@@ -290,26 +359,35 @@ class Trainer:
             enc_terms = defense.encoder_loss_terms(ctx)
             terms = defense.loss_terms(ctx)
             loss = task + sum(terms.values(), torch.zeros((), device=device))
+            sep = sum(enc_terms.values()) if enc_terms and enc_params else None
+            # one decision for every rank: a rank that stopped alone would leave the others waiting
+            bad_z, bad_sep, bad_loss, top = dist.max_([
+                not bool(torch.isfinite(z).all()), sep is not None and not bool(torch.isfinite(sep).all()),
+                not bool(torch.isfinite(loss).all()), task.item()])
+            if bad_z:
+                self._diverged("the encoder's output at the cut is not finite", epoch, i)
+            if bad_sep or bad_loss:
+                self._diverged(f"loss became {(sep if bad_sep and sep is not None else loss).item()}", epoch, i)
+            if top > max_loss:
+                self._diverged(f"the task loss reached {top:.3g}, above train.max_loss={max_loss:.3g} "
+                               f"(a network at chance scores {math.log(run.data.num_classes):.2f})", epoch, i)
             opt.zero_grad(set_to_none=True)
             kept = None
-            if enc_terms and enc_params:
-                sep = sum(enc_terms.values())
-                self._check_finite(sep, epoch, i)
-                kept = torch.autograd.grad(sep, enc_params, retain_graph=True, allow_unused=True)
-            self._check_finite(loss, epoch, i)
-            if task.item() > max_loss:
-                self._diverged(f"the task loss reached {task.item():.3g}, above train.max_loss={max_loss:.3g} "
-                               f"(a network at chance scores {math.log(run.data.num_classes):.2f})", epoch, i)
+            if sep is not None:
+                kept = list(torch.autograd.grad(sep * weight, enc_params, retain_graph=True, allow_unused=True))
+                dist.average_(kept)  # DDP reduces only what loss.backward() computes
             if not loss.requires_grad:
                 raise QdefendError(
                     f"nothing to train: train.freeze={cfg.train.freeze} fixes the network and the defense stack "
                     f"'{cfg.defense.stack}' has no parameters of its own; freeze less, or use a learned defense (shredder)")
-            loss.backward()
+            (loss * weight if weight != 1.0 else loss).backward()
             if kept is not None:
                 for p, g in zip(enc_params, kept):
                     if g is not None:
                         p.grad = g if p.grad is None else p.grad + g
             opt.step()
+            dist.sync_buffers(net)  # quantization ranges and BN statistics as one process would hold them
+            dist.broadcast_new(defense.module())  # a defense module built at this step starts from rank 0's
             if trainable and not all_finite(trainable):
                 self._diverged("a weight became non-finite in the optimiser step", epoch, i)
             n = len(yb)
@@ -322,6 +400,9 @@ class Trainer:
                 bar[0].update(bar[1], advance=1, description=f"epoch {epoch + 1}/{cfg.train.epochs} loss {tot_loss / seen:.3f}")
         if bar is not None:
             bar[0].stop()
+        keys = sorted(extra)
+        tot_loss, tot_correct, seen, *sums = dist.sum_([tot_loss, tot_correct, seen, *(extra[k] for k in keys)])
+        extra = dict(zip(keys, sums))
         train_time = time.perf_counter() - t0
         bad = [k for part in (net.encoder, net.head) for k, v in part.state_dict().items() if not state_finite(k, v)]
         if bad:
@@ -332,12 +413,23 @@ class Trainer:
             epoch=epoch, encoder=net.encoder, head=net.head, data=run.data, epochs=cfg.train.epochs,
             features=lambda split: features(net.encoder, split, run, device=device),
         )
-        hook_stats = defense.on_epoch_end(hook_ctx)
+        hook_stats = defense.on_epoch_end(hook_ctx)  # on every rank; rank 0's result is kept
+        if dist.enabled:  # how far the ranks drifted apart on their own (0: bit for bit the same)
+            dmod = defense.module()
+            params = [p for p in net.parameters()]
+            rec_spread = {"weights": dist.spread(params), "buffers": dist.spread(list(net.buffers())),
+                          "defense": dist.spread(list(dmod.state_dict().values())) if dmod is not None else 0.0}
+        dist.broadcast_state(defense.module())
         rec: dict[str, Any] = {
             "event": "epoch", "epoch": epoch + 1, "train_loss": tot_loss / seen, "train_acc": tot_correct / seen,
             "lr": opt.param_groups[0]["lr"], "train_time_s": round(train_time, 2), "steps": steps_per_epoch,
             **{f"train_{k}": v / seen for k, v in extra.items()}, **{f"hook_{k}": v for k, v in hook_stats.items()},
         }
+        if dist.enabled:
+            rec["processes"] = dist.world
+            rec["rank_spread"] = rec_spread
+        if not dist.main:  # rank 0 evaluates (the others wait for its state at the end of the epoch)
+            return rec
         rec["val_acc"] = accuracy(net.encoder, net.head, run.data.val, run, device=device)
         if run.quantized:
             rec["val_acc_int8"] = accuracy(run.converted_encoder(), run.converted_head(), run.data.val, run, device=device)
@@ -349,12 +441,13 @@ class Trainer:
         )
         return rec
 
-    def _final_eval(self, device) -> dict[str, Any]:
+    def _final_eval(self, device, extra: dict | None = None) -> dict[str, Any]:
         """Test accuracy of the best checkpoint: fake-quant/float and converted int8."""
 
         run = load_run(self.paths.root, "best", data=self._data)
         run.net.to(device)
-        rec: dict[str, Any] = {"event": "test", "checkpoint": run.state and f"epoch-{run.state['epoch']:04d}"}
+        rec: dict[str, Any] = {"event": "test", "checkpoint": run.state and f"epoch-{run.state['epoch']:04d}",
+                               **(extra or {})}
         key = "test_acc_fakequant" if run.quantized else "test_acc_float"
         rec[key] = accuracy(run.net.encoder, run.net.head, run.data.test, run, device=device)
         if run.quantized:
@@ -408,11 +501,11 @@ class Trainer:
             f.flush()
 
     def _say(self, msg: str) -> None:
-        if self.console is not None:
+        if self.console is not None and self.dist.main:
             self.console.print(msg)
 
     def _bar(self, desc: str, total: int):
-        if not self.progress or self.console is None:
+        if not self.progress or self.console is None or not self.dist.main:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

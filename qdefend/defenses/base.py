@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import distributed
+
 
 @dataclass
 class StepContext:
@@ -107,8 +109,8 @@ class OwnOptimizer:
     _opt_state: dict | None = None
 
     def _adam(self, params, lr: float) -> torch.optim.Optimizer:
-        if self._opt is None:
-            self._opt = torch.optim.Adam(params, lr=lr)
+        if self._opt is None:  # under torchrun it averages its gradients over the ranks before each step
+            self._opt = distributed.current().attach(torch.optim.Adam(params, lr=lr))
             if self._opt_state is not None:
                 self._opt.load_state_dict(self._opt_state)
                 self._opt_state = None
