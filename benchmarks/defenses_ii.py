@@ -1,10 +1,10 @@
 """Defenses II on Fashion-MNIST, int8: cem-slot vs cem, vib-mask vs repurposing, divqat vs extraction.
 
-    python benchmarks/defenses_ii.py [--study cem,vib,divqat] [--size quick|medium]
+    python benchmarks/defenses_ii.py [--study cem,vib,divqat,cem-ft] [--size quick|medium]
                                      [--seeds 0,1,2] [--ablations] [--configs NAME,...]
                                      [--threads N] [--out DIR] [--runs-dir DIR]
 
-Three studies, each a set of QAT int8 runs (``qdefend.train.Trainer``) exported to TFLite
+Four studies, each a set of QAT int8 runs (``qdefend.train.Trainer``) exported to TFLite
 (``qdefend.export.export_run``) and attacked through ``qdefend.attacks.runner.attack_run`` on the
 int8 artifact a device ships (the stages are those of ``privacy_utility.py``, re-used):
 
@@ -15,6 +15,10 @@ int8 artifact a device ships (the stages are those of ``privacy_utility.py``, re
   (seed 0): slot count K, gate strength, and a lambda sweep of both (cem-slot 4, cem 64 and 256).
   Papers: CEM, Xia et al., CVPR 2025 (arXiv 2503.00383); Slot Attention, Locatello et al.,
   NeurIPS 2020; gated cross-attention, Alayrac et al. (Flamingo), 2022.
+* ``cem-ft``: the CEM code's short route (``pretrain=True``): the ``noise`` run of the same seed,
+  fine-tuned for the size's epochs at lr 1e-3 with full lambda from the first step (cem schedule
+  ``finetune``: the statistics of the trained encoder are fitted before the first step), against
+  the same fine-tune without CEM (``noise-ft``, its control); lambda 16 and 64 (256: ablation).
 * ``vib``: ``none`` vs ``vib-mask``; the input-repurposing probe (linear / MLP / CNN probes
   trained by the adversary on the released features for other tasks and for the designated one):
   designated accuracy, suppression ratios and what the probes read of within-class input
@@ -91,14 +95,31 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "divqat": {"stack": "divqat", "params": {"divqat": {}}},
     "divqat-w3": {"stack": "divqat", "params": {"divqat": {"weight": 3.0}}},
     "divqat-T1": {"stack": "divqat", "params": {"divqat": {"temperature": 1.0}}},
+    # -- cem-ft: the CEM code's pretrain route, a trained noise run fine-tuned at full lambda from the
+    # first step (cem schedule "finetune"), against the same fine-tune without CEM
+    "noise-ft": {"stack": "noise", "params": {"noise": NOISE}},
+    "noise+cem-ft": {"stack": "noise+cem", "params": {"noise": NOISE, "cem": {"lam": LAM, "schedule": "finetune"}}},
+    "noise+cem-ft-lam64": {"stack": "noise+cem",
+                           "params": {"noise": NOISE, "cem": {"lam": 64.0, "schedule": "finetune"}}},
+    "noise+cem-ft-lam256": {"stack": "noise+cem",
+                            "params": {"noise": NOISE, "cem": {"lam": 256.0, "schedule": "finetune"}}},
 }
+
+# fine-tunes: config -> the config whose run (same seed) it starts from (--from) and its training
+# overrides; the control (noise-ft) and the CEM fine-tunes share them
+FT_TRAIN = {"lr": 1e-3}
+FINETUNES: dict[str, dict[str, Any]] = {
+    name: {"from": "noise", "train": FT_TRAIN} for name in
+    ("noise-ft", "noise+cem-ft", "noise+cem-ft-lam64", "noise+cem-ft-lam256")}
 
 STUDIES: dict[str, dict[str, Any]] = {
     # cem-slot at cem's lambda, and at lambda 1, where its accuracy is about cem's at 16 (measured)
     "cem": {"configs": ["noise", "noise+cem", "noise+cem-slot", "noise+cem-slot-lam1"],
             "ablations": ["noise+cem-slot-K3", "noise+cem-slot-K10", "noise+cem-slot-gate1", "noise+cem-slot-lam4",
                           "noise+cem-lam64", "noise+cem-lam256"],
-            "attacks": {"decoder": ARTIFACT}},
+            "attacks": {"decoder": ARTIFACT}, "reference": "noise"},
+    "cem-ft": {"configs": ["noise-ft", "noise+cem-ft", "noise+cem-ft-lam64"], "ablations": ["noise+cem-ft-lam256"],
+               "attacks": {"decoder": ARTIFACT}, "reference": "noise-ft"},
     "vib": {"configs": ["none", "vib-mask"],
             "ablations": ["vib-mask-beta1e-4", "vib-mask-beta3e-3", "vib-mask-beta0.01", "vib-mask-beta0.1",
                           "vib-mask-keep0.25"],
@@ -129,10 +150,17 @@ MEDIUM_ATTACKS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_config(name: str, size: str, seed: int) -> dict[str, Any]:
+def run_config(name: str, size: str, seed: int, runs_dir: Path | None = None) -> dict[str, Any]:
+    """The RunConfig dict of config ``name``; a fine-tune (FINETUNES) starts from its base config's
+    run of the same seed under ``runs_dir``."""
     s = SIZES[size]
-    return {"data": {"name": "fashion-mnist", **s["data"]}, "quant": {"scheme": "int8"},
-            "train": {**s["train"], "seed": seed}, "defense": json.loads(json.dumps(CONFIGS[name]))}
+    ft = FINETUNES.get(name)
+    cfg = {"data": {"name": "fashion-mnist", **s["data"]}, "quant": {"scheme": "int8"},
+           "train": {**s["train"], "seed": seed, **(ft["train"] if ft else {})},
+           "defense": json.loads(json.dumps(CONFIGS[name]))}
+    if ft:
+        cfg["init_from"] = str(Path(runs_dir or ".") / run_dirname(ft["from"], seed))
+    return cfg
 
 
 def run_dirname(name: str, seed: int) -> str:
@@ -225,11 +253,14 @@ def markdown(aggs: list[dict]) -> str:
     by = {}
     for a in aggs:
         by.setdefault(a["study"], []).append(a)
-    if "cem" in by:
-        ref = next((a.get("decoder_mse") for a in by["cem"] if a["config"] == "noise"), None)
-        out += ["| config | seeds | test acc (%) | decoder MSE | x noise | decoder SSIM | step ms |",
+    for study in ("cem", "cem-ft"):
+        if study not in by:
+            continue
+        ref_name = STUDIES[study]["reference"]
+        ref = next((a.get("decoder_mse") for a in by[study] if a["config"] == ref_name), None)
+        out += [f"| config | seeds | test acc (%) | decoder MSE | x {ref_name} | decoder SSIM | step ms |",
                 "|---|---|---|---|---|---|---|"]
-        for a in by["cem"]:
+        for a in by[study]:
             ratio = f"{a['decoder_mse'] / ref:.2f}x" if ref and "decoder_mse" in a else "-"
             out.append(f"| {a['config']} | {len(a['seeds'])} | {_pm(a, 'test_acc', '.2f', 100)} | "
                        f"{_pm(a, 'decoder_mse', '.4f')} | {ratio} | {_pm(a, 'decoder_ssim', '.3f')} | "
@@ -267,6 +298,8 @@ def markdown(aggs: list[dict]) -> str:
 PLOTS = {  # study -> (x key, y key, file, x label, y label, title, lowest y shown)
     "cem": ("decoder_mse", "test_acc", "cem_tradeoff.png", "decoder MSE (higher = more private)",
             "test accuracy", "cem vs cem-slot: accuracy vs decoder MSE (int8, mean over seeds)", 0.0),
+    "cem-ft": ("decoder_mse", "test_acc", "cem_finetune.png", "decoder MSE (higher = more private)",
+               "test accuracy", "CEM fine-tune vs its noise-only control (int8, mean over seeds)", 0.0),
     "vib": ("bright_in_class_adv", "designated_acc", "vib_tradeoff.png",
             "within-class brightness leak: best probe's advantage over chance", "designated accuracy",
             "vib-mask: designated accuracy vs attribute leak (int8; runs under 50% accuracy not shown)", 0.5),
@@ -388,7 +421,11 @@ def main(argv: list[str] | None = None) -> int:
             root = args.runs_dir / run_dirname(name, seed)
             say = lambda msg, tag=f"[{i}/{len(jobs)} {study}:{name} seed {seed}]": print(  # noqa: E731
                 f"{tag} {msg}", file=sys.stderr, flush=True)
-            ensure_trained(root, run_config(name, args.size, seed), threads=args.threads, say=say)
+            if name in FINETUNES:  # its base run first (the same seed), then the fine-tune --from it
+                base = FINETUNES[name]["from"]
+                ensure_trained(args.runs_dir / run_dirname(base, seed), run_config(base, args.size, seed),
+                               threads=args.threads, say=say)
+            ensure_trained(root, run_config(name, args.size, seed, args.runs_dir), threads=args.threads, say=say)
             manifest = ensure_exported(root, [ARTIFACT], verify_images=size["verify_images"], say=say)
             results = _attack_all(root, STUDIES[study], size, args.threads, say)
             rows.append(build_row(study, name, seed, root, manifest, results))

@@ -57,6 +57,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
                          "params": {"noise": {"sigma": 0.1}, "nopeek": {"alpha": 1.0}, "cem": {}}},
     "dropout": {"stack": "dropout", "params": {"dropout": {"p": 0.2}}},
     "arl": {"stack": "arl", "params": {"arl": {"alpha": 1.0, "tau": 0.5}}},
+    "patrol": {"stack": "patrol", "params": {"patrol": {"alpha": 1.0, "tau": 0.5, "ratio": 0.05, "prune_epoch": 1}}},
 }
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -174,6 +175,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated, from {', '.join(CONFIGS)} (default: none,noise for quick, all for full)")
     p.add_argument("--artifacts", default="encoder.int8.tflite",
                    help="comma-separated encoder artifacts to attack (default encoder.int8.tflite)")
+    p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated, from {', '.join(ATTACKS)} (default: both)")
+    p.add_argument("--preset", action="append", default=[], metavar="ATTACK=PRESET",
+                   help="an attack's preset instead of the size's (e.g. --preset decoder=fast: the demo's lighter "
+                        "decoder); the settings and each result record it")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "privacy_utility")
     p.add_argument("--runs-dir", type=Path, default=Path("runs") / "privacy_utility")
@@ -188,6 +193,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--artifacts: expected encoder artifacts such as encoder.int8.tflite,encoder.int8.onnx, got {bad or '(none)'}")
     if args.threads < 0:
         p.error("--threads must be >= 0 (0 = torch's default)")
+    args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    if not args.attacks or any(a not in ATTACKS for a in args.attacks):
+        p.error(f"--attacks: choose from {', '.join(ATTACKS)}, got {args.attacks or '(none)'}")
+    presets = {}
+    for item in args.preset:
+        attack, _, preset = item.partition("=")
+        if attack not in ATTACKS or not preset:
+            p.error(f"--preset {item!r}: give ATTACK=PRESET with ATTACK one of {', '.join(ATTACKS)}, e.g. decoder=fast")
+        presets[attack] = preset
+    args.preset = presets
     return args
 
 
@@ -218,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             records = RunPaths(root).read_metrics()
             holder: dict = {}
             for art in args.artifacts:
-                results = ensure_attacks(root, art, ATTACKS, preset=size["preset"], threads=args.threads or None,
-                                         say=say, run_holder=holder)
+                results = {}
+                for attack in args.attacks:
+                    results.update(ensure_attacks(root, art, [attack], preset=args.preset.get(attack, size["preset"]),
+                                                  threads=args.threads or None, say=say, run_holder=holder))
                 row = build_row(name, CONFIGS[name], art, records, manifest, results)
                 rows.append(row)
                 say(f"row: acc {row['test_acc']} ({row['test_acc_source']}), decoder mse {row['decoder_mse']}")
@@ -232,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine_info(), "load_average_end": load_average(),
               "settings": {"size": args.size, "configs": args.configs, "artifacts": args.artifacts,
                            "data": size["data"], "train": size["train"], "attack_preset": size["preset"] or "default",
-                           "attacks": list(ATTACKS), "verify_images": size["verify_images"],
+                           "attack_presets": {a: args.preset.get(a, size["preset"] or "default") for a in args.attacks},
+                           "attacks": args.attacks, "verify_images": size["verify_images"],
                            "threads": args.threads or torch.get_num_threads(), "runs_dir": str(args.runs_dir),
                            "defenses": {n: CONFIGS[n] for n in args.configs},
                            "wall_s": round(time.perf_counter() - t_start, 1)},

@@ -445,7 +445,7 @@ def serve(
     target_noise: Optional[str] = typer.Option(None, "--target-noise", help="--zoo defense: noise on the requested "
                                                "targets, DIST:ACC[,LAT] with DIST gaussian or uniform, e.g. gaussian:0.02"),
     zoo_seed: Optional[int] = typer.Option(None, "--zoo-seed", help="seed of the target noise"),
-    latency_resolution_ms: float = typer.Option(0.1, "--latency-resolution-ms", help="--zoo: latency profiles are "
+    latency_resolution_ms: float = typer.Option(0.25, "--latency-resolution-ms", help="--zoo: latency profiles are "
                                                 "rounded up to this (heads of one architecture then cost the same)"),
 ):
     """Serve the cloud head of an exported run: POST /v1/infer takes int8 features, answers labels;

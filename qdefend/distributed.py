@@ -148,11 +148,11 @@ class Dist:
             optimizer.register_step_pre_hook(average_grads)
         return optimizer
 
-    def sync_buffers(self, module: nn.Module) -> None:
+    def sync_buffers(self, module: nn.Module | None) -> None:
         """Quantization ranges and BatchNorm statistics as one process would hold them (module doc):
         observers' min_val by MIN, max_val by MAX, BN running mean/var averaged, fake-quant scale
         and zero point recomputed from the synchronised observers. Three collectives."""
-        if not self.enabled:
+        if not self.enabled or module is None:
             return
         groups: dict[str, list[torch.Tensor]] = {"min": [], "max": [], "avg": []}
         for name, b in module.named_buffers():
@@ -341,7 +341,7 @@ class LaunchConfig:
     nnodes: int = 1
     node_rank: int = 0
     rdzv_endpoint: str | None = None  # HOST:PORT of node 0, reachable by every node (several machines)
-    threads: int = 0  # torch threads per process (0: this machine's cores / nproc)
+    threads: int = 0  # torch threads per process (0: this machine's cores / nproc); train.num_threads checks it
 
     def __post_init__(self):
         from .checks import check_number
@@ -350,7 +350,6 @@ class LaunchConfig:
         check_number(self.nnodes, "--nnodes", lo=1, integer=True, fix="--nnodes 2")
         check_number(self.node_rank, "--node-rank", lo=0, hi=self.nnodes - 1, integer=True,
                      fix="--node-rank 0 on the first machine, 1 on the next, ...")
-        check_number(self.threads, "--threads", lo=0, integer=True, fix="--threads 1")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise QdefendError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's address, the same on every node)")
         if self.rdzv_endpoint:

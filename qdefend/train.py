@@ -243,6 +243,10 @@ class Trainer:
         dist.barrier()  # every rank has checked the run directory before rank 0 writes to it
         init = None if resume else self._init_weights()
         run = build_run(cfg, float_init=init.get("float") if init else None)
+        why = run.defense.needs_trained_network
+        if why and not cfg.init_from:
+            raise QdefendError(f"{why}: add --from runs/BASE (a trained run of the same model), or choose another "
+                               "schedule (--set defense.params.cem.schedule=lr)")
         run.paths = paths
         self._data = run.data
         if init and "same" in init:
@@ -297,6 +301,14 @@ class Trainer:
             self._say(f"warning: defense '{cfg.defense.stack}' acts from epoch {first} but the run trains "
                       f"{cfg.train.epochs}: it has no effect; raise --epochs to at least {first}")
         first = min(first, cfg.train.epochs)
+        if start_epoch == 0:  # before the first step (again after a kill in epoch 1: epoch-0 holds no hook state)
+            net.eval()
+            stats = run.defense.on_train_start(EpochContext(
+                epoch=-1, encoder=net.encoder, head=net.head, data=run.data, epochs=cfg.train.epochs,
+                features=lambda split: features(net.encoder, split, run, device=device)))
+            dist.broadcast_state(run.defense.module())
+            if stats and dist.main:
+                self._log({"event": "train_start", **{f"hook_{k}": v for k, v in stats.items()}})
         last: dict[str, Any] = {}
         for epoch in range(start_epoch, cfg.train.epochs):
             last = self._epoch(run, opt, epoch, step, steps_per_epoch, device)
@@ -388,6 +400,7 @@ class Trainer:
             opt.step()
             dist.sync_buffers(net)  # quantization ranges and BN statistics as one process would hold them
             dist.broadcast_new(defense.module())  # a defense module built at this step starts from rank 0's
+            dist.sync_buffers(defense.module())  # e.g. the BatchNorm statistics of ARL's attacker
             if trainable and not all_finite(trainable):
                 self._diverged("a weight became non-finite in the optimiser step", epoch, i)
             n = len(yb)

@@ -181,6 +181,14 @@ def test_lambda_follows_the_learning_rate_from_epoch_two():
     assert CEM(CEMConfig(lam=0.0, sigma=0.1)).lambda_at(9, None) == 0.0
 
 
+def test_finetune_schedule_is_full_lambda_from_the_first_step():
+    ft = CEM(CEMConfig(lam=16.0, sigma=0.1, schedule="finetune", start_epoch=4))
+    assert [ft.lambda_at(e, 1e-2) for e in range(3)] == [16.0, 16.0, 16.0]  # no lr coupling, no start epoch
+    assert ft.first_defended_epoch == 1 and ft.needs_trained_network
+    assert CEM(CEMConfig(lam=16.0, sigma=0.1)).needs_trained_network is None
+    assert CEM(CEMConfig(lam=0.0, sigma=0.1, schedule="finetune")).needs_trained_network is None
+
+
 # ------------------------------------------------------------------------------ optimisation order
 
 def _order_step(stack, enc, head, x, y, epoch=1):
@@ -310,6 +318,29 @@ def test_noise_cem_training_shrinks_cluster_variance(tmp_path):
     cem = run.defense.defenses[1]
     assert cem.stats.fitted and cem.describe()["var_mean"] == pytest.approx(on[-1]["hook_cem/var_mean"])
     assert run.defense.release_spec() == {"steps": [{"type": "gaussian_noise", "sigma": 0.05}]}
+
+
+def test_finetune_starts_from_a_trained_run_with_its_statistics(tmp_path):
+    """The CEM code's pretrain route: --from a trained run, statistics fitted before the first step,
+    CEM active in epoch 1; without --from it is refused before anything is written."""
+    from qdefend.config import RunConfig
+    from qdefend.train import Trainer
+
+    Trainer(_tiny_cfg(0.0, epochs=1), tmp_path / "base").fit()
+    d = _tiny_cfg(2.0, epochs=1).to_dict()
+    d["defense"]["params"]["cem"]["schedule"] = "finetune"
+    with pytest.raises(QdefendError, match="--from runs/BASE"):
+        Trainer(RunConfig.from_dict(d), tmp_path / "refused").fit()
+    assert not (tmp_path / "refused").exists()
+    d["init_from"] = str(tmp_path / "base")
+    d["train"]["lr"] = 0.001
+    Trainer(RunConfig.from_dict(d), tmp_path / "ft").fit()
+    from qdefend.run import RunPaths
+
+    recs = RunPaths(tmp_path / "ft").read_metrics()
+    assert recs[0]["event"] == "train_start" and recs[0]["hook_cem/clusters"] > 0
+    epoch1 = [r for r in recs if r["event"] == "epoch"][0]
+    assert epoch1["train_cem/loss"] > 0  # active from the first step
 
 
 @pytest.mark.slow

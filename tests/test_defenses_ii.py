@@ -58,6 +58,37 @@ def test_plan_runs_every_seed_then_ablations_at_the_first(d2):
         d2.parse_args(["--configs", "noise+cme"])
 
 
+def test_cem_finetune_study_starts_from_the_noise_run_of_the_same_seed(d2, tmp_path):
+    from qdefend.config import RunConfig
+
+    st = d2.STUDIES["cem-ft"]
+    assert st["reference"] == "noise-ft" and set(st["configs"]) | set(st["ablations"]) <= set(d2.FINETUNES)
+    for name in st["configs"] + st["ablations"]:
+        cfg = RunConfig.from_dict(d2.run_config(name, "medium", 1, tmp_path))
+        assert cfg.init_from == str(tmp_path / "noise-s1") and cfg.train.lr == d2.FT_TRAIN["lr"]
+        if name != "noise-ft":  # the control: the same fine-tune without CEM
+            assert cfg.defense.params["cem"]["schedule"] == "finetune"
+    assert RunConfig.from_dict(d2.run_config("noise", "medium", 1, tmp_path)).init_from is None
+    rows = [{"study": "cem-ft", "config": c, "seed": 0, "defense": {}, "test_acc": 0.85, "decoder_mse": m,
+             "decoder_ssim": 0.6, "step_s": 0.3} for c, m in (("noise-ft", 0.010), ("noise+cem-ft", 0.013))]
+    md = d2.markdown(d2.aggregate(rows))
+    assert "x noise-ft" in md and "| noise+cem-ft | 1 | 85.00 | 0.0130 | 1.30x |" in md
+
+
+@pytest.mark.slow
+def test_quick_cem_finetune_trains_its_base_first(tmp_path):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    cmd = [sys.executable, str(SCRIPT), "--study", "cem-ft", "--size", "quick", "--configs", "noise+cem-ft",
+           "--threads", "2", "--out", str(out), "--runs-dir", str(runs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (runs / "noise-s0" / "checkpoints" / "best.json").exists()
+    recs = [json.loads(x) for x in (runs / "noise_cem-ft-s0" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["event"] == "train_start" and recs[1]["train_cem/loss"] > 0  # CEM from the first step
+    row = json.loads((out / "defenses_ii.json").read_text())["rows"][0]
+    assert row["config"] == "noise+cem-ft" and row["decoder_mse"] > 0
+
+
 REPURPOSE = {"metrics": {
     "designated_acc": 0.85, "best_unintended_acc": 0.9, "suppression_ratio": 0.85 / 0.9, "suppression_ratio_adv": 1.2,
     "acc_designated_linear": 0.8, "acc_designated_mlp": 0.9, "chance_bright_in_class": 0.5,

@@ -308,3 +308,22 @@ def test_kill_9_of_a_worker_stops_the_run_and_resume_finishes_it(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     resumes = [r for r in _records(out) if r["event"] == "resume"]
     assert resumes[-1]["changed"]["train.nproc"] == [2, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stack", ["noise+arl", "noise+cem-slot", "vib-mask", "patrol"])
+def test_every_defense_keeps_the_ranks_identical(tmp_path, stack):
+    """Epoch hooks (cem-slot's slots, the vib-mask mask, patrol's pruning), a defense's own optimizer
+    and its BatchNorm statistics (ARL's attacker): no drift between the two processes."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(TINY.format(images=512, epochs=2).replace('stack = "noise+cem"', f'stack = "{stack}"')
+                   .replace("[defense.params.noise]\nsigma = 0.1\n", "[defense.params.noise]\nsigma = 0.1\n"
+                            if stack.startswith("noise") else ""))
+    out = tmp_path / "r"
+    p = subprocess.run(QDEFEND + ["train", "--config", str(cfg), "--out", str(out), "--quiet", "--nproc", "2"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recs = _records(out)
+    for r in recs[:-1]:
+        assert r["rank_spread"] == {"weights": 0.0, "buffers": 0.0, "defense": 0.0}, (r["epoch"], r["rank_spread"])
+    assert len(set(recs[-1]["rank_state_sha256"])) == 1

@@ -32,7 +32,7 @@ def test_config_table_builds_valid_runs_and_defenses(pu):
     from qdefend.defenses import build_defense
 
     assert set(pu.CONFIGS) == {"none", "noise-0.05", "noise", "noise+cem", "nopeek", "noise+nopeek+cem",
-                               "dropout", "arl"}
+                               "dropout", "arl", "patrol"}
     for size in pu.SIZES:
         for name in pu.CONFIGS:
             cfg = RunConfig.from_dict(pu.run_config(name, size))

@@ -36,14 +36,15 @@ TOKEN = "s3cret-token-for-tests-0123456789"
 CLASSES = [f"class{i}" for i in range(10)]
 
 
-def toy_served_run(root: Path) -> Path:
-    """The toy run of test_bundle plus a float ONNX head and a verified manifest."""
+def toy_served_run(root: Path, seed: int = 1, test_acc: float | None = None) -> Path:
+    """The toy run of test_bundle plus a float ONNX head (weights from `seed`) and a verified
+    manifest (recording `test_acc` for the head when given: a model-zoo member)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     toy_run(root)
     d = int(np.prod(FEAT))
-    w = np.random.default_rng(1).normal(0, 0.3, (d, 10)).astype(np.float32)
+    w = np.random.default_rng(seed).normal(0, 0.3, (d, 10)).astype(np.float32)
     nodes = [helper.make_node("Flatten", ["z"], ["f"]), helper.make_node("Gemm", ["f", "w", "b"], ["logits"])]
     graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", *FEAT])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
@@ -57,6 +58,8 @@ def toy_served_run(root: Path) -> Path:
         output={"name": "logits", "shape": [None, 10], "dtype": "float32", "quant": None})
     m["dataset"]["class_names"] = CLASSES
     m["verification"] = {"status": "verified"}
+    if test_acc is not None:
+        m["verification"]["artifacts"] = {"head.float.onnx": {"test_acc": test_acc}}
     write_manifest(root, m)
     return root
 

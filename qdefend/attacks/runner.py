@@ -44,7 +44,7 @@ def budget_param(attack_cls: type[Attack]) -> str | None:
 def resolve_spec(attack: Attack, spec: str) -> tuple[str, list[str]]:
     """The target spec the attack really needs: an attack that reads answers (probabilities,
     labels) aimed at an encoder goes to ``service:ENCODER``."""
-    if attack.requires & {"probabilities", "labels"} and not spec.startswith("service:"):
+    if attack.requires & {"probabilities", "labels"} and not spec.startswith(("service:", "zoo:")):
         return f"service:{spec}", [f"{attack.name} reads the service's answers: attacked service:{spec} "
                                    "(that encoder + the exported cloud head)"]
     return spec, []

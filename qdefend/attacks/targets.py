@@ -11,13 +11,15 @@ runs against every kind:
 * ``onnxruntime`` / ``litert``  an exported artifact run by :mod:`qdefend.edge.runtime`:
   features only, exactly the bytes a device sends (``Runtime.encode(...).dequantize()``).
 * ``service``      encoder + cloud head: probabilities (and labels), or labels only.
+* ``zoo``          a model zoo served by ``qdefend serve --zoo``, over HTTP on loopback
+  (:mod:`qdefend.attacks.zoo`): probabilities for the performance targets the attacker sends.
 
 Released features are ``release(encoder(x))`` put on the manifest's int8 wire grid and read back
 (dequantised): what the cloud, or anyone on the wire, sees. ``release_torch`` applies the known
 release transform (noise, dropout, pruning) in torch so a noise-aware attacker can simulate it.
 
 Build targets with :func:`open_target` (``"torch-float"``, ``"torch-int8"``, an artifact file name
-such as ``"encoder.int8.tflite"``, or ``"service:encoder.int8.onnx"``).
+such as ``"encoder.int8.tflite"``, ``"service:encoder.int8.onnx"`` or ``"zoo:http://127.0.0.1:PORT"``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ __all__ = [
     "target_specs",
 ]
 
-TARGET_KINDS = ("torch-float", "torch-int8", "onnxruntime", "litert", "service")
+TARGET_KINDS = ("torch-float", "torch-int8", "onnxruntime", "litert", "service", "zoo")
 TWIN_NOTE = "attacked through the fake-quant twin (the int8 graph has no useful gradient)"
 
 
@@ -413,6 +415,13 @@ def open_target(run_dir, spec: str, *, run: Any = None, output: str = "probabili
     run_dir = Path(run_dir)
     paths = RunPaths(run_dir)
     post = None
+    if spec.startswith("zoo:"):
+        if service_output:
+            raise AttackError("--service-output applies to a service: "
+                              "a zoo's defense is its own (qdefend serve --zoo --target-noise)")
+        from .zoo import open_zoo_target
+
+        return open_zoo_target(run_dir, spec, threads=threads)
     if service_output:
         from qdefend.defenses.output import parse_output_defense
 

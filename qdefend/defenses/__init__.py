@@ -3,7 +3,7 @@
 Release transforms (train and inference, applied on the device): ``noise`` (Gaussian), ``laplace``,
 ``ldp`` (Laplace/Gaussian calibrated to a local-DP epsilon), ``dropout``, ``topk``, ``shredder``
 (learned additive noise). Training losses: ``nopeek`` (distance correlation), ``arl`` (SSIM hinge
-against a simulated decoder attacker), ``cem`` (conditional entropy maximisation, wraps a noise),
+against a simulated decoder attacker), ``patrol`` (ARL plus Taylor channel pruning of the encoder), ``cem`` (conditional entropy maximisation, wraps a noise),
 ``cem-slot`` (CEM with learned Slot Attention components instead of k-means).
 Extraction, inside QAT: ``divqat`` (service-side output defenses: :mod:`.output`).
 Both: ``vib-mask`` (variational bottleneck: KL loss, learned-variance sampling and a dynamic mask).
@@ -24,6 +24,7 @@ from .divqat import DivQAT
 from .dropout import FeatureDropout
 from .noise import GaussianNoise, LaplaceNoise, LocalDPNoise
 from .nopeek import NoPeek, distance_correlation
+from .patrol import Patrol
 from .shredder import Shredder
 from .topk import TopkPrune
 from .vib import VIBMask
@@ -38,6 +39,7 @@ DEFENSES.register()(TopkPrune)
 DEFENSES.register()(NoPeek)
 DEFENSES.register()(ARL)
 DEFENSES.register()(Shredder)
+DEFENSES.register(help="PATROL as the CEM code runs it: ARL plus Taylor channel pruning of the encoder late in training")(Patrol)
 DEFENSES.register(help="CEM: per-class cluster variances of z pushed under the noise floor (needs noise)")(CEM)
 DEFENSES.register(help="DivQAT: KL push of the fake-quant outputs away from the float twin (needs --qat int8)")(DivQAT)
 DEFENSES.register(help="CEM with learned Slot Attention components instead of k-means (needs noise)")(CEMSlot)

@@ -24,7 +24,7 @@ CVPR 2025 (arXiv 2503.00383) for the baseline settings.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,8 @@ class _Attacker(ShapeBuilt):
 
 @dataclass
 class ARLConfig:
+    SECTION: ClassVar[str] = "arl"  # where its keys live: defense.params.SECTION (patrol extends it)
+
     alpha: float = 1.0  # weight of the SSIM hinge in the encoder's loss
     tau: float = 0.5  # SSIM the attacker may reach before the encoder pays (ResSFL: 0.5)
     steps: int = 2  # attacker Adam steps per batch
@@ -134,7 +136,7 @@ class ARLConfig:
     width: int = 16  # decoder width (InverseNet)
 
     def __post_init__(self):
-        p = "defense.params.arl"
+        p = f"defense.params.{self.SECTION}"
         check_number(self.alpha, f"{p}.alpha", lo=0, example=1.0)
         check_number(self.tau, f"{p}.tau", lo=0, hi=1, hi_open=True, example=0.5)
         check_number(self.steps, f"{p}.steps", lo=1, integer=True, example=2)

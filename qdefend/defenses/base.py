@@ -8,7 +8,8 @@ A defense contributes up to four things:
 * ``loss_terms(ctx)``: extra terms added to the task loss (NoPeek, ARL, ...).
 * ``encoder_loss_terms(ctx)``: terms whose gradient is taken first, w.r.t. the encoder alone, kept,
   and added to the encoder's gradients after the task backward (the CEM optimisation order).
-* ``on_epoch_end(ctx)``: epoch hooks (cluster statistics, masks, ...).
+* ``on_train_start(ctx)`` / ``on_epoch_end(ctx)``: hooks before the first step of a new run and
+  after each epoch (cluster statistics, masks, ...).
 * ``first_defended_epoch``: the first (1-based) epoch whose checkpoint the defense has shaped; the
   trainer picks its best checkpoint from that epoch on, so a run never ships (nor is attacked as)
   the undefended network of a defense that starts late (CEM from epoch 2, ARL after its warm-up).
@@ -71,6 +72,11 @@ class Defense:
     def first_defended_epoch(self) -> int:
         return 1
 
+    @property
+    def needs_trained_network(self) -> str | None:
+        """Why this defense must start from a trained run (``--from``), or None."""
+        return None
+
     def release(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return z
 
@@ -81,6 +87,11 @@ class Defense:
         return {}
 
     def encoder_loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {}
+
+    def on_train_start(self, ctx: EpochContext) -> dict[str, float]:
+        """Before the first step of a new run (``ctx.epoch`` is -1): e.g. CEM's statistics of the
+        trained network a fine-tune starts from."""
         return {}
 
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
@@ -150,6 +161,10 @@ class DefenseStack(Defense):
     def first_defended_epoch(self) -> int:
         return max([d.first_defended_epoch for d in self.defenses], default=1)
 
+    @property
+    def needs_trained_network(self) -> str | None:
+        return next((why for d in self.defenses if (why := d.needs_trained_network)), None)
+
     def release(self, z, generator=None):
         for d in self.defenses:
             z = d.release(z, generator)
@@ -171,6 +186,9 @@ class DefenseStack(Defense):
 
     def encoder_loss_terms(self, ctx):
         return self._merge("encoder_loss_terms", ctx)
+
+    def on_train_start(self, ctx):
+        return self._merge("on_train_start", ctx)
 
     def on_epoch_end(self, ctx):
         return self._merge("on_epoch_end", ctx)

@@ -34,7 +34,7 @@ from ..errors import QdefendError
 from .base import Defense, EpochContext, StepContext
 
 SURROGATES = ("kmeans", "gmm")
-SCHEDULES = ("lr", "constant")
+SCHEDULES = ("lr", "constant", "finetune")
 
 
 def _fail(msg: str, fix: str) -> None:
@@ -51,7 +51,10 @@ class CEMConfig:
     log_offset: float = 0.01  # g in log(v + g)
     rho_scale: float = 10.0  # rho = min(rho_max, rho_scale * n_batch_ck / (w_ck * N_c))
     rho_max: float = 0.99
-    schedule: str = "lr"  # lr: lambda * lr_ref / lr while lr >= lr_floor (the code) | constant
+    # lr: lambda * lr_ref / lr while lr >= lr_floor (the code's long schedule) | constant | finetune: the
+    # code's pretrain route, a trained run (--from) fine-tuned at full lambda from the first step, the
+    # statistics fitted on it before training
+    schedule: str = "lr"
     lr_ref: float = 0.001
     lr_floor: float = 4.1e-4
     start_epoch: int = 2  # 1-based; statistics exist from the end of epoch 1
@@ -181,7 +184,18 @@ class CEM(Defense):
     @property
     def first_defended_epoch(self) -> int:
         """The term acts from ``start_epoch``."""
-        return self.config.start_epoch if self.config.lam > 0 else 1
+        return self.acts_from if self.config.lam > 0 else 1
+
+    @property
+    def needs_trained_network(self) -> str | None:
+        if self.config.schedule == "finetune" and self.config.lam > 0:
+            return f"{self.name} schedule 'finetune' fine-tunes a trained run at full lambda from the first step"
+        return None
+
+    @property
+    def acts_from(self) -> int:
+        """The first (1-based) epoch with the term: 1 for a fine-tune, else ``start_epoch``."""
+        return 1 if self.config.schedule == "finetune" else self.config.start_epoch
 
     # -- the noise floor ---------------------------------------------------------------------
     def bind_stack(self, defenses: list[Defense]) -> None:
@@ -221,11 +235,11 @@ class CEM(Defense):
             _fail("schedule 'lr' needs the learning rate, which this trainer does not pass",
                   "use --set defense.params.cem.schedule=constant")
         e1 = epoch + 1
-        if e1 < c.start_epoch:
+        if e1 < self.acts_from:
             return 0.0
         lam = c.lam
         if c.ramp_epochs:
-            lam *= min(1.0, (e1 - c.start_epoch + 1) / c.ramp_epochs)
+            lam *= min(1.0, (e1 - self.acts_from + 1) / c.ramp_epochs)
         if c.schedule == "lr" and lr >= c.lr_floor:
             lam *= c.lr_ref / lr
         return lam
@@ -328,8 +342,14 @@ class CEM(Defense):
         h = self.hinge(ctx.z, ctx.y)
         return {} if h is None else {"loss": lam * h}
 
+    def on_train_start(self, ctx: EpochContext) -> dict[str, float]:
+        """``schedule = finetune``: the statistics of the trained encoder, before the first step."""
+        if self.config.schedule != "finetune" or self.config.lam == 0:
+            return {}
+        return self.on_epoch_end(ctx)
+
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
-        if ctx.epoch + 2 < self.config.start_epoch:  # not needed before the epoch the term starts
+        if ctx.epoch + 2 < self.acts_from:  # not needed before the epoch the term starts
             return {}
         train = ctx.data.train
         n = self.config.max_samples

@@ -260,8 +260,9 @@ class CEMSlot(OwnOptimizer, Defense):
 
     @property
     def first_defended_epoch(self) -> int:
-        """The term acts from ``start_epoch`` (the slot module trains before, the encoder does not pay)."""
-        return self.config.start_epoch if self.config.lam > 0 else 1
+        """The term acts from ``start_epoch``, or the first epoch of a fine-tune (the slot module trains
+        before, the encoder does not pay)."""
+        return self.cem.first_defended_epoch
 
     # -- what cem provides, told as cem-slot ---------------------------------------------------
     def bind_stack(self, defenses: list[Defense]) -> None:

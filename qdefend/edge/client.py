@@ -30,7 +30,12 @@ __all__ = ["Client", "ClientError", "read_token"]
 
 
 class ClientError(ArtifactError):
-    """The server refused a request or could not be reached; the message says what to do."""
+    """The server refused a request or could not be reached; the message says what to do.
+    ``status``: the HTTP status of a refusal (None when there was no answer)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def read_token(path: str | None) -> str | None:
@@ -56,8 +61,9 @@ class Client:
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
         self._manifest: dict | None = None
 
-    def _request(self, path: str, body: bytes | None = None, ctype: str | None = None) -> dict[str, Any]:
-        headers = {"Accept": "application/json"}
+    def _request(self, path: str, body: bytes | None = None, ctype: str | None = None,
+                 extra: dict[str, str] | None = None) -> dict[str, Any]:
+        headers = {"Accept": "application/json", **(extra or {})}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         if ctype:
@@ -71,7 +77,7 @@ class Client:
                 reason = json.loads(e.read()).get("error") or e.reason
             except (ValueError, AttributeError, OSError):
                 reason = e.reason
-            raise ClientError(f"{self.url}{path}: HTTP {e.code}: {reason}") from None
+            raise ClientError(f"{self.url}{path}: HTTP {e.code}: {reason}", e.code) from None
         except urllib.error.URLError as e:
             raise ClientError(f"cannot reach {self.url} ({e.reason}): is `qdefend serve` running there, and the "
                               "URL right?") from None
@@ -94,14 +100,21 @@ class Client:
             raise ClientError(f"the server at {self.url} serves run {self.manifest().get('run')!r}, which did not "
                               f"export {name} (sha256 {sha256[:12]}): bundle the run the server serves")
 
-    def infer(self, features, encoder_sha256: str, batch: int | None = None) -> dict[str, Any]:
+    def infer(self, features, encoder_sha256: str, batch: int | None = None, accuracy: float | None = None,
+              latency_ms: float | None = None) -> dict[str, Any]:
         """Post `features` (runtime.Features) in requests of at most `batch` samples (default: the
-        server's max_batch); the answers concatenated."""
-        limit = batch or self.manifest().get("limits", {}).get("max_batch", 256)
+        server's max_batch); the answers concatenated. `accuracy` / `latency_ms`: a model zoo's
+        targets (headers X-Qdefend-Accuracy, X-Qdefend-Latency-Ms; README: Model-zoo serving)."""
+        limit = batch or (self.manifest().get("limits") or {}).get("max_batch", 256)
+        targets = {}
+        if accuracy is not None:
+            targets["X-Qdefend-Accuracy"] = repr(float(accuracy))
+        if latency_ms is not None:
+            targets["X-Qdefend-Latency-Ms"] = repr(float(latency_ms))
         out: dict[str, list] = {"labels": [], "classes": [], "probabilities": []}
         for i in range(0, len(features.q), limit):
             body = wire.pack(features.q[i:i + limit], features.scale, features.zero_point, encoder_sha256)
-            res = self._request("/v1/infer", body, wire.BINARY_TYPE)
+            res = self._request("/v1/infer", body, wire.BINARY_TYPE, targets)
             for k in out:
                 out[k] += res[k]
         return out

@@ -7,10 +7,12 @@ Endpoints (``Authorization: Bearer TOKEN`` on every ``/v1`` route unless ``--ins
     GET  /v1/encoder/{artifact}  an encoder file of the run (the phone-browser page loads it)
     GET  /v1/reference           reference images and their int8 features (release off), to check a client
     GET  /healthz                liveness + what is served (no auth)
-    GET  /metrics                Prometheus text: requests, latency histograms, rejects (no auth)
+    GET  /metrics                Prometheus text: requests, latency histograms, rejects; a zoo's goodput (no auth)
     GET  /                       the phone-browser page (static; its JS and wasm from the npm install)
 
 Every refused request gets a 4xx JSON ``{"error": "<one line>"}``; nothing logs feature bytes.
+With ``--zoo`` (:mod:`.zoo`) ``POST /v1/infer`` also reads the targets headers and the zoo's
+selection policy picks the head; the answer never names it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from qdefend.edge import wire
 from qdefend.errors import QdefendError
 
 from .page import ORT_FILES, PAGE_FILES, WEB_DIR, missing_runtime, web_runtime_dir
-from .service import RequestError, ServeConfig, Service
+from .service import RequestError, ServeConfig, Service, open_service
 
 __all__ = ["create_app", "serve", "app_from_env"]
 
@@ -59,6 +61,20 @@ class _Metrics:
         self.rejects = Counter("qdefend_rejects_total", "refused requests by reason", ["reason"],
                                registry=self.registry)
         self.samples = Counter("qdefend_inferred_samples_total", "feature samples answered", registry=self.registry)
+        self.zoo_outcomes = self.goodput = None
+
+    def add_zoo(self, goodput) -> None:
+        """A zoo's goodput: requests with targets by outcome, and good / all of them (one process)."""
+        from prometheus_client import Counter, Gauge
+
+        self.zoo_outcomes = Counter("qdefend_zoo_requests_total", "zoo requests with targets by outcome "
+                                    "(good, missed_latency, missed_accuracy, refused)", ["outcome"],
+                                    registry=self.registry)
+        for o in goodput.OUTCOMES:
+            self.zoo_outcomes.labels(o)
+        self.goodput = Gauge("qdefend_zoo_goodput_ratio", "share of zoo requests with targets answered within "
+                             "their latency target by a model meeting their accuracy target", registry=self.registry)
+        self.goodput.set_function(lambda: goodput.ratio)
 
     def text(self) -> bytes:
         from prometheus_client import CollectorRegistry, generate_latest
@@ -78,17 +94,22 @@ def _error(status: int, reason: str, headers: dict | None = None) -> JSONRespons
 def create_app(cfg: ServeConfig, service: Service | None = None) -> FastAPI:
     """The ASGI app for `cfg` (`service`: an already opened one, e.g. shared by tests)."""
     token = cfg.read_token()
-    svc = service or Service(cfg.run, head=cfg.head, threads=cfg.threads, max_batch=cfg.max_batch)
+    svc = service or open_service(cfg)
+    zoo = getattr(svc, "policy", None) is not None
     limit = wire.max_body_bytes(svc.feature_shape, svc.max_batch)
     metrics = _Metrics()
+    if zoo:
+        metrics.add_zoo(svc.goodput)
     ort_dir = web_runtime_dir(cfg.web_runtime)
     app = FastAPI(title="qdefend serve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service, app.state.metrics = svc, metrics
     if cfg.allow_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
+        from .zoo import ACCURACY_HEADER, LATENCY_HEADER
+
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allow_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["Authorization", "Content-Type", ACCURACY_HEADER, LATENCY_HEADER])
 
     @app.middleware("http")
     async def _count(request: Request, call_next):
@@ -153,12 +174,41 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> FastAPI:
                                         "a request", "too_large")
         return bytes(body)
 
-    def decode_and_infer(body: bytes, ctype: str) -> dict[str, Any]:
+    def decode_and_infer(body: bytes, ctype: str, targets=None) -> dict[str, Any]:
         try:
             msg = wire.unpack(body) if ctype == wire.BINARY_TYPE else wire.loads_json(body)
         except wire.WireError as e:
             raise RequestError(400, f"malformed features message: {e}", "malformed") from None
-        return svc.infer(msg)
+        return svc.infer(msg) if targets is None else svc.infer(msg, targets)
+
+    def zoo_targets(request: Request):
+        from .zoo import ACCURACY_HEADER, LATENCY_HEADER, parse_targets
+
+        try:
+            return parse_targets(request.headers.get(ACCURACY_HEADER), request.headers.get(LATENCY_HEADER))
+        except ValueError as e:
+            raise RequestError(400, str(e), "targets") from None
+
+    async def zoo_infer(request: Request, ctype: str) -> dict[str, Any]:
+        t_arrival = time.perf_counter()
+        targets = zoo_targets(request)
+        body = await read_body(request)
+        t0 = time.perf_counter()
+        try:
+            res = await run_in_threadpool(decode_and_infer, body, ctype, targets)
+        except RequestError as e:
+            outcome = svc.account(targets, None, 0.0) if e.kind == "zoo_accuracy" else None
+            if outcome is not None:
+                metrics.zoo_outcomes.labels(outcome).inc()
+            raise
+        member = res.pop("_member")
+        now = time.perf_counter()
+        outcome = svc.account(targets, member, (now - t_arrival) * 1e3)
+        if outcome is not None:
+            metrics.zoo_outcomes.labels(outcome).inc()
+        metrics.samples.inc(len(res["labels"]))
+        res["server_ms"] = round((now - t0) * 1e3, 3)
+        return res
 
     @app.post("/v1/infer")
     async def infer(request: Request):
@@ -167,6 +217,8 @@ def create_app(cfg: ServeConfig, service: Service | None = None) -> FastAPI:
         if ctype not in (wire.BINARY_TYPE, wire.JSON_TYPE):
             raise RequestError(415, f"Content-Type {ctype or '(none)'!r} is not a features message: use "
                                     f"{wire.BINARY_TYPE} (binary) or {wire.JSON_TYPE}", "content_type")
+        if zoo:
+            return await zoo_infer(request, ctype)
         body = await read_body(request)
         t0 = time.perf_counter()
         res = await run_in_threadpool(decode_and_infer, body, ctype)
@@ -267,7 +319,13 @@ def serve(cfg: ServeConfig, log_level: str = "info") -> None:
 
     cfg.read_token()
     _check_port(cfg.host, cfg.port)
-    service = Service(cfg.run, head=cfg.head, threads=cfg.threads, max_batch=cfg.max_batch)  # fail fast
+    service = open_service(cfg)  # fail fast
+    if cfg.zoo:  # the operator's view of the zoo, once, on stderr
+        import sys
+
+        for m in service.describe()["members"]:
+            print(f"zoo member {m['name']}: accuracy {m['accuracy']:.4f}, latency profile {m['latency_ms']:g} ms "
+                  f"(measured {m['measured_ms']:.3f})", file=sys.stderr)
     ssl = {"ssl_certfile": cfg.ssl_certfile, "ssl_keyfile": cfg.ssl_keyfile} if cfg.ssl_certfile else {}
     common = dict(host=cfg.host, port=cfg.port, log_level=log_level, timeout_graceful_shutdown=30,
                   server_header=False, **ssl)

@@ -28,7 +28,7 @@ from qdefend.edge import wire
 from qdefend.edge.wire import Message
 from qdefend.errors import QdefendError
 
-__all__ = ["HEADS", "ServeConfig", "RequestError", "Service", "client_manifest"]
+__all__ = ["HEADS", "ServeConfig", "RequestError", "Service", "client_manifest", "open_service"]
 
 HEADS = {"int8": "head.int8.onnx", "float": "head.float.onnx"}
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -59,6 +59,10 @@ class ServeConfig:
     web_runtime: str | None = None  # folder holding onnxruntime-web's dist files (default: the npm install)
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    zoo: list[str] = field(default_factory=list)  # --zoo: member runs RUN[:HEAD] (qdefend.serve.zoo)
+    target_noise: str | None = None  # --target-noise DIST:ACC[,LAT], the zoo's defense
+    zoo_seed: int | None = None  # seed of the target noise
+    latency_resolution_ms: float = 0.25  # zoo latency profiles are rounded up to this
 
     def __post_init__(self):
         check_choice(self.head, "--head", tuple(HEADS))
@@ -76,6 +80,17 @@ class ServeConfig:
                                "`openssl rand -hex 32 > token.txt`), or --insecure-no-auth on 127.0.0.1")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise QdefendError("--ssl-certfile and --ssl-keyfile go together: pass both (or neither)")
+        if self.zoo and self.workers != 1:
+            raise QdefendError(f"--zoo serves from one process (its goodput and target noise are per process), "
+                               f"not --workers {self.workers}: drop --workers")
+        if not self.zoo and self.target_noise:
+            raise QdefendError("--target-noise perturbs a zoo's targets: add --zoo and the member runs")
+        if self.zoo:
+            from .zoo import TargetNoise
+
+            TargetNoise.parse(self.target_noise)
+            check_number(self.latency_resolution_ms, "--latency-resolution-ms", lo=0, lo_open=True,
+                         fix="--latency-resolution-ms 0.25")
 
     def read_token(self) -> str | None:
         """The bearer token, or None without auth; a missing, empty or multi-line file is refused."""
@@ -92,6 +107,17 @@ class ServeConfig:
             raise QdefendError(f"--token-file {path} must hold one token of >= 16 characters without spaces, "
                                "e.g. `openssl rand -hex 32 > token.txt`")
         return token
+
+
+def open_service(cfg: ServeConfig):
+    """The :class:`Service` of ``cfg.run``, or with ``cfg.zoo`` a :class:`qdefend.serve.zoo.ZooService`."""
+    if not cfg.zoo:
+        return Service(cfg.run, head=cfg.head, threads=cfg.threads, max_batch=cfg.max_batch)
+    from .zoo import TargetNoise, ZooService
+
+    return ZooService(list(cfg.zoo), head=cfg.head, threads=cfg.threads, max_batch=cfg.max_batch,
+                      noise=TargetNoise.parse(cfg.target_noise), seed=cfg.zoo_seed,
+                      latency_resolution_ms=cfg.latency_resolution_ms)
 
 
 def client_manifest(manifest: dict, head: str | None = None, max_batch: int | None = None) -> dict[str, Any]:

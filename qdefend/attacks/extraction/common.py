@@ -426,7 +426,9 @@ class ExtractionAttack(Attack):
         t0 = time.perf_counter()
         n_eval = min(cfg.eval_limit or len(data.test), len(data.test))
         x_test, y_test = data.test.floats(slice(0, n_eval)), data.test.labels[:n_eval]
-        victim = np.concatenate([np.asarray(target.predict_labels(x_test[i:i + cfg.query_batch]))
+        # fidelity is to the model the attacker is after: the target's answers, or for a zoo its true model
+        labels_of = getattr(target, "reference_labels", None) or target.predict_labels
+        victim = np.concatenate([np.asarray(labels_of(x_test[i:i + cfg.query_batch]))
                                  for i in range(0, n_eval, cfg.query_batch)])
         timings["victim_eval_s"] = round(time.perf_counter() - t0, 3)
 

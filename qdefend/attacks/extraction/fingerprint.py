@@ -1,0 +1,283 @@
+"""Fingerprint-then-extract: learn which requested targets pin which hidden model of a served zoo,
+pin the most accurate one, then steal it with KnockoffNets.
+
+A model zoo (``qdefend serve --zoo``) answers each request with the head its selection policy picks
+for the request's accuracy / latency targets, and never says which. A naive KnockoffNets attacker
+(``mode=naive``: each request carries targets drawn at random from the target box, as a population
+of users would send) trains its clone on answers from a *mix* of models. The fingerprinting attacker
+first maps the target space to models, with few queries:
+
+1. **Probes.** ``probes`` pool images, encoded once with the public encoder: the same int8 bytes go
+   out every time, so a deterministic head answers them identically, and two heads almost never do.
+   An answer's *signature* is its probability matrix; answers within ``signature_tol`` (max abs
+   difference) are the same model, a refusal (422) is its own outcome.
+2. **Accuracy search** at the loosest latency: a coarse scan of ``accuracy_steps`` targets over
+   ``accuracy_range``, then bisection between neighbours with different signatures down to
+   ``accuracy_tol``, which finds every band of accuracy targets one model answers.
+3. **Victim and pin.** The victim is the model of the highest accuracy band that is answered (the
+   zoo's most accurate model). Three candidate accuracies in its band (the middle, three quarters
+   up, and just under its upper end) are each asked ``pin_repeats`` times; the pin is the one the
+   victim answered most often (ties: the middle, the farthest point from both boundaries). Without
+   target noise all three always tie; with it, the attacker measures where the map is steadiest.
+   ``pin=center`` skips that measurement and pins the middle (an attacker that does not probe
+   the noise).
+4. **Latency search** at the pinned accuracy: ``latency_steps`` targets over ``latency_range_ms``
+   (log-spaced); the pinned latency is the geometric middle of the victim's run of latencies.
+5. **Extraction**: KnockoffNets (this module subclasses it: same pool, policies, clone and
+   training) with every query carrying the pinned targets.
+
+``repeats`` > 1 asks each target that many times and keeps the majority signature (against target
+noise). The fingerprinting queries are counted apart from the extraction budget and capped by
+``max_fingerprint_queries``. With the operator's ground truth on the target (in-process scoring),
+the result also reports the identification accuracy: the share of 201 accuracy targets over the
+range (at the loosest latency) for which the attacker's band map names the model the zoo's
+noise-free policy selects, and whether the pinned model is the zoo's most accurate.
+
+Paper: Sanyal et al., "Pareto-Secure Machine Learning (PSML): Fingerprinting and Securing Inference
+Serving Systems", arXiv 2307.01292. KnockoffNets: Orekondy et al., CVPR 2019.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from ..base import ATTACKS, AttackError, check_choice, check_positive
+from .common import QUICK
+from .knockoff import KnockoffAttack, KnockoffConfig
+
+__all__ = ["FingerprintConfig", "FingerprintAttack", "Fingerprinter", "REFUSED"]
+
+REFUSED = -1  # the outcome of a refused request
+
+
+@dataclass
+class FingerprintConfig(KnockoffConfig):
+    """KnockoffNets settings plus the fingerprinting search (see the module docstring)."""
+
+    attack_name: ClassVar[str] = "fingerprint"
+    mode: str = "fingerprint"  # fingerprint | naive
+    probes: int = 10
+    accuracy_range: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    latency_range_ms: list[float] = field(default_factory=lambda: [0.05, 1000.0])
+    accuracy_steps: int = 11
+    latency_steps: int = 8
+    accuracy_tol: float = 0.002
+    repeats: int = 1
+    signature_tol: float = 1e-4
+    pin: str = "steady"  # steady | center
+    pin_repeats: int = 3
+    max_fingerprint_queries: int = 3000
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice(self, "mode", ("fingerprint", "naive"))
+        check_choice(self, "pin", ("steady", "center"))
+        for name in ("probes", "repeats", "pin_repeats", "max_fingerprint_queries"):
+            check_positive(self, name, integer=True)
+        for name in ("accuracy_steps", "latency_steps"):
+            check_positive(self, name, integer=True)
+            if getattr(self, name) < 2:
+                raise AttackError(f"fingerprint.{name} must be >= 2, got {getattr(self, name)}: e.g. --set {name}=8")
+        check_positive(self, "accuracy_tol")
+        check_positive(self, "signature_tol")
+        a, lat = self.accuracy_range, self.latency_range_ms
+        if len(a) != 2 or not 0 <= a[0] < a[1] <= 1:
+            raise AttackError(f"fingerprint.accuracy_range must be [lo, hi] with 0 <= lo < hi <= 1, got {a}: "
+                              "e.g. --set accuracy_range=[0.5,1.0]")
+        if len(lat) != 2 or not 0 < lat[0] < lat[1]:
+            raise AttackError(f"fingerprint.latency_range_ms must be [lo, hi] with 0 < lo < hi, got {lat}: "
+                              "e.g. --set latency_range_ms=[0.05,1000]")
+
+
+class Fingerprinter:
+    """The map from targets to (anonymous) models, learned by asking ``ask(targets)`` for the
+    probes' answers (None when refused). Each ask costs ``probes`` queries."""
+
+    def __init__(self, ask: Callable[[tuple[float, float]], np.ndarray | None], probes: int, *, tol: float,
+                 repeats: int = 1, limit: int = 3000):
+        self.ask, self.probes, self.tol, self.repeats, self.limit = ask, probes, tol, repeats, limit
+        self.signatures: list[np.ndarray] = []
+        self.queries = 0
+        self.log: list[tuple[float, float, int]] = []  # (accuracy, latency_ms, outcome) of every target asked
+
+    def _classify(self, p: np.ndarray | None) -> int:
+        if p is None:
+            return REFUSED
+        for k, s in enumerate(self.signatures):
+            if np.abs(s - p).max() <= self.tol:
+                return k
+        self.signatures.append(p)
+        return len(self.signatures) - 1
+
+    def outcome(self, accuracy: float, latency_ms: float) -> int:
+        """The model (cluster id) or REFUSED for these targets (majority over ``repeats`` asks)."""
+        votes = []
+        for _ in range(self.repeats):
+            if self.queries + self.probes > self.limit:
+                raise AttackError(f"fingerprinting needs more than max_fingerprint_queries={self.limit} queries: "
+                                  "raise it, or coarsen the search (--set accuracy_tol=0.005)")
+            self.queries += self.probes
+            votes.append(self._classify(self.ask((accuracy, latency_ms))))
+        k = Counter(votes).most_common(1)[0][0]
+        self.log.append((accuracy, latency_ms, k))
+        return k
+
+    def accuracy_bands(self, lo: float, hi: float, steps: int, latency_ms: float,
+                       tol: float) -> list[tuple[float, float, int]]:
+        """[(from, to, outcome)] over [lo, hi]: coarse scan, then bisection of every change."""
+        points = [(float(a), self.outcome(float(a), latency_ms)) for a in np.linspace(lo, hi, steps)]
+
+        def refine(a0, c0, a1, c1):
+            if c0 == c1 or a1 - a0 <= tol:
+                return
+            m = (a0 + a1) / 2
+            cm = self.outcome(m, latency_ms)
+            points.append((m, cm))
+            refine(a0, c0, m, cm)
+            refine(m, cm, a1, c1)
+
+        for (a0, c0), (a1, c1) in zip(list(points), list(points[1:])):
+            refine(a0, c0, a1, c1)
+        return _runs(sorted(points), lo, hi)
+
+    def latency_runs(self, accuracy: float, lo: float, hi: float, steps: int) -> list[tuple[float, float, int]]:
+        """[(from, to, outcome)] over log-spaced latency targets at ``accuracy``."""
+        points = [(math.log(v), self.outcome(accuracy, float(v))) for v in np.geomspace(lo, hi, steps)]
+        return [(math.exp(a), math.exp(b), c) for a, b, c in _runs(points, math.log(lo), math.log(hi))]
+
+
+def _runs(points: list[tuple[float, int]], lo: float, hi: float) -> list[tuple[float, float, int]]:
+    """Sorted (x, outcome) points -> runs of one outcome; a boundary is the midpoint of its neighbours."""
+    runs: list[list] = []
+    for i, (x, c) in enumerate(points):
+        if runs and runs[-1][2] == c:
+            continue
+        start = lo if i == 0 else (points[i - 1][0] + x) / 2
+        if runs:
+            runs[-1][1] = start
+        runs.append([start, hi, c])
+    return [tuple(r) for r in runs]
+
+
+def _band_of(bands: list[tuple[float, float, int]], a: float) -> int:
+    for lo, hi, c in bands:
+        if lo <= a <= hi:
+            return c
+    return bands[-1][2] if a > bands[-1][1] else bands[0][2]
+
+
+def fingerprint(target: Any, probes01: np.ndarray, cfg: FingerprintConfig) -> dict[str, Any]:
+    """Map the zoo's target space with the probe images; returns the pinned targets and the map."""
+    from qdefend.attacks.zoo import Refused
+
+    feats = target.encode(probes01)
+
+    def ask(targets):
+        try:
+            return target.ask(feats, targets)
+        except Refused:
+            return None
+
+    fp = Fingerprinter(ask, len(probes01), tol=cfg.signature_tol, repeats=cfg.repeats,
+                       limit=cfg.max_fingerprint_queries)
+    (a_lo, a_hi), (l_lo, l_hi) = cfg.accuracy_range, cfg.latency_range_ms
+    bands = fp.accuracy_bands(a_lo, a_hi, cfg.accuracy_steps, l_hi, cfg.accuracy_tol)
+    served = [b for b in bands if b[2] != REFUSED]
+    if not served:
+        raise AttackError(f"the zoo refused every accuracy target in {cfg.accuracy_range}: lower "
+                          "--set accuracy_range=[lo,hi]")
+    lo, hi, victim = served[-1]
+    candidates = [(lo + hi) / 2, lo + 0.75 * (hi - lo), max(hi - cfg.accuracy_tol, (lo + hi) / 2)]
+    steady = []
+    if cfg.pin == "steady":
+        for a in candidates:
+            fp.repeats, kept = 1, fp.repeats
+            steady.append(sum(fp.outcome(a, l_hi) == victim for _ in range(cfg.pin_repeats)))
+            fp.repeats = kept
+    pin_acc = candidates[int(np.argmax(steady))] if steady else candidates[0]
+    runs = fp.latency_runs(pin_acc, l_lo, l_hi, cfg.latency_steps)
+    mine = [r for r in runs if r[2] == victim]
+    run = mine[-1] if mine else (l_lo, l_hi, victim)
+    pin_lat = math.sqrt(run[0] * run[1])
+    out = {"pinned": {"accuracy": pin_acc, "latency_ms": pin_lat}, "victim_cluster": victim,
+           "pin_candidates": [{"accuracy": a, "victim_answers": k, "of": cfg.pin_repeats}
+                              for a, k in zip(candidates, steady)],
+           "clusters": len(fp.signatures), "refusals_seen": any(c == REFUSED for *_, c in fp.log),
+           "accuracy_bands": [{"from": a, "to": b, "cluster": c} for a, b, c in bands],
+           "latency_runs": [{"from": a, "to": b, "cluster": c} for a, b, c in runs],
+           "targets_asked": len(fp.log), "queries": fp.queries}
+    if getattr(target, "truth", None) is not None:
+        out.update(_score(target, feats, fp, bands, victim, l_hi, cfg))
+    return out
+
+
+def _score(target, feats, fp: Fingerprinter, bands, victim: int, loose: float, cfg) -> dict[str, Any]:
+    """Identification figures against the operator's truth (the zoo's noise-free policy)."""
+    truth = target.truth
+    answers = [truth.probabilities(m, feats.q, feats.scale, feats.zero_point, target.sha256)
+               for m in range(len(truth.names))]
+    member = {REFUSED: None}
+    for k, s in enumerate(fp.signatures):
+        match = [m for m, p in enumerate(answers) if np.abs(p - s).max() <= cfg.signature_tol]
+        member[k] = match[0] if match else "unknown"
+    grid = np.linspace(*cfg.accuracy_range, 201)
+    hits = [member[_band_of(bands, float(a))] == truth.selected(float(a), loose) for a in grid]
+    return {"identification_acc": float(np.mean(hits)), "victim_member": member[victim],
+            "victim_identified": member[victim] == truth.most_accurate,
+            "cluster_members": {str(k): (None if v is None else v if v == "unknown" else truth.names[v])
+                                for k, v in member.items() if k != REFUSED}}
+
+
+class FingerprintAttack(KnockoffAttack):
+    """PSML: fingerprint a served model zoo's target -> model map, pin its best model, KnockoffNets it."""
+
+    name = "fingerprint"
+    requires = frozenset({"probabilities"})
+    config_cls = FingerprintConfig
+    alternative = "knockoff (a single service)"
+    presets = {"quick": {**QUICK, "probes": 8, "accuracy_steps": 6, "latency_steps": 4}}
+
+    def check(self, target):
+        super().check(target)
+        if target.kind != "zoo":
+            raise AttackError(f"attack 'fingerprint' needs a served model zoo; target '{target.name}' is a "
+                              f"{target.kind}: pass --artifact zoo:http://127.0.0.1:PORT, or use --attack knockoff")
+
+    def collect(self, oracle, pool, ctx):
+        cfg, target = self.config, oracle.target
+        if cfg.mode == "naive":
+            (a_lo, a_hi), (l_lo, l_hi) = cfg.accuracy_range, cfg.latency_range_ms
+            rng = np.random.default_rng(ctx.seed + 7)
+            target.sampler = lambda: (float(rng.uniform(a_lo, a_hi)), float(math.exp(rng.uniform(math.log(l_lo),
+                                                                                                  math.log(l_hi)))))
+            info = super().collect(oracle, pool, ctx)
+            return {**info, "mode": "naive", "notes": [
+                "naive: each request carried targets drawn uniformly from the target box (log-uniform latency), "
+                "so answers came from whichever models those targets select"]}
+        n = min(cfg.probes, len(pool))
+        fp = fingerprint(target, pool.x[:n], cfg)
+        target.targets = (fp["pinned"]["accuracy"], fp["pinned"]["latency_ms"])
+        ctx.say(f"fingerprint: {fp['clusters']} models seen in {fp['queries']} queries; pinned accuracy "
+                f"{target.targets[0]:.4f}, latency {target.targets[1]:.3g} ms")
+        info = super().collect(oracle, pool, ctx)
+        return {**info, "mode": "fingerprint", "fingerprint": fp}
+
+    def _run(self, target, data, seed, say):
+        res = super()._run(target, data, seed, say)
+        fp = res.extra.get("fingerprint")
+        res.metrics["fingerprint_queries"] = float(fp["queries"]) if fp else 0.0
+        if fp and "identification_acc" in fp:
+            res.metrics["identification_acc"] = fp["identification_acc"]
+            res.metrics["victim_identified"] = float(fp["victim_identified"])
+        if getattr(target, "truth", None) is not None:
+            res.extra["fidelity_to"] = target.truth.names[target.truth.most_accurate]
+        return res
+
+
+ATTACKS.register(help="PSML: fingerprint a served model zoo (zoo:URL), pin its best model, KnockoffNets it")(
+    FingerprintAttack)

@@ -1,0 +1,354 @@
+"""Tests for model-zoo serving and its fingerprinting attack (PSML): the selection policy, target
+noise, goodput accounting, the zoo behind a real uvicorn on 127.0.0.1, the fingerprinting search
+with a query bound, the defense's effect on selection, and the CLI's errors.
+
+The zoo is three members built on the toy run of test_serve (one hand-built int8 ONNX encoder,
+byte-identical in every member, and a float Flatten -> Gemm head per member with its own seed and
+a declared test accuracy), so everything here takes seconds. Requests go through urllib with
+timeouts (qdefend.edge.client).
+"""
+
+import math
+import subprocess
+import sys
+import urllib.request
+
+import numpy as np
+import pytest
+
+from qdefend.attacks.base import AttackError
+from qdefend.errors import QdefendError
+from qdefend.serve.service import ServeConfig
+from qdefend.serve.zoo import (Goodput, Profile, SelectionPolicy, TargetNoise, Targets, ZooEvaluator, ZooService,
+                               parse_targets)
+from test_serve import TOKEN, LiveServer, toy_served_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ACCS = (0.70, 0.80, 0.90)  # the toy members' declared accuracies
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    return [f"{toy_served_run(root / f'm{i}', seed=10 + i, test_acc=a)}:float" for i, a in enumerate(ACCS)]
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("tok") / "token.txt"
+    p.write_text(TOKEN + "\n")
+    return p
+
+
+def _zoo_server(members, token_file, noise=None, seed=0):
+    from qdefend.serve.app import create_app
+
+    cfg = ServeConfig(run=members[0].rsplit(":", 1)[0], zoo=list(members), head="float", token_file=str(token_file),
+                      max_batch=64, target_noise=noise, zoo_seed=seed)
+    app = create_app(cfg)
+    return LiveServer(app), app.state.service
+
+
+@pytest.fixture(scope="module")
+def zoo(members, token_file):
+    server, svc = _zoo_server(members, token_file)
+    yield server, svc
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def probes():
+    return np.random.default_rng(3).random((6, 1, 28, 28), dtype=np.float32)
+
+
+def _target(server, svc, members, truth=True):
+    from qdefend.attacks.zoo import open_zoo_target
+
+    return open_zoo_target(members[0].rsplit(":", 1)[0], f"zoo:{server.url}", token=TOKEN, timeout=10,
+                           max_requests=5000, deadline_s=60, truth=ZooEvaluator(svc) if truth else None)
+
+
+# ------------------------------------------------------------------------------ policy, noise, goodput
+
+
+def _profiles():
+    return [Profile("a", 0.70, 0.1, 0.05), Profile("b", 0.80, 0.1, 0.06), Profile("c", 0.90, 0.3, 0.25)]
+
+
+def test_policy_picks_the_cheapest_model_meeting_both_targets():
+    p = SelectionPolicy(_profiles())
+    assert [p.profiles[i].name for i in p.order] == ["a", "b", "c"]  # latency, then accuracy
+    assert p.select(Targets()) == 0  # no targets: the cheapest
+    assert p.select(Targets(0.75, math.inf, True)) == 1
+    assert p.select(Targets(0.80, 5.0, True)) == 1  # an exact accuracy meets its target
+    assert p.select(Targets(0.85, 1.0, True)) == 2
+    assert p.select(Targets(0.85, 0.2, True)) == 2  # latency cannot be met: the fastest meeting accuracy
+    assert p.select(Targets(0.75, 0.01, True)) == 1
+    assert p.select(Targets(0.95, math.inf, True)) is None  # nobody meets the accuracy: refused
+    assert p.meets(1, Targets(0.8, 1, True)) and not p.meets(0, Targets(0.8, 1, True))
+
+
+def test_targets_headers_are_parsed_and_checked():
+    assert parse_targets(None, None) == Targets()
+    assert parse_targets("0.8", None) == Targets(0.8, math.inf, True)
+    assert parse_targets(None, "2.5") == Targets(0.0, 2.5, True)
+    for acc, lat, words in (("1.2", None, "fraction in"), ("x", None, "fraction in"), (None, "0", "milliseconds"),
+                            (None, "nan", "milliseconds")):
+        with pytest.raises(ValueError, match=words):
+            parse_targets(acc, lat)
+
+
+def test_target_noise_parses_and_blurs_the_selection_in_proportion():
+    assert TargetNoise.parse(None) is None
+    n = TargetNoise.parse("uniform:0.05,0.2")
+    assert (n.dist, n.accuracy, n.latency) == ("uniform", 0.05, 0.2) and n.spec() == "uniform:0.05,0.2"
+    for bad in ("laplace:0.1", "gaussian", "gaussian:x", "gaussian:-1", "gaussian:0.1,0.1,0.1"):
+        with pytest.raises(QdefendError, match="--target-noise"):
+            TargetNoise.parse(bad)
+    t = Targets(0.85, math.inf, True)  # the middle of c's band (0.80, 0.90]
+    clean = SelectionPolicy(_profiles(), None)
+    assert {clean.select(t) for _ in range(50)} == {2}
+    share = []
+    for scale in (0.02, 0.05, 0.2):
+        p = SelectionPolicy(_profiles(), TargetNoise("gaussian", scale), seed=0)
+        picks = np.array([p.select(t) for _ in range(4000)])
+        share.append((picks != 2).mean())
+    # P(a noisy target falls below 0.80) = Phi(-0.05 / scale); above 0.90 falls back to the clean target
+    assert share[0] == pytest.approx(0.0062, abs=0.005)
+    assert share[1] == pytest.approx(0.1587, abs=0.02)
+    assert share[2] == pytest.approx(0.4013, abs=0.03)
+    same = [SelectionPolicy(_profiles(), TargetNoise("uniform", 0.1), seed=5) for _ in range(2)]
+    assert [same[0].select(t) for _ in range(30)] == [same[1].select(t) for _ in range(30)]
+
+
+def test_goodput_accounting_counts_each_outcome():
+    g = Goodput()
+    t = Targets(0.8, 2.0, True)
+    assert g.ratio == 1.0
+    for met, ms, want in ((True, 1.0, "good"), (True, 3.0, "missed_latency"), (False, 1.0, "missed_accuracy"),
+                          (None, 0.0, "refused"), (True, 2.0, "good")):
+        o = g.outcome(t, met, ms)
+        assert o == want
+        g.record(o)
+    snap = g.snapshot()
+    assert snap["requests"] == 5 and snap["good"] == 2 and snap["goodput"] == pytest.approx(0.4) and g.ratio == 0.4
+
+
+# ------------------------------------------------------------------------------ the zoo on 127.0.0.1
+
+
+def _post(url, body, headers):
+    from test_serve import http
+
+    from qdefend.edge import wire
+
+    return http(url, "/v1/infer", body, wire.BINARY_TYPE, headers=headers)
+
+
+def _body(svc, n=2, seed=0):
+    from qdefend.edge import wire
+
+    q = np.random.default_rng(seed).integers(-128, 128, (n, *svc.feature_shape), dtype=np.int8)
+    sha = next(iter(svc.accepted))
+    return q, wire.pack(q, svc.wire["scale"], svc.wire["zero_point"], sha), sha
+
+
+def test_zoo_profiles_members_and_answers_with_the_selected_one(zoo):
+    server, svc = zoo
+    d = svc.describe()
+    assert [m["accuracy"] for m in d["members"]] == list(ACCS)
+    assert all(m["latency_ms"] >= m["measured_ms"] > 0 for m in d["members"])
+    assert all(abs(m["latency_ms"] / 0.25 - round(m["latency_ms"] / 0.25)) < 1e-6 for m in d["members"])
+    ev = ZooEvaluator(svc)
+    assert ev.most_accurate == 2
+    q, body, sha = _body(svc)
+    want = [ev.probabilities(i, q, svc.wire["scale"], svc.wire["zero_point"], sha) for i in range(3)]
+    assert not np.allclose(want[0], want[1]) and not np.allclose(want[1], want[2])
+    for acc, member in ((0.5, 0), (0.75, 1), (0.8, 1), (0.85, 2), (0.9, 2)):
+        status, res = _post(server.url, body, {"X-Qdefend-Accuracy": str(acc), "X-Qdefend-Latency-Ms": "1000"})
+        assert status == 200 and "head" not in res and "_member" not in res
+        assert np.array_equal(np.asarray(res["probabilities"], np.float32), want[member]), acc
+    status, res = _post(server.url, body, {})  # no targets: the cheapest member
+    assert status == 200 and np.array_equal(np.asarray(res["probabilities"], np.float32), want[0])
+    status, res = _post(server.url, body, {"X-Qdefend-Accuracy": "0.95"})
+    assert status == 422 and "no model of this zoo meets X-Qdefend-Accuracy 0.95" in res["error"]
+    status, res = _post(server.url, body, {"X-Qdefend-Latency-Ms": "-3"})
+    assert status == 400 and "X-Qdefend-Latency-Ms" in res["error"]
+    from test_serve import http
+
+    status, h = http(server.url, "/healthz")
+    assert status == 200 and h["head"] == "zoo"
+    status, m = http(server.url, "/v1/manifest")
+    assert m["head"] is None and m["zoo"]["targets"]["accuracy"] == "X-Qdefend-Accuracy"
+
+
+def test_goodput_is_exported_on_metrics(members, token_file):
+    server, svc = _zoo_server(members, token_file)
+    try:
+        _, body, _ = _body(svc)
+        for acc, lat in ((0.7, 1000), (0.85, 1000), (0.85, 1e-6), (0.99, 1000), (0.2, 1000)):
+            _post(server.url, body, {"X-Qdefend-Accuracy": str(acc), "X-Qdefend-Latency-Ms": str(lat)})
+        _post(server.url, body, {})  # no targets: not counted
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    finally:
+        server.stop()
+    assert svc.goodput.snapshot() == {"good": 3, "missed_latency": 1, "missed_accuracy": 0, "refused": 1,
+                                      "requests": 5, "goodput": pytest.approx(0.6)}
+    assert 'qdefend_zoo_requests_total{outcome="good"} 3.0' in text
+    assert 'qdefend_zoo_requests_total{outcome="refused"} 1.0' in text
+    assert "qdefend_zoo_goodput_ratio 0.6" in text
+
+
+def test_zoo_refuses_members_that_read_other_features(members, tmp_path):
+    other = toy_served_run(tmp_path / "other", seed=4, test_acc=0.8)
+    m = __import__("json").loads((other / "manifest.json").read_text())
+    m["features"]["wire"]["scale"] = 1 / 128
+    from qdefend.edge.manifest import write_manifest
+
+    write_manifest(other, m)
+    with pytest.raises(QdefendError, match="must share one encoder"):
+        ZooService([members[0], f"{other}:float"], head="float", profile_repeats=2)
+    with pytest.raises(QdefendError, match="given twice"):
+        ZooService([members[0], members[0]], head="float")
+    bare = toy_served_run(tmp_path / "bare", seed=4)  # no test accuracy in its manifest
+    with pytest.raises(QdefendError, match="no test accuracy"):
+        ZooService([f"{bare}:float"], head="float", profile_repeats=2)
+
+
+# ------------------------------------------------------------------------------ fingerprinting
+
+
+def test_fingerprinting_maps_the_zoo_within_a_query_bound(zoo, members, probes):
+    from qdefend.attacks.extraction.fingerprint import FingerprintConfig, fingerprint
+
+    server, svc = zoo
+    target = _target(server, svc, members)
+    cfg = FingerprintConfig(probes=6, accuracy_steps=6, latency_steps=4, accuracy_tol=0.005,
+                            max_fingerprint_queries=600)
+    fp = fingerprint(target, probes, cfg)
+    assert fp["clusters"] == 3 and fp["refusals_seen"] and fp["victim_identified"]
+    assert fp["identification_acc"] >= 0.97 and fp["queries"] <= 600 and fp["queries"] == 6 * fp["targets_asked"]
+    assert target.samples == fp["queries"]
+    assert 0.80 < fp["pinned"]["accuracy"] <= 0.90  # inside the best model's band
+    cands = fp["pin_candidates"]  # without noise every candidate always gets the victim: the middle wins
+    assert len(cands) == 3 and all(c["victim_answers"] == c["of"] == 3 for c in cands)
+    assert fp["pinned"]["accuracy"] == cands[0]["accuracy"] < cands[1]["accuracy"] < cands[2]["accuracy"]
+    bands = [(b["from"], b["to"]) for b in fp["accuracy_bands"]]
+    assert [round(b[1], 2) for b in bands[:-1]] == [0.70, 0.80, 0.90]  # the boundaries, to accuracy_tol
+    with pytest.raises(AttackError, match="max_fingerprint_queries=60"):
+        fingerprint(target, probes, FingerprintConfig(probes=6, max_fingerprint_queries=60))
+
+
+def test_the_noise_defense_mixes_the_models_behind_pinned_targets(members, token_file, probes):
+    from qdefend.attacks.extraction.fingerprint import FingerprintConfig, fingerprint
+
+    cfg = FingerprintConfig(probes=6, accuracy_steps=6, latency_steps=4, accuracy_tol=0.005)
+    seen, goodput = {}, {}
+    for noise in (None, "gaussian:0.05"):
+        server, svc = _zoo_server(members, token_file, noise=noise, seed=1)
+        try:
+            target = _target(server, svc, members)
+            pinned = fingerprint(target, probes, cfg)["pinned"] if noise is None else pinned
+            feats = target.encode(probes)
+            sigs = {target.ask(feats, (pinned["accuracy"], pinned["latency_ms"])).tobytes() for _ in range(40)}
+            seen[noise] = len(sigs)
+            for a in np.linspace(0.55, 0.9, 36):  # users' targets
+                target.ask(feats, (float(a), 1000.0))
+            goodput[noise] = svc.goodput.snapshot()["goodput"]
+        finally:
+            server.stop()
+    assert seen[None] == 1 and seen["gaussian:0.05"] >= 2
+    assert goodput[None] > goodput["gaussian:0.05"] > 0.5
+
+
+@pytest.mark.slow
+def test_fingerprint_then_extract_beats_naive_on_the_toy_zoo(zoo, members):
+    from qdefend.attacks import build_attack
+    from qdefend.data import DataConfig, load_dataset
+
+    server, svc = zoo
+    data = load_dataset(DataConfig(limit_train=600, limit_test=400, val_size=200, aux_size=600))
+    quick = dict(budgets=[500], probes=6, accuracy_steps=6, latency_steps=4, accuracy_tol=0.005, epochs=4,
+                 min_steps=60, eval_limit=400)
+    res = {mode: build_attack("fingerprint", mode=mode, **quick).run(_target(server, svc, members), data, seed=0)
+           for mode in ("fingerprint", "naive")}
+    fp, naive = res["fingerprint"], res["naive"]
+    assert fp.metrics["victim_identified"] == 1.0 and fp.metrics["fingerprint_queries"] > 0
+    assert naive.metrics["fingerprint_queries"] == 0 and fp.extra["fidelity_to"].endswith("m2:float")
+    assert fp.metrics["fidelity"] > naive.metrics["fidelity"] + 0.05
+
+
+def test_fingerprint_refuses_a_target_that_is_not_a_zoo():
+    from qdefend.attacks import build_attack
+
+    class Service:
+        name, kind, offers = "service:x", "service", frozenset({"probabilities", "labels"})
+
+    with pytest.raises(AttackError, match="needs a served model zoo.*zoo:http://127.0.0.1:PORT"):
+        build_attack("fingerprint").check(Service())
+    with pytest.raises(AttackError, match="mode must be one of"):
+        build_attack("fingerprint", mode="clever")
+    with pytest.raises(AttackError, match="accuracy_range"):
+        build_attack("fingerprint", accuracy_range=[0.9, 0.5])
+
+
+def test_zoo_target_talks_to_loopback_only(members):
+    from qdefend.attacks.zoo import open_zoo_target
+
+    with pytest.raises(AttackError, match="loopback servers only"):
+        open_zoo_target(members[0].rsplit(":", 1)[0], "zoo:http://10.1.2.3:8000")
+    with pytest.raises(AttackError, match="write zoo:http://127.0.0.1:PORT"):
+        open_zoo_target(members[0].rsplit(":", 1)[0], "zoo:127.0.0.1:8000")
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+def _qdefend(*args):
+    return subprocess.run([sys.executable, "-m", "qdefend.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("extra, words", [
+    ([], "add --zoo"),
+    (["--zoo", "--workers", "2"], "one process"),
+    (["--zoo", "--target-noise", "laplace:0.1"], "--target-noise"),
+])
+def test_cli_refuses_bad_zoo_settings_on_one_line(members, extra, words):
+    p = _qdefend("serve", *members[:2], "--insecure-no-auth", "--head", "float", *extra)
+    assert p.returncode == 2 and words in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr
+
+
+# ------------------------------------------------------------------------------ the benchmark's table and plot
+
+
+@pytest.fixture(scope="module")
+def psml_bench():
+    from conftest import load_benchmark
+
+    yield from load_benchmark("psml")
+
+
+def test_benchmark_table_and_plot_from_fixed_rows(psml_bench, tmp_path):
+    def row(fid, acc):
+        return {"fidelity": fid, "clone_acc": acc, "victim_identified": 1.0, "identification_acc": 0.99,
+                "fingerprint_queries": 900, "queries": 5000}
+
+    rows = {"single": {**row(0.91, 0.85), "identification_acc": None, "fingerprint_queries": 0},
+            "naive": {**row(0.86, 0.81), "identification_acc": None, "fingerprint_queries": 0},
+            "fingerprint": row(0.91, 0.85), "goodput@0": {"goodput": 0.97},
+            "defense@0.03": {"goodput": {"goodput": 0.75}, "attacks": {"steady": {**row(0.89, 0.84),
+                                                                                 "best_head_share_at_pin": 0.7},
+                                                                      "center": {**row(0.85, 0.83),
+                                                                                 "victim_identified": 0.0}}},
+            "defense@0.01": {"goodput": {"goodput": 0.9}, "attacks": {"steady": row(0.905, 0.85)}}}
+    md = psml_bench.markdown(rows, [{"name": "runs/psml/top:int8", "accuracy": 0.86, "latency_ms": 0.1,
+                                     "measured_ms": 0.05}])
+    assert "| `runs/psml/top:int8` | 86.00% | 0.1 (0.050) | - |" in md
+    assert "| fingerprint then extract | 900 + 5000 | 99.0% | 85.00% | 91.00% |" in md
+    lines = [ln for ln in md.splitlines() if ln.startswith(("| 0.01 ", "| 0.03 "))]
+    assert lines == ["| 0.01 | 90.0% | 90.50% (+0.50) | 85.00% (+0.00) | - | - | - / - |",
+                     "| 0.03 | 75.0% | 89.00% (+2.00) | 84.00% (+1.00) | 85.00% (+6.00) (victim missed) | "
+                     "83.00% (+2.00) (victim missed) | 70% / - |"]
+    assert psml_bench.plot(rows, tmp_path / "p.png").stat().st_size > 10_000
