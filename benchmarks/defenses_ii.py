@@ -107,7 +107,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 # fine-tunes: config -> the config whose run (same seed) it starts from (--from) and its training
 # overrides; the control (noise-ft) and the CEM fine-tunes share them
-FT_TRAIN = {"lr": 1e-3}
+FT_TRAIN = {"lr": 1e-3, "select": "last"}  # the last epoch: by validation accuracy a CEM fine-tune ships its first
 FINETUNES: dict[str, dict[str, Any]] = {
     name: {"from": "noise", "train": FT_TRAIN} for name in
     ("noise-ft", "noise+cem-ft", "noise+cem-ft-lam64", "noise+cem-ft-lam256")}

@@ -48,6 +48,10 @@ class TrainConfig:
     channels_last: bool = True  # NHWC activations in training: ~18% faster convs on CPU (mkldnn)
     freeze: str = "none"  # none | encoder | head | network: parts kept fixed (eval mode, no step); needs --from
     max_loss: float | None = None  # a batch's task loss above this is divergence (unset: 25 x ln(classes))
+    # the checkpoint exported and attacked ("best"): best_val = the best validation accuracy among the
+    # epochs the defense shaped; last = the last epoch (a defense that trades accuracy for privacy as it
+    # trains, e.g. a CEM fine-tune, would otherwise ship its least-defended epoch)
+    select: str = "best_val"
     nproc: int = 1  # processes that trained it (qdefend train --nproc N, recorded); batch_size stays the global batch
 
     def __post_init__(self):
@@ -66,6 +70,7 @@ class TrainConfig:
             check_number(self.max_loss, "train.max_loss (or unset for the automatic rule)", lo=0, lo_open=True,
                          fix="--set train.max_loss=50")
         check_choice(self.optimizer, "train.optimizer", ("sgd", "adam"))
+        check_choice(self.select, "train.select", ("best_val", "last"))
         check_choice(self.schedule, "train.schedule", ("cosine", "step", "none"))
         check_choice(self.device, "train.device", ("cpu", "cuda"))
         check_choice(self.freeze, "train.freeze", FREEZE,

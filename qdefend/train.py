@@ -315,7 +315,7 @@ class Trainer:
             step += steps_per_epoch
             if dist.main:
                 score = last.get("val_acc_int8", last["val_acc"])
-                is_best = epoch + 1 >= first and score > best
+                is_best = epoch + 1 >= first and (score > best or cfg.train.select == "last")
                 if is_best:
                     best = score
                 self._checkpoint(run, opt, epoch + 1, step, best, last, is_best=is_best)

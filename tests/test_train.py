@@ -94,12 +94,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in parts["encoder"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("stack, params, best", [
-    ("noise", {"noise": {"sigma": 0.05}}, "epoch-0001"),
+@pytest.mark.parametrize("stack, params, best, select", [
+    ("noise", {"noise": {"sigma": 0.05}}, "epoch-0001", "best_val"),
     # CEM acts from epoch 2: epoch 1's network (its best val) is the undefended one, never picked
-    ("noise+cem", {"noise": {"sigma": 0.05}, "cem": {"lam": 8.0, "clusters": 2}}, "epoch-0003"),
+    ("noise+cem", {"noise": {"sigma": 0.05}, "cem": {"lam": 8.0, "clusters": 2}}, "epoch-0003", "best_val"),
+    # train.select=last ships the last epoch whatever its validation accuracy
+    ("noise", {"noise": {"sigma": 0.05}}, "epoch-0003", "last"),
 ])
-def test_best_checkpoint_is_picked_among_the_defended_epochs(tmp_path, monkeypatch, stack, params, best):
+def test_best_checkpoint_is_picked_among_the_defended_epochs(tmp_path, monkeypatch, stack, params, best, select):
     vals = iter([0.9, 0.5, 0.6])
     real_epoch = Trainer._epoch
 
@@ -112,6 +114,7 @@ def test_best_checkpoint_is_picked_among_the_defended_epochs(tmp_path, monkeypat
     cfg = tiny_cfg(epochs=3)
     cfg.data.limit_train = 256
     cfg.defense.stack, cfg.defense.params = stack, params
+    cfg.train.select = select
     Trainer(cfg, tmp_path / "r", progress=False).fit()
     assert json.loads((tmp_path / "r" / "checkpoints" / "best.json").read_text())["tag"] == best
     assert _records(tmp_path / "r", "test")[0]["checkpoint"] == best
