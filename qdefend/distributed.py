@@ -107,37 +107,45 @@ class Dist:
         # buffers are synchronised by sync_buffers (min/max, mean), not overwritten by rank 0's
         return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
-    def max_(self, values: Iterable[float]) -> list[float]:
-        """The element-wise maximum over ranks (every rank gets the same answer: one collective)."""
+    def _reduce(self, values: Iterable[float], op) -> list[float]:
         values = [float(v) for v in values]
         if not self.enabled:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self._device())
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(t, op=op)
         return t.tolist()
+
+    def max_(self, values: Iterable[float]) -> list[float]:
+        """The element-wise maximum over ranks (every rank gets the same answer: one collective)."""
+        return self._reduce(values, torch.distributed.ReduceOp.MAX)
 
     def sum_(self, values: Iterable[float]) -> list[float]:
         """The element-wise sum over ranks."""
-        values = [float(v) for v in values]
-        if not self.enabled:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self._device())
-        torch.distributed.all_reduce(t)
-        return t.tolist()
+        return self._reduce(values, torch.distributed.ReduceOp.SUM)
+
+    @staticmethod
+    def _flat(tensors: list[torch.Tensor], collective, dtype: torch.dtype | None = None) -> None:
+        """One collective over ``tensors`` laid end to end (``collective(flat)`` works in place),
+        then each tensor takes its part back."""
+        with torch.no_grad():
+            flat = torch.cat([t.detach().reshape(-1).to(dtype or t.dtype) for t in tensors])
+            collective(flat)
+            i = 0
+            for t in tensors:
+                t.copy_(flat[i:i + t.numel()].view_as(t).to(t.dtype))
+                i += t.numel()
 
     def average_(self, tensors: list[torch.Tensor | None]) -> None:
         """Average tensors over ranks in place (one collective for all; None entries skipped)."""
         ts = [t for t in tensors if t is not None]
         if not self.enabled or not ts:
             return
-        flat = torch.cat([t.reshape(-1).to(torch.float32) for t in ts])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        i = 0
-        for t in ts:
-            n = t.numel()
-            t.copy_(flat[i:i + n].view_as(t).to(t.dtype))
-            i += n
+
+        def mean(flat):
+            torch.distributed.all_reduce(flat)
+            flat /= self.world
+
+        self._flat(ts, mean, torch.float32)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Make ``optimizer`` (a defense's own) average its gradients over ranks before each step."""
@@ -167,14 +175,13 @@ class Dist:
         for kind, bufs in groups.items():
             if not bufs:
                 continue
-            flat = torch.cat([b.reshape(-1) for b in bufs])
-            torch.distributed.all_reduce(flat, op=ops[kind])
-            if kind == "avg":
-                flat /= self.world
-            i = 0
-            for b in bufs:
-                b.copy_(flat[i:i + b.numel()].view_as(b))
-                i += b.numel()
+
+            def reduce(flat, kind=kind):
+                torch.distributed.all_reduce(flat, op=ops[kind])
+                if kind == "avg":
+                    flat /= self.world
+
+            self._flat(bufs, reduce)
         for m in module.modules():
             recompute_qparams(m)
 
@@ -191,14 +198,8 @@ class Dist:
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for t in tensors:
             by_dtype.setdefault(t.dtype, []).append(t)
-        with torch.no_grad():
-            for ts in by_dtype.values():
-                flat = torch.cat([t.detach().reshape(-1) for t in ts])
-                torch.distributed.broadcast(flat, src=0)
-                i = 0
-                for t in ts:
-                    t.copy_(flat[i:i + t.numel()].view_as(t))
-                    i += t.numel()
+        for ts in by_dtype.values():
+            self._flat(ts, lambda flat: torch.distributed.broadcast(flat, src=0))
 
     def broadcast_new(self, module: nn.Module | None, key: str = "defense") -> None:
         """Broadcast ``module`` from rank 0 when any rank's set of tensors changed since the last
@@ -396,10 +397,8 @@ def launch(cfg: LaunchConfig, worker_argv: list[str], *, run_dir: str | None = N
 def _failure_line(e, cfg: LaunchConfig, run_dir: str | None) -> str:
     import signal
 
-    import signal as _signal
-
     # the cause, not the workers the agent then ended with SIGTERM: the earliest other failure first
-    rank, f = min(e.failures.items(), key=lambda kv: (kv[1].exitcode == -_signal.SIGTERM, kv[1].timestamp, kv[0]))
+    rank, f = min(e.failures.items(), key=lambda kv: (kv[1].exitcode == -signal.SIGTERM, kv[1].timestamp, kv[0]))
     code = f.exitcode
     if code is not None and code < 0:
         try:

@@ -320,9 +320,9 @@ class Trainer:
                     best = score
                 self._checkpoint(run, opt, epoch + 1, step, best, last, is_best=is_best)
                 self._log(last)
-            # rank 0's state (bit for bit) on every rank; also the others' wait for its evaluation
+            # rank 0's state (bit for bit) on every rank (the defense's was broadcast after its hook);
+            # also the others' wait for its evaluation
             dist.broadcast_state(net)
-            dist.broadcast_state(run.defense.module())
         # each rank's final state, hashed: rank 0 records them with the test accuracy (all equal, or a bug)
         digests = dist.digests(_state_tensors(run))
         if not dist.main:
