@@ -47,7 +47,7 @@ import numpy as np
 
 from qdefend.attacks.targets import Target
 from qdefend.data import Normalization, Split, SplitData
-from qdefend.edge.release import apply_release, dequantize, quantize
+from qdefend.edge.release import to_wire, wire_dequantize
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "attack_strength"
@@ -119,10 +119,8 @@ class CachedTarget(Target):
 
     def features(self, images01, *, release=True, seed=None):
         z = self.encoder_output(images01)
-        if release:
-            z = apply_release(z, self.release["steps"], np.random.default_rng(seed))
-        return dequantize(quantize(z, self.wire["scale"], self.wire["zero_point"]), self.wire["scale"],
-                          self.wire["zero_point"])
+        rng = np.random.default_rng(seed)
+        return wire_dequantize(to_wire(z, self.release["steps"], self.wire, rng, release=release), self.wire)
 
     def encoder_output(self, images01):
         x = np.asarray(images01)

@@ -196,13 +196,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     if not args.attacks or any(a not in ATTACKS for a in args.attacks):
         p.error(f"--attacks: choose from {', '.join(ATTACKS)}, got {args.attacks or '(none)'}")
-    presets = {}
-    for item in args.preset:
-        attack, _, preset = item.partition("=")
-        if attack not in ATTACKS or not preset:
-            p.error(f"--preset {item!r}: give ATTACK=PRESET with ATTACK one of {', '.join(ATTACKS)}, e.g. decoder=fast")
-        presets[attack] = preset
-    args.preset = presets
+    from qdefend.attacks.base import AttackError
+    from qdefend.attacks.report import parse_presets
+
+    try:
+        args.preset = parse_presets(args.preset)
+    except AttackError as e:
+        p.error(str(e))
+    bad = [a for a in args.preset if a not in ATTACKS]
+    if bad:
+        p.error(f"--preset {bad[0]}=...: ATTACK is one of {', '.join(ATTACKS)}, e.g. decoder=fast")
     return args
 
 

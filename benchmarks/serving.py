@@ -38,7 +38,7 @@ import numpy as np
 from qdefend.data import reference_images
 from qdefend.edge import wire
 from qdefend.edge.manifest import load_manifest
-from qdefend.edge.release import dequantize
+from qdefend.edge.release import wire_dequantize
 from qdefend.edge.runtime import Runtime
 from qdefend.machine import load_average, machine_info
 from qdefend.serve.service import Service
@@ -95,9 +95,10 @@ class Bodies:
         self.bodies, self.labels, self.messages = [], [], []
         for i in range(0, len(f.q) - batch + 1, batch):
             q = f.q[i:i + batch]
-            self.bodies.append(wire.pack(q, f.scale, f.zero_point, sha))
-            self.messages.append(wire.Message(q, f.scale, f.zero_point, sha))
-            self.labels.append(head_rt.run(dequantize(q, f.scale, f.zero_point)).argmax(1).tolist())
+            self.bodies.append(wire.pack(q, f.scale, f.zero_point, sha, bits=f.bits))
+            self.messages.append(wire.Message(q, f.scale, f.zero_point, sha, f.bits))
+            self.labels.append(head_rt.run(wire_dequantize(q, {"scale": f.scale, "zero_point": f.zero_point}))
+                               .argmax(1).tolist())
 
 
 def post(conn: http.client.HTTPConnection, body: bytes, token: str = TOKEN, ctype: str = wire.BINARY_TYPE):

@@ -49,6 +49,9 @@ def _resolve_config(config: Optional[Path], flags: dict, overrides: list[str]):
 def train(
     out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/MODEL-DATASET-DEFENSE-QAT)"),
     qat: Optional[str] = typer.Option(None, "--qat", help="int8 (QAT, default) or none (float)"),
+    wire_bits: Optional[int] = typer.Option(None, "--wire-bits", help="bits per released feature on the wire: 8 (default), or 2..7 (bit-packed, trained with that fake-quant at the cut)"),
+    wire_granularity: Optional[str] = typer.Option(None, "--wire-granularity", help="the wire grid: tensor (one scale, default) or channel (one per channel)"),
+    wire_order: Optional[str] = typer.Option(None, "--wire-order", help="release_then_wire (noise, then the quantiser; default) or wire_then_release"),
     model: Optional[str] = typer.Option(None, "--model", help="split model (qdefend list models); default vgg11_bn"),
     cut: Optional[int] = typer.Option(None, "--cut", help="cut position (model's reference cut by default)"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="dataset (qdefend list datasets); default fashion-mnist"),
@@ -81,7 +84,8 @@ def train(
     if resume:
         if out is None:
             raise QdefendError("--resume needs --out RUN_DIR naming the run to continue")
-        fixed = {"--qat": qat, "--model": model, "--cut": cut, "--dataset": dataset, "--data-dir": data_dir,
+        fixed = {"--qat": qat, "--wire-bits": wire_bits, "--wire-granularity": wire_granularity,
+                 "--wire-order": wire_order, "--model": model, "--cut": cut, "--dataset": dataset, "--data-dir": data_dir,
                  "--defense": defense, "--sigma": sigma, "--seed": seed, "--config": config, "--from": from_run}
         given = [flag for flag, v in fixed.items() if v is not None]
         if given:
@@ -100,7 +104,8 @@ def train(
         _print_test(console, trained.test)
         return
     flags = {
-        "quant.scheme": qat, "model.name": model, "model.cut": cut, "data.name": dataset,
+        "quant.scheme": qat, "quant.wire_bits": wire_bits, "quant.wire_granularity": wire_granularity,
+        "quant.wire_order": wire_order, "model.name": model, "model.cut": cut, "data.name": dataset,
         "data.data_dir": data_dir, "defense.stack": defense, "train.epochs": epochs,
         "train.seed": seed, "train.device": device, "train.num_threads": threads,
         "init_from": None,
@@ -118,7 +123,10 @@ def train(
     if launch is not None:
         _launch_train(out, False, launch, cfg.train.device)
         return
-    _say(console, f"[bold]qdefend train[/bold] -> {out}  ({cfg.model.name} on {cfg.data.name}, qat {cfg.quant.scheme}, defense {cfg.defense.stack})")
+    wire = "" if not cfg.quant.custom_wire else (f", wire {cfg.quant.wire_bits}-bit per {cfg.quant.wire_granularity}"
+                                                 f" {cfg.quant.wire_order}")
+    _say(console, f"[bold]qdefend train[/bold] -> {out}  ({cfg.model.name} on {cfg.data.name}, qat {cfg.quant.scheme}, "
+                  f"defense {cfg.defense.stack}{wire})")
     _print_test(console, api.train(cfg, out, console=console, progress=not quiet).test)
 
 

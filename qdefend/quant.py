@@ -39,11 +39,13 @@ import torch
 from torch import nn
 
 from .checks import check_choice
+from .edge.release import WIRE_BITS, WIRE_GRANULARITIES, WIRE_ORDERS, code_range, grid_params
 from .errors import QdefendError
 
 __all__ = [
     "SCHEMES",
     "QuantConfig",
+    "WireQuantizer",
     "QATGraphModule",
     "make_quantizer",
     "prepare_qat",
@@ -68,13 +70,29 @@ class QuantConfig:
 
     scheme: "int8" trains with fake quantization (QAT) so exported int8 artifacts match training;
     "none" trains in float. quantize_head: also fake-quantize the cloud head (it usually stays float).
+
+    The wire (what the device sends): ``wire_bits`` per released feature (8, or 2..7 bit-packed),
+    one grid per tensor or per channel (``wire_granularity``), and ``wire_order``: release_then_wire
+    quantises the released (noisy) features, wire_then_release quantises the encoder's output, runs
+    the release steps and puts the result back on the same grid. Anything but the default (8 bits,
+    per tensor, release_then_wire) trains with that wire fake-quantized at the cut
+    (:class:`WireQuantizer`), and the export writes the trained grid into the manifest.
     """
 
     scheme: str = "int8"
     quantize_head: bool = False
+    wire_bits: int = 8
+    wire_granularity: str = "tensor"  # tensor | channel
+    wire_order: str = "release_then_wire"  # release_then_wire | wire_then_release
 
     def __post_init__(self) -> None:
         check_choice(self.scheme, "quant.scheme", SCHEMES, fix="--qat int8")
+        if isinstance(self.wire_bits, bool) or self.wire_bits not in WIRE_BITS:
+            raise QdefendError(f"quant.wire_bits must be one of {', '.join(map(str, WIRE_BITS))}, got "
+                               f"{self.wire_bits!r}: e.g. --wire-bits 4")
+        check_choice(self.wire_granularity, "quant.wire_granularity", WIRE_GRANULARITIES,
+                     fix="--wire-granularity channel")
+        check_choice(self.wire_order, "quant.wire_order", WIRE_ORDERS, fix="--wire-order wire_then_release")
         if self.scheme == "none" and self.quantize_head:
             raise QdefendError(
                 "quantize_head=True needs scheme='int8'; use QuantConfig(scheme='int8', "
@@ -84,6 +102,83 @@ class QuantConfig:
     @property
     def enabled(self) -> bool:
         return self.scheme != "none"
+
+    @property
+    def custom_wire(self) -> bool:
+        """Whether the wire differs from the default (and so is trained with a WireQuantizer)."""
+        return (self.wire_bits, self.wire_granularity, self.wire_order) != (8, "tensor", "release_then_wire")
+
+
+# --------------------------------------------------------------------------------------------
+# The wire at the cut
+
+
+class WireQuantizer(nn.Module):
+    """Fake quantization of the released features onto the wire's grid, during training and in
+    every torch evaluation, so the head learns from what a device will send.
+
+    The grid's range is observed like pt2e's activations (moving-average min/max, averaging
+    constant 0.01, the first batch's min/max to start), per tensor or per channel (dim 1), and
+    turned into a `bits`-bit asymmetric grid that holds 0 (:func:`qdefend.edge.release.grid_params`,
+    the same function the manifest's grid comes from). Observation happens in train mode only and
+    only where ``observe`` (wire_then_release quantises twice: the encoder's output, observed, then
+    the released features on the same grid). Gradients pass straight through inside the range
+    (torch's fake_quantize ops). Its buffers are named like an observer's (min_val, max_val) so a
+    distributed run reduces them with MIN/MAX, which is exact for this update rule.
+    """
+
+    AVERAGING = 0.01
+
+    def __init__(self, bits: int, granularity: str, order: str, channels: int):
+        super().__init__()
+        self.bits, self.granularity, self.order = int(bits), granularity, order
+        n = channels if granularity == "channel" else 1
+        self.register_buffer("min_val", torch.full((n,), float("inf")))
+        self.register_buffer("max_val", torch.full((n,), float("-inf")))
+
+    @property
+    def observed(self) -> bool:
+        return bool(torch.isfinite(self.min_val).all() and torch.isfinite(self.max_val).all())
+
+    @torch.no_grad()
+    def _observe(self, z: torch.Tensor) -> None:
+        if self.granularity == "channel":
+            flat = z.detach().transpose(0, 1).reshape(z.shape[1], -1).float()
+            lo, hi = flat.amin(1), flat.amax(1)
+        else:
+            lo, hi = z.detach().float().amin().reshape(1), z.detach().float().amax().reshape(1)
+        fresh = ~torch.isfinite(self.min_val)
+        c = self.AVERAGING
+        self.min_val.copy_(torch.where(fresh, lo, self.min_val + c * (lo - self.min_val)))
+        self.max_val.copy_(torch.where(fresh, hi, self.max_val + c * (hi - self.max_val)))
+
+    def grid(self) -> dict:
+        """The manifest's ``features.wire`` for the observed range."""
+        if not self.observed:
+            raise QdefendError("the wire's range was never observed (no training step ran): train the run "
+                               "for at least one step before exporting it")
+        grids = [grid_params(lo, hi, self.bits) for lo, hi in zip(self.min_val.tolist(), self.max_val.tolist())]
+        out = {"dtype": "int8", "bits": self.bits, "granularity": self.granularity, "order": self.order}
+        if self.granularity == "channel":
+            return {**out, "scale": [g["scale"] for g in grids], "zero_point": [g["zero_point"] for g in grids]}
+        return {**out, "scale": grids[0]["scale"], "zero_point": grids[0]["zero_point"]}
+
+    def forward(self, z: torch.Tensor, observe: bool = True) -> torch.Tensor:
+        if self.training and observe:
+            self._observe(z)
+        if not self.observed:  # an untrained wire (before the first step) passes features through
+            return z
+        g = self.grid()
+        qmin, qmax = code_range(self.bits)
+        if self.granularity == "channel":
+            scale = torch.tensor(g["scale"], dtype=torch.float32, device=z.device)
+            zp = torch.tensor(g["zero_point"], dtype=torch.int32, device=z.device)
+            return torch.fake_quantize_per_channel_affine(z.float(), scale, zp, 1, qmin, qmax).to(z.dtype)
+        return torch.fake_quantize_per_tensor_affine(z.float(), float(g["scale"]), int(g["zero_point"]),
+                                                     qmin, qmax).to(z.dtype)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, granularity={self.granularity}, order={self.order}"
 
 
 # --------------------------------------------------------------------------------------------

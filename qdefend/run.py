@@ -19,6 +19,7 @@ from .checkpoint import has_checkpoint, load_checkpoint
 from .config import RunConfig
 from .data import SplitData, load_dataset
 from .defenses import DefenseStack, build_defense
+from .edge.release import wire_quant_params
 from .errors import QdefendError
 from .models import build_model, feature_shape
 
@@ -73,10 +74,12 @@ class SplitNet(nn.Module):
     """Edge encoder + cloud head; either part may be a QAT-prepared (fake-quant) graph module,
     whose ``train()``/``eval()`` switch BN and observers (see :class:`qdefend.quant.QATGraphModule`)."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, *, q_encoder: bool, q_head: bool):
+    def __init__(self, encoder: nn.Module, head: nn.Module, *, q_encoder: bool, q_head: bool,
+                 wire: quant.WireQuantizer | None = None):
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self.wire = wire  # the trained wire grid at the cut (a non-default quant.wire_*), else None
         self.q_encoder = q_encoder
         self.q_head = q_head
 
@@ -111,6 +114,28 @@ class Run:
             return quant.convert(self.net.head)
         return self.net.head.eval()
 
+    def release(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """What crosses the wire, in torch: the defenses' release steps and, for a non-default wire,
+        its fake-quantized grid in the configured order (the default int8 wire is the encoder's own
+        int8 output grid, widened for noise at export)."""
+        wq = self.net.wire
+        if wq is None:
+            return self.defense.release(z, generator)
+        if wq.order == "wire_then_release":
+            return wq(self.defense.release(wq(z), generator), observe=False)
+        return wq(self.defense.release(z, generator))
+
+    def wire_grid(self, out_grid: dict | None = None) -> dict | None:
+        """The manifest's ``features.wire``: the trained grid of a non-default wire, else the int8
+        grid over the encoder's output range (``[0, 1]`` after a sigmoid, else ``out_grid``, the
+        converted encoder's output grid) widened for the release noise; None when neither is known."""
+        if self.net.wire is not None:
+            return self.net.wire.grid()
+        steps = (self.defense.release_spec() or {"steps": []})["steps"]
+        if not self.cfg.model.sigmoid and out_grid is None:
+            return None
+        return wire_quant_params(out_grid, steps, [0.0, 1.0] if self.cfg.model.sigmoid else None)
+
 
 def build_run(cfg: RunConfig, *, data: SplitData | None = None, float_init: dict | None = None) -> Run:
     """Build data, network (QAT-prepared when ``cfg.quant.scheme == 'int8'``) and defenses.
@@ -136,7 +161,10 @@ def build_run(cfg: RunConfig, *, data: SplitData | None = None, float_init: dict
         encoder = quant.prepare_qat(encoder, torch.randn(2, *data.shape))
         if cfg.quant.quantize_head:
             head = quant.prepare_qat(head, torch.rand(2, *z_shape))
-    net = SplitNet(encoder, head, q_encoder=q, q_head=q and cfg.quant.quantize_head)
+    wire = None
+    if cfg.quant.custom_wire:
+        wire = quant.WireQuantizer(cfg.quant.wire_bits, cfg.quant.wire_granularity, cfg.quant.wire_order, z_shape[0])
+    net = SplitNet(encoder, head, q_encoder=q, q_head=q and cfg.quant.quantize_head, wire=wire)
     return Run(cfg=cfg, data=data, net=net, defense=defense, z_shape=z_shape)
 
 
@@ -152,6 +180,9 @@ def load_parts(run: Run, parts: dict[str, dict[str, torch.Tensor]]) -> None:
         mod = run.defense.module()
         if mod is not None and "defense" in parts:
             mod.load_state_dict(parts["defense"])
+        wq = run.net.wire  # absent or another granularity: --from a run with another wire (observed anew)
+        if wq is not None and "wire" in parts and parts["wire"]["min_val"].shape == wq.min_val.shape:
+            wq.load_state_dict(parts["wire"])
     except QdefendError as e:
         raise QdefendError(f"{e} Was config.toml edited after training?") from None
     except (RuntimeError, KeyError) as e:

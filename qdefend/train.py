@@ -79,7 +79,7 @@ def predict(
         x = torch.from_numpy(run.data.normalization.apply(xb)).to(device)
         z = encoder(x)
         if release:
-            z = run.defense.release(z, gen)
+            z = run.release(z, gen)
         preds.append(head(z).argmax(1).cpu().numpy())
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
 
@@ -108,9 +108,9 @@ class SplitForward(nn.Module):
     """encoder -> release -> head as one module: the unit DistributedDataParallel wraps (a DDP
     forward must run through the wrapper for its backward to reduce the gradients)."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, release: Callable):
+    def __init__(self, encoder: nn.Module, head: nn.Module, release: Callable, wire: nn.Module | None = None):
         super().__init__()
-        self.encoder, self.head = encoder, head
+        self.encoder, self.head, self.wire = encoder, head, wire  # the wire's buffers go with the module
         self._release = release
 
     def forward(self, x: torch.Tensor, generator: torch.Generator):
@@ -292,7 +292,7 @@ class Trainer:
         if dist.enabled:
             self._say(f"{dist.world} processes ({dist.backend}), global batch {cfg.train.batch_size} "
                       f"({cfg.train.batch_size // dist.world}-{-(-cfg.train.batch_size // dist.world)} per process)")
-        self._model = dist.wrap(SplitForward(net.encoder, net.head, run.defense.release), device)
+        self._model = dist.wrap(SplitForward(net.encoder, net.head, run.release, net.wire), device)
 
         steps_per_epoch = math.ceil(len(run.data.train) / cfg.train.batch_size)
         # the best checkpoint is picked among the epochs the defense has shaped (the last one at least)
@@ -499,6 +499,8 @@ class Trainer:
 
     def _checkpoint(self, run: Run, opt, epoch: int, step: int, best: float, rec: dict, *, is_best: bool) -> None:
         parts = {"encoder": run.net.encoder.state_dict(), "head": run.net.head.state_dict()}
+        if run.net.wire is not None:
+            parts["wire"] = run.net.wire.state_dict()
         mod = run.defense.module()
         if mod is not None:
             parts["defense"] = mod.state_dict()

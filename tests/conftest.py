@@ -37,10 +37,11 @@ def load_benchmark(name: str):
         sys.modules.pop(spec.name, None)
 
 
-def tiny_exported_run(root, images: int = 256, sigma: float | None = None, **train):
+def tiny_exported_run(root, images: int = 256, sigma: float | None = None, quant: dict | None = None, **train):
     """A tiny real QAT run (quarter-width VGG11-BN split, `images` Fashion-MNIST training images,
     1 epoch), exported with both int8 formats and verified on 32 test images; `sigma`: Gaussian
-    release noise. About a minute on 2 cores. Returns root."""
+    release noise; `quant`: QuantConfig fields (e.g. {"wire_bits": 4}). About a minute on 2 cores.
+    Returns root."""
     from qdefend.config import RunConfig
     from qdefend.export import export_run
     from qdefend.train import Trainer
@@ -49,7 +50,7 @@ def tiny_exported_run(root, images: int = 256, sigma: float | None = None, **tra
     cfg = {
         "data": {"limit_train": images, "limit_test": held_out, "val_size": held_out, "aux_size": held_out},
         "model": {"width": 0.25, "head_width": 0.125},
-        "quant": {"scheme": "int8"},
+        "quant": {"scheme": "int8", **(quant or {})},
         "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, **train},
     }
     if sigma is not None:

@@ -327,3 +327,23 @@ def test_every_defense_keeps_the_ranks_identical(tmp_path, stack):
     for r in recs[:-1]:
         assert r["rank_spread"] == {"weights": 0.0, "buffers": 0.0, "defense": 0.0}, (r["epoch"], r["rank_spread"])
     assert len(set(recs[-1]["rank_state_sha256"])) == 1
+
+
+@pytest.mark.slow
+def test_a_4_bit_per_channel_wire_keeps_the_ranks_identical(tmp_path):
+    """The wire quantizer's observed range (min_val/max_val per channel) is reduced like an
+    observer's, so the processes hold one grid and export writes it."""
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(TINY.format(images=512, epochs=1).replace('stack = "noise+cem"', 'stack = "noise"')
+                   + '[quant]\nwire_bits = 4\nwire_granularity = "channel"\n')
+    out = tmp_path / "r"
+    p = subprocess.run(QDEFEND + ["train", "--config", str(cfg), "--out", str(out), "--quiet", "--nproc", "2"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recs = _records(out)
+    assert recs[0]["rank_spread"] == {"weights": 0.0, "buffers": 0.0, "defense": 0.0}, recs[0]["rank_spread"]
+    assert len(set(recs[-1]["rank_state_sha256"])) == 1
+    from qdefend.run import load_run
+
+    grid = load_run(out).wire_grid()
+    assert grid["bits"] == 4 and len(grid["scale"]) == 8

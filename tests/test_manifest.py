@@ -89,7 +89,7 @@ def test_write_fills_defaults_and_converts_numpy_values(tmp_path):
     (lambda m: m["input"]["normalization"].update(std=[0.0]), "'input.normalization.std'"),
     (lambda m: m["input"]["normalization"].pop("mean"), "'input.normalization.mean' is missing"),
     (lambda m: m["features"]["wire"].update(scale=-1.0), "'features.wire.scale'"),
-    (lambda m: m["features"]["wire"].update(zero_point=200), "'features.wire'"),
+    (lambda m: m["features"]["wire"].update(zero_point=200), "'features.wire.zero_point'"),
     (lambda m: m["release"]["steps"].append({"type": "blur"}), "'release.steps[1].type'"),
     (lambda m: m["release"]["steps"][0].update(sigma=-0.1), "'release.steps[0].sigma'"),
     (lambda m: m["release"]["steps"].append({"type": "dropout", "p": 1.5}), "'release.steps[1].p'"),
@@ -179,8 +179,9 @@ def test_wire_grid_covers_sigmoid_output_plus_four_sigma():
 
 def test_wire_grid_is_the_output_grid_without_noise():
     out = {"scale": 1 / 256, "zero_point": -128}
-    assert wire_quant_params(out, [], [0, 1]) == {"dtype": "int8", "scale": 1 / 256, "zero_point": -128}
-    assert wire_quant_params(out, [{"type": "dropout", "p": 0.5}]) == {"dtype": "int8", **out}
+    grid = {"dtype": "int8", "bits": 8, "granularity": "tensor", "order": "release_then_wire", **out}
+    assert wire_quant_params(out, [], [0, 1]) == grid
+    assert wire_quant_params(out, [{"type": "dropout", "p": 0.5}]) == grid
 
 
 def test_wire_grid_noise_adds_in_quadrature_and_laplace_uses_its_std():

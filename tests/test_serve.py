@@ -155,7 +155,7 @@ def test_binary_message_round_trips_and_is_compact():
 @pytest.mark.parametrize("mangle, words", [
     (lambda b: b[:20], "shorter than the 52-byte header"),
     (lambda b: b"XXXX" + b[4:], "does not start with"),
-    (lambda b: b[:4] + b"\x02" + b[5:], "version 2"),
+    (lambda b: b[:4] + b"\x03" + b[5:], "version 3"),
     (lambda b: b[:5] + b"\x07" + b[6:], "dtype code 7"),
     (lambda b: b[:6] + b"\x09" + b[7:], "ndim 9"),
     (lambda b: b[:-1], "needs 588 bytes"),

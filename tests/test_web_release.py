@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qdefend.edge.release import apply_release, dequantize, pruned_count, quantize
+from qdefend.edge import wire
+from qdefend.edge.release import (apply_release, code_range, dequantize, grid_params, pruned_count, quantize,
+                                  to_wire, wire_dequantize, wire_quantize)
 
 RELEASE_JS = Path(__file__).resolve().parents[1] / "qdefend" / "serve" / "web" / "release.js"
 
@@ -44,7 +46,17 @@ function rngFor(spec) {  // {seed}: makeRng(seed); {u: [..], n: [..]}: these dra
 }
 
 const ops = {
-  quantize: (z, s, zp) => ({ out: enc(R.quantize(z, s, zp)) }),
+  quantize: (z, s, zp, bits) => ({ out: enc(R.quantize(z, s, zp, bits)) }),
+  wire_quantize: (z, dims, wire) => ({ out: enc(R.wireQuantize(z, dims, wire)) }),
+  wire_dequantize: (q, dims, wire) => ({ out: enc(R.wireDequantize(q, dims, wire)) }),
+  to_wire: (z, dims, steps, wire, spec, release) => {
+    const { rng, u, n } = rngFor(spec);
+    const out = R.toWire(z, dims, steps, wire, rng, release);
+    return { out: enc(out), uniforms: enc(Float64Array.from(u)), normals: enc(Float64Array.from(n)) };
+  },
+  pack_bits: (q, bits) => ({ out: enc(R.packBits(q, bits)) }),
+  unpack_bits: (buf, n, bits) => ({ out: enc(R.unpackBits(buf, n, bits)) }),
+  pack_message: (q, dims, wire, sha) => ({ out: enc(R.packMessage(q, dims, wire, sha)) }),
   dequantize: (q, s, zp) => ({ out: enc(R.dequantize(q, s, zp)) }),
   normalize: (px, ch, mean, std) => ({ out: enc(R.normalize(px, ch, mean, std)) }),
   release: (z, perSample, steps, spec) => {
@@ -188,6 +200,163 @@ def test_quantize_dequantize_bit_identical(js):
             np.testing.assert_array_equal(got["out"], w)
         else:
             assert_same(got["out"], w)
+
+
+def wire_grid(bits, lows, highs, order="release_then_wire"):
+    """A manifest features.wire: per tensor (one low/high) or per channel (lists), as release.grid_params."""
+    if isinstance(lows, list):
+        grids = [grid_params(lo, hi, bits) for lo, hi in zip(lows, highs)]
+        return {"dtype": "int8", "bits": bits, "granularity": "channel", "order": order,
+                "scale": [g["scale"] for g in grids], "zero_point": [g["zero_point"] for g in grids]}
+    return {**grid_params(lows, highs, bits), "granularity": "tensor", "order": order}
+
+
+def wire_cases(z, w):
+    """Values on, next to and between the grid's ties, past its ends and infinite, per channel."""
+    s = np.asarray(w["scale"], np.float64).reshape(1, -1, *[1] * (z.ndim - 2))
+    inv = (1.0 / s).astype(np.float32)
+    lo, hi = code_range(w["bits"])
+    rng = np.random.default_rng(w["bits"])
+    k = rng.integers(lo - 3, hi + 3, z.shape).astype(np.float32)
+    ties = (k + np.float32(0.5)) / inv  # z * inv on (or next to) a .5 tie
+    zs = [z, ties, np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(-np.inf)),
+          np.broadcast_to(np.float32(s) * (hi - lo) * 3, z.shape) * rng.uniform(-1, 1, z.shape)]
+    out = np.concatenate([a.astype(np.float32) for a in zs])
+    out.reshape(-1)[:4] = [np.inf, -np.inf, 0.0, -0.0]
+    return out
+
+
+def test_wire_quantize_every_bits_and_granularity_bit_identical(js):
+    rng = np.random.default_rng(20)
+    cases, want = [], []
+    for bits in range(2, 9):
+        for shape in [(6, 5, 3, 4), (9, 7)]:  # conv features (N, C, H, W) and flat (N, C)
+            c = shape[1]
+            lows, highs = rng.uniform(-3, 0.5, c), rng.uniform(0.1, 4, c)
+            grids = [wire_grid(bits, float(lows[0]), float(highs[0])), wire_grid(bits, lows.tolist(), highs.tolist())]
+            grids[1]["scale"][0] = 0.125  # 1 / scale exact: exact ties
+            for w in grids:
+                z = wire_cases((rng.normal(0, 2, shape)).astype(np.float32), w)
+                codes = rng.integers(*np.add(code_range(bits), (0, 1)), z.shape).astype(np.int8)
+                codes.reshape(-1)[:2] = code_range(bits)
+                q = wire_quantize(z, w)
+                dims = list(z.shape)
+                cases += [("wire_quantize", z.ravel(), dims, w), ("wire_dequantize", codes.ravel(), dims, w),
+                          ("wire_dequantize", q.ravel(), dims, w)]
+                want += [q, wire_dequantize(codes, w), wire_dequantize(q, w)]
+                if w["granularity"] == "tensor":  # release.quantize's bits argument
+                    cases.append(("quantize", z.ravel(), w["scale"], w["zero_point"], bits))
+                    want.append(quantize(z, w["scale"], w["zero_point"], bits=bits))
+                lo, hi = code_range(bits)
+                assert q.min() == lo and q.max() == hi  # both clip ends are exercised
+    for (op, *_), got, w in zip(cases, js(cases), want):
+        if op == "wire_dequantize":
+            assert_same(got["out"], w)
+        else:
+            assert got["out"].dtype == np.int8
+            np.testing.assert_array_equal(got["out"], np.ravel(w))
+
+
+def test_to_wire_both_orders(js):
+    """release.to_wire exactly: no steps, deterministic steps (top-k on the quantised ties, a fixed
+    additive tensor), release off, and random steps through numpy on the JS's own draws."""
+    rng = np.random.default_rng(21)
+    shape = (12, 3, 2, 5)
+    z = rng.normal(0, 1.5, shape).astype(np.float32)
+    d = math.prod(shape[1:])
+    runs = [([], {"seed": 0}), ([{"type": "topk_prune", "ratio": 0.4}], {"seed": 0}),
+            ([{"type": "additive_noise", "tensors": rng.normal(0, 0.7, (1, d)).tolist()},
+              {"type": "topk_prune", "ratio": 0.25}], {"seed": 0}),
+            ([{"type": "gaussian_noise", "sigma": 0.4}, {"type": "dropout", "p": 0.3},
+              {"type": "additive_noise", "tensors": rng.normal(0, 0.5, (3, d)).tolist()}], {"seed": 31})]
+    cases, meta = [], []
+    for bits in (2, 4, 8):
+        grids = [wire_grid(bits, -4.0, 4.0), wire_grid(bits, [-3.0, -5.0, -1.0], [3.0, 2.0, 6.0])]
+        for w0 in grids:
+            for order in ("release_then_wire", "wire_then_release"):
+                w = {**w0, "order": order}
+                for steps, spec in runs:
+                    for release in (True, False):
+                        cases.append(("to_wire", z.ravel(), list(shape), steps, w, spec, release))
+                        meta.append((steps, w, release))
+    differ = 0
+    for got, (steps, w, release) in zip(js(cases), meta):
+        replay = Replay(got["uniforms"], got["normals"])
+        want = to_wire(z, steps, w, replay, release=release)
+        assert replay.done(), f"{steps}: the JS drew more than numpy uses"
+        assert got["out"].dtype == np.int8
+        np.testing.assert_array_equal(got["out"], want.ravel(), err_msg=f"{w} {steps} release={release}")
+        if release and steps and not any(s["type"] == "gaussian_noise" for s in steps):
+            other = {**w, "order": "wire_then_release" if w["order"] == "release_then_wire" else "release_then_wire"}
+            differ += not np.array_equal(want, to_wire(z, steps, other, np.random.default_rng(0)))
+    assert differ > 0  # the orders give different codes: the test tells them apart
+
+
+def test_pack_bits_matches_numpy(js):
+    rng = np.random.default_rng(22)
+    cases, want = [], []
+    for bits in range(2, 9):
+        lo, hi = code_range(bits)
+        for n in [*range(0, 18), 63, 64, 65, 1001]:  # n * bits not a multiple of 8 for most
+            q = rng.integers(lo, hi + 1, n).astype(np.int8)
+            q[:2] = [lo, hi][:n]
+            packed = wire.pack_bits(q, bits)
+            assert len(packed) == wire.payload_size(n, bits)
+            cases += [("pack_bits", q, bits), ("unpack_bits", np.frombuffer(packed, np.uint8), n, bits)]
+            want += [np.frombuffer(packed, np.uint8), wire.unpack_bits(packed, n, bits)]
+    assert sum(len(c[1]) * c[2] % 8 != 0 for c in cases[::2]) > 50
+    for (op, *_), got, w in zip(cases, js(cases), want):
+        assert got["out"].dtype == (np.uint8 if op == "pack_bits" else np.int8)
+        np.testing.assert_array_equal(got["out"], w)
+
+
+def test_pack_message_matches_wire_pack(js):
+    """packMessage (what qdefend.js POSTs) against wire.pack byte for byte: version 1 for an 8-bit
+    per-tensor grid, version 2 (bit-packed, and/or per channel) for anything else."""
+    rng = np.random.default_rng(23)
+    sha = "0123456789abcdef" * 3 + "fedcba9876543210"
+    cases, want = [], []
+    for bits in range(2, 9):
+        for shape in [(3, 4, 3, 3), (5, 7), (1, 2, 3, 1, 5)]:
+            c = shape[1]
+            lows, highs = rng.uniform(-2, 0, c), rng.uniform(0.5, 3, c)
+            for w in (wire_grid(bits, float(lows[0]), float(highs[0])), wire_grid(bits, lows.tolist(), highs.tolist())):
+                q = wire_quantize(rng.normal(0, 2, shape).astype(np.float32), w)
+                body = wire.pack(q, w["scale"], w["zero_point"], sha, bits=bits)
+                assert body[4] == (1 if bits == 8 and w["granularity"] == "tensor" else 2)
+                cases.append(("pack_message", q.ravel(), list(shape), w, sha))
+                want.append(body)
+    q = np.array([[-128, 127, 0, 5]], np.int8)
+    cases += [("pack_message", q.ravel(), [1, 4], {"scale": 0.02, "zero_point": -3}, sha),  # no bits: 8
+              ("pack_message", q.ravel(), [1, 4], {"bits": 8, "scale": 0.02, "zero_point": -3}, sha)]
+    want += [wire.pack(q, 0.02, -3, sha)] * 2
+    for (_, q, dims, *_), got, w in zip(cases, js(cases), want):
+        assert got["out"].dtype == np.uint8
+        assert got["out"].tobytes() == w
+        msg = wire.unpack(got["out"].tobytes())
+        np.testing.assert_array_equal(msg.q.ravel(), q)
+        assert msg.shape == dims and msg.encoder_sha256 == sha
+
+
+def test_wire_errors(js):
+    sha = "ab" * 32
+    q = np.array([-2, 1, 0, 1], np.int8)
+    pc = {"bits": 4, "scale": [0.1, 0.2], "zero_point": [0, 1]}
+    g4 = {"bits": 4, "scale": 0.1, "zero_point": 0}
+    got = js([("pack_message", np.array([-9, 0, 1, 2], np.int8), [2, 2], g4, sha),
+              ("pack_message", q, [2, 2], g4, "AB" * 32),
+              ("pack_message", q, [1, 4], pc, sha),
+              ("pack_message", q, [2, 2], {"bits": 4, "scale": 0.1, "zero_point": 8}, sha),
+              ("pack_message", q, [2, 2], {"bits": 9, "scale": 0.1, "zero_point": 0}, sha),
+              ("wire_quantize", np.zeros(4, np.float32), [1, 4], pc),
+              ("to_wire", np.zeros(4, np.float32), [2, 2], [], {**pc, "order": "sideways"}, {"seed": 0}, True),
+              ("pack_message", q, [2, 2], pc, sha)])
+    needles = ["4-bit codes must lie in [-8, 7], got -9", "64 lowercase hex", "per-channel grid needs lists of 4",
+               "zero_point must be an integer in [-8, 7]", "bits must be an integer in 2..8",
+               "per-channel wire grid needs lists of 4", "unknown wire order"]
+    for r, needle in zip(got, needles):
+        assert needle in r["error"], r
+    assert got[-1]["out"].tobytes() == wire.pack(q.reshape(2, 2), pc["scale"], pc["zero_point"], sha, bits=4)
 
 
 # ------------------------------------------------------------------------------- normalisation

@@ -9,13 +9,15 @@ runs against every kind:
 * ``torch-int8``   the converted int8 encoder (torch reference kernels): features only; the int8
   graph's rounding has no useful gradient. Its white-box twin is ``torch-float`` (``twin()``).
 * ``onnxruntime`` / ``litert``  an exported artifact run by :mod:`qdefend.edge.runtime`:
-  features only, exactly the bytes a device sends (``Runtime.encode(...).dequantize()``).
+  features only, exactly the bytes a device sends (``Runtime.encode``, through the binary wire
+  message, bit-packed below 8 bits, and back).
 * ``service``      encoder + cloud head: probabilities (and labels), or labels only.
 * ``zoo``          a model zoo served by ``qdefend serve --zoo``, over HTTP on loopback
   (:mod:`qdefend.attacks.zoo`): probabilities for the performance targets the attacker sends.
 
-Released features are ``release(encoder(x))`` put on the manifest's int8 wire grid and read back
-(dequantised): what the cloud, or anyone on the wire, sees. ``release_torch`` applies the known
+Released features are ``release(encoder(x))`` put on the manifest's wire grid (int8, or 2..7 bits
+per code, per tensor or per channel, in the grid's order) and read back (dequantised): what the
+cloud, or anyone on the wire, sees. ``release_torch`` applies the known
 release transform (noise, dropout, pruning) in torch so a noise-aware attacker can simulate it.
 
 Build targets with :func:`open_target` (``"torch-float"``, ``"torch-int8"``, an artifact file name
@@ -30,7 +32,8 @@ from typing import Any, Callable
 import numpy as np
 
 from qdefend.data import Normalization
-from qdefend.edge.release import dequantize, quantize, random_release, torch_release, wire_quant_params, wire_torch
+from qdefend.edge.release import (random_release, release_torch_to_wire, torch_release, wire_dequantize, wire_order,
+                                  wire_quantize, wire_torch)
 
 from .base import CAPABILITIES, AttackError
 from qdefend.run import Run, RunPaths, load_run
@@ -51,10 +54,19 @@ TWIN_NOTE = "attacked through the fake-quant twin (the int8 graph has no useful 
 
 
 def _wire(z: np.ndarray, wire: dict | None) -> np.ndarray:
-    """Put float features on the int8 wire grid and read them back (what the cloud sees)."""
+    """Put float features on the wire grid and read them back (what the cloud sees)."""
     if wire is None:
         return np.asarray(z, np.float32)
-    return dequantize(quantize(z, wire["scale"], wire["zero_point"]), wire["scale"], wire["zero_point"])
+    return wire_dequantize(wire_quantize(z, wire), wire)
+
+
+def _as_sent(features) -> np.ndarray:
+    """Device features (runtime.Features) through the binary wire message and back, dequantised:
+    the bit-packed bytes a device sends, read as the cloud reads them."""
+    from qdefend.edge import wire as W
+
+    msg = W.unpack(W.pack(features.q, features.scale, features.zero_point, "0" * 64, bits=features.bits))
+    return wire_dequantize(msg.q, {"scale": msg.scale, "zero_point": msg.zero_point})
 
 
 # ---------------------------------------------------------------------------------------- base
@@ -83,7 +95,7 @@ class Target:
         self.num_classes = num_classes
         self.notes = list(notes or [])
         self.batch_size = batch_size
-        self.wire: dict | None = None  # the int8 wire grid released features are put on (None: float)
+        self.wire: dict | None = None  # the wire grid released features are put on (None: float)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, kind={self.kind!r}, offers={sorted(self.offers)})"
@@ -148,7 +160,7 @@ class Target:
         """Torch: ``encoder_output`` values -> what the device would send for them, with fresh
         randomness from ``generator``: the release transform, then the wire grid. A noise-aware
         attacker uses it to draw new noise every batch (as CEM's attacker does)."""
-        return wire_torch(self.release_torch(z, generator), self.wire)
+        return release_torch_to_wire(z, self.release_torch, self.wire, generator)
 
     def twin(self) -> "Target | None":
         """A white-box (gradients) target computing the same function, when one exists."""
@@ -192,10 +204,9 @@ class TorchTarget(Target):
         if not isinstance(run, Run):
             run = load_run(run)
         steps = (run.defense.release_spec() or {"steps": []})["steps"]
-        wire = None
-        if run.cfg.model.sigmoid:  # the same grid export writes into the manifest
-            grid = {"scale": quant.SIGMOID_SCALE, "zero_point": quant.SIGMOID_ZERO_POINT} if run.quantized else None
-            wire = wire_quant_params(grid, steps, [0.0, 1.0])
+        # the grid export writes into the manifest (a sigmoid encoder's int8 output grid is TFLite's fixed one)
+        sigmoid_grid = {"scale": quant.SIGMOID_SCALE, "zero_point": quant.SIGMOID_ZERO_POINT}
+        wire = run.wire_grid(sigmoid_grid if run.quantized and run.cfg.model.sigmoid else None)
         notes = []
         if precision == "float":
             encoder, kind = run.net.encoder, "torch-float"
@@ -226,6 +237,8 @@ class TorchTarget(Target):
             for i in range(0, len(x), self.batch_size):
                 z = self._forward(torch.from_numpy(x[i:i + self.batch_size]))
                 if release:
+                    if self.wire is not None and wire_order(self.wire) == "wire_then_release":
+                        z = wire_torch(z, self.wire)
                     z = self._release_fn(z, gen) if self._release_fn else self.release_torch(z, gen)
                 out.append(z.float().numpy())
         z = np.concatenate(out) if out else np.zeros((0, *self.feature_shape), np.float32)
@@ -304,7 +317,7 @@ class RuntimeTarget(Target):
 
     def features(self, images01, *, release=True, seed=None):
         x = self._pixels(images01)
-        return self.runtime.encode(x, release=release, seed=seed, batch_size=self.batch_size).dequantize()
+        return _as_sent(self.runtime.encode(x, release=release, seed=seed, batch_size=self.batch_size))
 
     def encoder_output(self, images01):
         return self.runtime.encoder_output(self._pixels(images01), batch_size=self.batch_size)

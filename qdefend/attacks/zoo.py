@@ -87,13 +87,15 @@ class ZooTarget(Target):
         if time.monotonic() - self._t0 > self.deadline_s:
             raise AttackError(f"zoo target: past its deadline of {self.deadline_s:g} s: raise deadline_s or lower "
                               "the budgets")
+        from qdefend.edge.release import wire_bits
         from qdefend.edge.runtime import Features
 
         acc, lat = targets if targets is not None else (None, None)
         self.requests += 1
         self.samples += len(q)
         try:
-            res = self.client.infer(Features(q, scale, zp), self.sha256, batch=len(q), accuracy=acc,
+            res = self.client.infer(Features(q, scale, zp, wire_bits(self.runtime.manifest["features"]["wire"])),
+                                    self.sha256, batch=len(q), accuracy=acc,
                                     latency_ms=None if lat is None or math.isinf(lat) else lat)
         except ClientError as e:
             if e.status == 422 and "no model of this zoo" in str(e):
@@ -117,7 +119,7 @@ class ZooTarget(Target):
         f = self.encode(images01)
         out = []
         for i in range(0, len(f.q), self._max_batch):
-            chunk = type(f)(f.q[i:i + self._max_batch], f.scale, f.zero_point)
+            chunk = type(f)(f.q[i:i + self._max_batch], f.scale, f.zero_point, f.bits)
             for _ in range(100):  # a sampled target the zoo refuses: draw again (bounded)
                 try:
                     out.append(self.ask(chunk, self._current()))

@@ -113,7 +113,8 @@ class Client:
             targets["X-Qdefend-Latency-Ms"] = repr(float(latency_ms))
         out: dict[str, list] = {"labels": [], "classes": [], "probabilities": []}
         for i in range(0, len(features.q), limit):
-            body = wire.pack(features.q[i:i + limit], features.scale, features.zero_point, encoder_sha256)
+            body = wire.pack(features.q[i:i + limit], features.scale, features.zero_point, encoder_sha256,
+                             bits=getattr(features, "bits", 8))
             res = self._request("/v1/infer", body, wire.BINARY_TYPE, targets)
             for k in out:
                 out[k] += res[k]

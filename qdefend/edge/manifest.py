@@ -19,7 +19,11 @@ Layout (top level)::
     dataset        {"name", "num_classes", "class_names"}
     input          {"shape": [C,H,W], "dtype": "float32", "range": [0,1], "layout": "NCHW",
                     "normalization": {"mean": [...], "std": [...]}}
-    features       {"shape": [C,H,W], "wire": {"dtype": "int8", "scale", "zero_point"}}
+    features       {"shape": [C,H,W], "wire": {"dtype": "int8", "bits": 2..8, "granularity": "tensor" |
+                    "channel", "order": "release_then_wire" | "wire_then_release", "scale", "zero_point"}}
+                   (one scale and zero point per channel when per channel; codes in
+                    [-2^(bits-1), 2^(bits-1) - 1]; bits, granularity and order default to 8, tensor,
+                    release_then_wire for manifests written before they existed)
     release        {"steps": [{"type": "gaussian_noise", "sigma": 0.1}, ...]}
     artifacts      {name: artifact_entry(...)}
     tools          {package: version}
@@ -38,10 +42,10 @@ from typing import Any
 
 try:
     from .errors import ArtifactError
-    from .release import STEP_TYPES, _fail, _is_num, check_grid, check_steps
+    from .release import STEP_TYPES, _fail, _is_num, check_grid, check_steps, check_wire
 except ImportError:  # copied flat into a device bundle
     from errors import ArtifactError
-    from release import STEP_TYPES, _fail, _is_num, check_grid, check_steps
+    from release import STEP_TYPES, _fail, _is_num, check_grid, check_steps, check_wire
 
 __all__ = [
     "SCHEMA", "SCHEMA_VERSION", "MANIFEST_NAME", "FORMATS", "ROLES", "PRECISIONS", "DTYPES",
@@ -179,10 +183,7 @@ def validate_manifest(m: Any) -> dict:
         _fail("input.normalization.std", "must be positive")
     feats = m["features"]
     _check_shape(_need(feats, "shape", "features."), "features.shape")
-    wire = _need(feats, "wire", "features.")
-    check_grid(wire, "features.wire")
-    if wire.get("dtype") != "int8" or not -128 <= wire["zero_point"] <= 127:
-        _fail("features.wire", f"must be int8 with zero_point in [-128, 127], got {wire!r}")
+    check_wire(_need(feats, "wire", "features."), "features.wire", feats["shape"][0] if feats["shape"] else None)
     check_steps(_need(m["release"], "steps", "release."), "release.steps")
     for i, step in enumerate(m["release"]["steps"]):
         STEP_TYPES[step["type"]].fits(step, feats["shape"], f"release.steps[{i}]")

@@ -43,7 +43,9 @@ except ImportError:  # copied flat into a device bundle
 
 __all__ = [
     "StepType", "STEP_TYPES", "WIRE_SIGMAS", "check_steps", "check_grid", "apply_release", "torch_release", "noise_std",
-    "random_release", "int8_params", "wire_quant_params", "quantize", "dequantize", "wire_torch",
+    "random_release", "int8_params", "grid_params", "code_range", "wire_quant_params", "quantize", "dequantize",
+    "wire_torch", "wire_quantize", "wire_dequantize", "to_wire", "release_torch_to_wire", "check_wire",
+    "WIRE_BITS", "WIRE_GRANULARITIES", "WIRE_ORDERS",
     "gaussian_noise_torch", "laplace_noise_torch", "dropout_torch", "topk_prune_torch", "pruned_count",
     "additive_noise_torch", "vib_sample_torch", "unit_view_torch",
 ]
@@ -369,43 +371,133 @@ def random_release(steps: list[dict]) -> bool:
 
 
 # ------------------------------------------------------------------------------- the wire grid
+# A wire grid is the manifest's ``features.wire``: {"dtype": "int8", "bits": B, "granularity":
+# "tensor" | "channel", "order": ORDER, "scale": s, "zero_point": zp}, with one scale and zero point
+# per channel (axis 1) when granularity is "channel". Codes are signed B-bit integers in
+# [-2^(B-1), 2^(B-1) - 1], held in int8; the wire message bit-packs them (qdefend.edge.wire).
+# ORDER says where the quantiser sits relative to the release steps:
+#   release_then_wire   q = Q(release(z))         noise first, the grid widened to hold it (default)
+#   wire_then_release   q = Q(release(Q(z)))      the encoder's output quantised first, the release's
+#                                                 output put back on the same grid (clipped)
+
+WIRE_BITS = (2, 3, 4, 5, 6, 7, 8)
+WIRE_GRANULARITIES = ("tensor", "channel")
+WIRE_ORDERS = ("release_then_wire", "wire_then_release")
+DEFAULT_ORDER = "release_then_wire"
 
 
-def quantize(z, scale: float, zero_point: int, dtype: Any = None):
-    """Affine quantisation as torch's quantize_per_tensor: clip(round_half_even(z * (1/s)) + zp)."""
+def code_range(bits: int = 8) -> tuple[int, int]:
+    """The signed codes of a `bits`-bit wire: (-2^(bits-1), 2^(bits-1) - 1)."""
+    return -(1 << (int(bits) - 1)), (1 << (int(bits) - 1)) - 1
+
+
+def quantize(z, scale: float, zero_point: int, dtype: Any = None, bits: int = 8):
+    """Affine quantisation as torch's quantize_per_tensor: clip(round_half_even(z * (1/s)) + zp),
+    clipped to the `bits`-bit codes. ``scale``/``zero_point`` may be arrays that broadcast over z
+    (a per-channel grid: :func:`wire_quantize`)."""
     import numpy as np
 
     dtype = np.int8 if dtype is None else dtype
     info = np.iinfo(dtype)
-    q = np.rint(np.asarray(z, np.float32) * np.float32(1.0 / scale)) + zero_point
-    return np.clip(q, info.min, info.max).astype(dtype)
+    lo, hi = code_range(bits) if bits < 8 else (info.min, info.max)
+    inv = (1.0 / np.asarray(scale, np.float64)).astype(np.float32)
+    q = np.rint(np.asarray(z, np.float32) * inv) + np.asarray(zero_point, np.float32)
+    return np.clip(q, lo, hi).astype(dtype)
 
 
 def dequantize(q, scale: float, zero_point: int):
-    """(q - zp) * s in float32, as torch's dequantize_per_tensor."""
+    """(q - zp) * s in float32, as torch's dequantize_per_tensor (arrays broadcast as in quantize)."""
     import numpy as np
 
-    return (np.asarray(q).astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+    return ((np.asarray(q).astype(np.float32) - np.asarray(zero_point, np.float32))
+            * np.asarray(scale, np.float32))
+
+
+def wire_bits(wire: dict) -> int:
+    return int(wire.get("bits", 8))
+
+
+def wire_order(wire: dict | None) -> str:
+    return (wire or {}).get("order", DEFAULT_ORDER)
+
+
+def _channel_view(v, ndim: int):
+    """A per-channel list as an array that broadcasts over (N, C, ...); a scalar as itself."""
+    import numpy as np
+
+    a = np.asarray(v, np.float64)
+    return a.reshape(1, -1, *[1] * (ndim - 2)) if a.ndim == 1 else a
+
+
+def wire_quantize(z, wire: dict):
+    """Float features (N, C, ...) -> int8 codes on the wire grid (any bit-width, per tensor or channel)."""
+    import numpy as np
+
+    z = np.asarray(z, np.float32)
+    s, zp = _channel_view(wire["scale"], z.ndim), _channel_view(wire["zero_point"], z.ndim)
+    return quantize(z, s, zp, bits=wire_bits(wire))
+
+
+def wire_dequantize(q, wire: dict):
+    """int8 codes on the wire grid -> the float32 features the cloud side sees."""
+    import numpy as np
+
+    q = np.asarray(q)
+    return dequantize(q, _channel_view(wire["scale"], q.ndim), _channel_view(wire["zero_point"], q.ndim))
+
+
+def to_wire(z, steps: list[dict], wire: dict, rng, release: bool = True):
+    """What a device sends for encoder outputs z (N, ...): the release steps and the wire quantiser
+    in the grid's order (numpy). ``release=False`` puts the bare output on the grid."""
+    import numpy as np
+
+    z = np.asarray(z, np.float32)
+    if release:
+        if wire_order(wire) == "wire_then_release":
+            z = wire_dequantize(wire_quantize(z, wire), wire)
+        z = apply_release(z, steps, rng)
+    return wire_quantize(z, wire)
 
 
 def wire_torch(z, wire: dict | None):
-    """Torch twin of quantise-then-dequantise onto the int8 wire grid (round half to even, as
-    np.rint; float32 arithmetic), so a simulated release lands on exactly the values a device sends."""
+    """Torch twin of quantise-then-dequantise onto the wire grid (round half to even, as np.rint;
+    float32 arithmetic; any bit-width, per tensor or channel), so a simulated release lands on
+    exactly the values a device sends."""
     if wire is None:
         return z
+    import numpy as np
     import torch
 
-    inv = torch.tensor(1.0 / float(wire["scale"]), dtype=torch.float32)
-    s, zp = torch.tensor(float(wire["scale"]), dtype=torch.float32), float(wire["zero_point"])
-    return ((torch.clamp(torch.round(z.float() * inv) + zp, -128, 127) - zp) * s).to(z.dtype)
+    def view(v, dtype):
+        t = torch.as_tensor(np.asarray(v, dtype), device=z.device)
+        return t.reshape(1, -1, *[1] * (z.dim() - 2)) if t.dim() == 1 else t
+
+    lo, hi = code_range(wire_bits(wire))
+    inv = view((1.0 / np.asarray(wire["scale"], np.float64)), np.float32)
+    s, zp = view(wire["scale"], np.float32), view(wire["zero_point"], np.float32)
+    return ((torch.clamp(torch.round(z.float() * inv) + zp, lo, hi) - zp) * s).to(z.dtype)
+
+
+def release_torch_to_wire(z, release_fn: Callable, wire: dict | None, generator=None):
+    """The torch twin of :func:`to_wire`, dequantised: ``release_fn(z, generator)`` and the wire
+    quantiser in the grid's order (``wire`` None: the release alone, float)."""
+    if wire is not None and wire_order(wire) == "wire_then_release":
+        z = wire_torch(z, wire)
+    return wire_torch(release_fn(z, generator), wire)
+
+
+def grid_params(low: float, high: float, bits: int = 8) -> dict:
+    """Asymmetric `bits`-bit {"dtype", "bits", "scale", "zero_point"} covering [low, high] (widened to hold 0)."""
+    qmin, qmax = code_range(bits)
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    scale = (high - low) / (qmax - qmin) if high > low else 1.0
+    zero_point = int(min(qmax, max(qmin, round(qmin - low / scale))))
+    return {"dtype": "int8", "bits": int(bits), "scale": scale, "zero_point": zero_point}
 
 
 def int8_params(low: float, high: float) -> dict:
-    """Asymmetric int8 {"dtype", "scale", "zero_point"} covering [low, high] (widened to hold 0)."""
-    low, high = min(float(low), 0.0), max(float(high), 0.0)
-    scale = (high - low) / 255.0 if high > low else 1.0
-    zero_point = int(min(127, max(-128, round(-128 - low / scale))))
-    return {"dtype": "int8", "scale": scale, "zero_point": zero_point}
+    """Asymmetric int8 {"dtype", "bits", "scale", "zero_point"} covering [low, high] (widened to hold 0)."""
+    return grid_params(low, high, 8)
 
 
 def check_grid(q: Any, key: str) -> None:
@@ -416,6 +508,37 @@ def check_grid(q: Any, key: str) -> None:
         _fail(f"{key}.scale", f"must be a positive number, got {q.get('scale')!r}")
     if not (isinstance(q.get("zero_point"), int) and not isinstance(q["zero_point"], bool)):
         _fail(f"{key}.zero_point", f"must be an integer, got {q.get('zero_point')!r}")
+
+
+def check_wire(w: Any, key: str = "features.wire", channels: int | None = None) -> None:
+    """Validate a wire grid (any bit-width, per tensor or per channel, its order); ArtifactError
+    names the bad key. ``channels``: the feature map's channel count a per-channel grid must match."""
+    if not isinstance(w, dict):
+        _fail(key, f"must be {{'dtype': 'int8', 'bits', 'scale', 'zero_point'}}, got {w!r}")
+    if w.get("dtype") != "int8":
+        _fail(f"{key}.dtype", f"must be 'int8' (codes travel in int8, bit-packed below 8 bits), got {w.get('dtype')!r}")
+    bits = w.get("bits", 8)
+    if isinstance(bits, bool) or bits not in WIRE_BITS:
+        _fail(f"{key}.bits", f"must be one of {', '.join(map(str, WIRE_BITS))}, got {bits!r}")
+    gran = w.get("granularity", "tensor")
+    if gran not in WIRE_GRANULARITIES:
+        _fail(f"{key}.granularity", f"must be one of {', '.join(WIRE_GRANULARITIES)}, got {gran!r}")
+    if w.get("order", DEFAULT_ORDER) not in WIRE_ORDERS:
+        _fail(f"{key}.order", f"must be one of {', '.join(WIRE_ORDERS)}, got {w.get('order')!r}")
+    qmin, qmax = code_range(bits)
+    scales, zps = w.get("scale"), w.get("zero_point")
+    if gran == "channel":
+        if not (isinstance(scales, list) and isinstance(zps, list) and scales and len(scales) == len(zps)):
+            _fail(key, "is per channel: scale and zero_point must be lists of one value per channel, of equal length")
+        if channels is not None and len(scales) != channels:
+            _fail(f"{key}.scale", f"has {len(scales)} channels, the features have {channels}")
+    else:
+        scales, zps = [scales], [zps]
+    for s_, z_ in zip(scales, zps):
+        if not (_is_num(s_) and s_ > 0):
+            _fail(f"{key}.scale", f"must be positive numbers, got {s_!r}")
+        if isinstance(z_, bool) or not isinstance(z_, int) or not qmin <= z_ <= qmax:
+            _fail(f"{key}.zero_point", f"must be integers in [{qmin}, {qmax}] for {bits} bits, got {z_!r}")
 
 
 def _plain_steps(steps) -> list:
@@ -443,7 +566,8 @@ def wire_quant_params(out_quant: dict | None, steps: list, value_range: list | t
     if out_quant is not None:
         check_grid(out_quant, "out_quant")
     if std == 0 and out_quant is not None and -128 <= out_quant["zero_point"] <= 127:
-        return {"dtype": "int8", "scale": float(out_quant["scale"]), "zero_point": int(out_quant["zero_point"])}
+        return {"dtype": "int8", "bits": 8, "granularity": "tensor", "order": DEFAULT_ORDER,
+                "scale": float(out_quant["scale"]), "zero_point": int(out_quant["zero_point"])}
     if value_range is not None:
         low, high = (float(v) for v in value_range)
     elif out_quant is not None:
@@ -455,4 +579,5 @@ def wire_quant_params(out_quant: dict | None, steps: list, value_range: list | t
     for s in steps:
         lo_shift, hi_shift = _type(s).shift(s)
         low, high = low + lo_shift, high + hi_shift
-    return int8_params(low - WIRE_SIGMAS * std, high + WIRE_SIGMAS * std)
+    return {**int8_params(low - WIRE_SIGMAS * std, high + WIRE_SIGMAS * std), "granularity": "tensor",
+            "order": DEFAULT_ORDER}

@@ -236,8 +236,8 @@ def cmd_encode(root: Path, bundle: dict, args) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as fh:
         np.savez(fh, features=f.q, scale=np.float64(f.scale), zero_point=np.int32(f.zero_point),
-                 names=np.array(names))
-    return {"out": str(out), "images": len(names), "shape": list(f.shape), "dtype": "int8",
+                 bits=np.int32(f.bits), names=np.array(names))
+    return {"out": str(out), "images": len(names), "shape": list(f.shape), "dtype": "int8", "bits": f.bits,
             "scale": f.scale, "zero_point": f.zero_point, "release": not args.no_release,
             "interpreter": r.interpreter_name}
 
@@ -269,7 +269,7 @@ def cmd_send(root: Path, bundle: dict, args) -> dict:
     answers = [{"name": n, "label": lab, "class": cls, "p": round(max(p), 4)}
                for n, lab, cls, p in zip(names, ans["labels"], ans["classes"], ans["probabilities"])]
     return {"url": url, "images": len(names), "encoder": r.name, "interpreter": r.interpreter_name,
-            "bytes_sent": int(f.q.size), "encode_ms": round((t1 - t0) * 1e3, 2),
+            "bytes_sent": -(-int(f.q.size) * f.bits // 8), "encode_ms": round((t1 - t0) * 1e3, 2),
             "round_trip_ms": round((t2 - t1) * 1e3, 2), "answers": answers}
 
 
@@ -355,7 +355,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     enc = argparse.ArgumentParser(prog="runner.py encode", parents=[common],
                                   description="int8 features of images (.npy, or .png with Pillow), release applied")
     enc.add_argument("inputs", nargs="+", help="image files or folders")
-    enc.add_argument("--out", required=True, help="output .npz: features (int8), scale, zero_point, names")
+    enc.add_argument("--out", required=True, help="output .npz: features (int8 codes), scale, zero_point, bits, names")
     enc.add_argument("--seed", type=int, default=None, help="seed the release noise (default: fresh randomness)")
     enc.add_argument("--no-release", action="store_true", help="skip the release transform (testing only)")
     send = argparse.ArgumentParser(prog="runner.py send", parents=[common],

@@ -5,7 +5,8 @@ picks an interpreter (LiteRT, else tflite-runtime, for .tflite; onnxruntime for 
 cross-checks the artifact's tensors with the manifest. ``encode(images)`` is what a device
 sends: normalise camera pixels with the manifest normalisation, run the encoder (quantising the
 input for int8 artifacts, dequantising int8 outputs), apply the release transform (noise,
-dropout, pruning) and quantise onto the int8 wire grid. Export verification and every attack go
+dropout, pruning) and quantise onto the manifest's wire grid (8 bits or fewer, per tensor or per
+channel, in the grid's order). Export verification and every attack go
 through this module, so an attack on an artifact sees exactly the bytes a device would send.
 
 The release steps and the wire grid are :mod:`qdefend.edge.release` (one table for every
@@ -27,27 +28,36 @@ try:
     from .cpu import ENV, ort_int8_precision
     from .errors import ArtifactError
     from .manifest import load_manifest, manifest_path, verify_artifact
-    from .release import apply_release, dequantize, quantize
+    from .release import apply_release, dequantize, quantize, to_wire, wire_bits, wire_dequantize
 except ImportError:  # copied flat into a device bundle
     from cpu import ENV, ort_int8_precision
     from errors import ArtifactError
     from manifest import load_manifest, manifest_path, verify_artifact
-    from release import apply_release, dequantize, quantize
+    from release import apply_release, dequantize, quantize, to_wire, wire_bits, wire_dequantize
 
 __all__ = ["INTERPRETERS", "Features", "Runtime", "apply_release", "quantize", "dequantize", "ArtifactError"]
 
 
 class Features:
-    """Released features as they travel: int8 codes plus the scale/zero-point to read them."""
+    """Released features as they travel: int8 codes (``bits`` wide) plus the scale/zero-point to
+    read them (numbers, or lists of one per channel for a per-channel wire)."""
 
-    __slots__ = ("q", "scale", "zero_point")
+    __slots__ = ("q", "scale", "zero_point", "bits")
 
-    def __init__(self, q: np.ndarray, scale: float, zero_point: int):
-        self.q, self.scale, self.zero_point = np.asarray(q, np.int8), float(scale), int(zero_point)
+    def __init__(self, q: np.ndarray, scale, zero_point, bits: int = 8):
+        self.q, self.bits = np.asarray(q, np.int8), int(bits)
+        if isinstance(scale, (list, tuple, np.ndarray)):
+            self.scale, self.zero_point = [float(v) for v in scale], [int(v) for v in zero_point]
+        else:
+            self.scale, self.zero_point = float(scale), int(zero_point)
+
+    @classmethod
+    def on_grid(cls, q: np.ndarray, wire: dict) -> "Features":
+        return cls(q, wire["scale"], wire["zero_point"], wire_bits(wire))
 
     def dequantize(self) -> np.ndarray:
         """The float32 features the cloud side sees."""
-        return dequantize(self.q, self.scale, self.zero_point)
+        return wire_dequantize(self.q, {"scale": self.scale, "zero_point": self.zero_point})
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -57,7 +67,9 @@ class Features:
         return len(self.q)
 
     def __repr__(self) -> str:
-        return f"Features(shape={self.q.shape}, scale={self.scale:.6g}, zero_point={self.zero_point})"
+        if isinstance(self.scale, list):
+            return f"Features(shape={self.q.shape}, bits={self.bits}, per-channel grid of {len(self.scale)})"
+        return f"Features(shape={self.q.shape}, bits={self.bits}, scale={self.scale:.6g}, zero_point={self.zero_point})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,10 +335,9 @@ class Runtime:
         if batch_size < 1:
             raise ArtifactError(f"batch_size must be >= 1, got {batch_size}")
         z = self.encoder_output(images, batch_size=batch_size)
-        if release:
-            z = apply_release(z, self.manifest["release"]["steps"], rng or np.random.default_rng(seed))
         wire = self.manifest["features"]["wire"]
-        return Features(quantize(z, wire["scale"], wire["zero_point"]), wire["scale"], wire["zero_point"])
+        q = to_wire(z, self.manifest["release"]["steps"], wire, rng or np.random.default_rng(seed), release=release)
+        return Features.on_grid(q, wire)
 
     def encoder_output(self, images: Any, *, batch_size: int = 256) -> np.ndarray:
         """The encoder's own float output for `images` (normalised, run, dequantised): what

@@ -95,7 +95,9 @@ def render(info: dict[str, Any], console) -> None:
         t.add_row("release transform", ", ".join(f"{s['type']}({', '.join(f'{k}={v}' for k, v in s.items() if k != 'type')})"
                                                  for s in info["release"]) or "none")
         w = info["wire"]
-        t.add_row("wire features", f"{w['dtype']}, scale {w['scale']:.6g}, zero point {w['zero_point']}")
+        grid = (f"per channel ({len(w['scale'])} scales)" if isinstance(w["scale"], list)
+                else f"scale {w['scale']:.6g}, zero point {w['zero_point']}")
+        t.add_row("wire features", f"{w.get('bits', 8)}-bit codes, {grid}, {w.get('order', 'release_then_wire')}")
     console.print(t)
 
     ops = Table(title="ops")

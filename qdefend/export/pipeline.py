@@ -37,7 +37,6 @@ import torch
 from qdefend import quant
 from qdefend.edge.cpu import MODES, ort_int8_precision
 from qdefend.edge.manifest import artifact_entry, write_manifest
-from qdefend.edge.release import wire_quant_params
 from qdefend.errors import QdefendError
 from qdefend.models import build_model, count_macs, count_params
 from qdefend.run import Run, load_run
@@ -121,7 +120,7 @@ def _int8_head(run: Run, enc_int8, head_ref):
         return head_ref, "qat"
     z = torch.from_numpy(V.torch_batched(enc_int8, _normalised(run, run.data.aux, HEAD_CALIBRATION_IMAGES)))
     gen = torch.Generator().manual_seed(_RELEASE_SEED)
-    z = run.defense.release(z, gen)  # the head sees released features in deployment
+    z = run.release(z, gen)  # the head sees released features (and the wire grid) in deployment
     prepared = quant.prepare_ptq(run.net.head.eval(), z[:2])
     quant.calibrate(prepared, (z[i:i + 128] for i in range(0, len(z), 128)))
     return quant.convert(prepared), "ptq"
@@ -239,7 +238,7 @@ def _export_run(run_dir, formats, calibrate, progress, verify_images) -> dict:
         "input": {"shape": list(run.data.shape), "dtype": "float32", "range": [0.0, 1.0], "layout": "NCHW",
                   "normalization": run.data.normalization.to_dict()},
         "features": {"shape": list(run.z_shape),
-                     "wire": wire_quant_params(out_grid, steps, [0.0, 1.0] if run.cfg.model.sigmoid else None)},
+                     "wire": run.wire_grid(out_grid)},
         "release": {"steps": steps},
         "artifacts": entries,
         "tools": _tools(),

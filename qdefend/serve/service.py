@@ -22,10 +22,10 @@ import numpy as np
 from qdefend.checks import check_choice, check_number
 from qdefend.edge.errors import ArtifactError
 from qdefend.edge.manifest import load_manifest
-from qdefend.edge.release import dequantize
+from qdefend.edge.release import wire_bits, wire_dequantize
 from qdefend.edge.runtime import Runtime
 from qdefend.edge import wire
-from qdefend.edge.wire import Message
+from qdefend.edge.wire import Message, describe_grid, same_grid
 from qdefend.errors import QdefendError
 
 __all__ = ["HEADS", "ServeConfig", "RequestError", "Service", "client_manifest", "open_service"]
@@ -191,7 +191,7 @@ class Service:
                 self._reference = {"artifact": name, "source": source, "shape": list(images.shape),
                                    "images": images.reshape(-1).tolist(), "features_shape": list(f.shape),
                                    "features": f.q.reshape(-1).tolist(), "scale": f.scale,
-                                   "zero_point": f.zero_point}
+                                   "zero_point": f.zero_point, "bits": f.bits}
             return self._reference
 
     # ------------------------------------------------------------------ one request
@@ -208,11 +208,10 @@ class Service:
             raise RequestError(413 if n > self.max_batch else 422,
                                f"batch of {n} is outside 1..{self.max_batch}: send at most {self.max_batch} "
                                "samples a request", "batch")
-        s, zp = self.wire["scale"], self.wire["zero_point"]
-        if not math.isclose(msg.scale, s, rel_tol=1e-6) or msg.zero_point != zp:
-            raise RequestError(422, f"features grid (scale {msg.scale:.9g}, zero point {msg.zero_point}) differs from "
-                                    f"the manifest's wire (scale {s:.9g}, zero point {zp}): quantise with "
-                                    "features.wire of GET /v1/manifest", "grid")
+        if not same_grid(msg, self.wire):
+            raise RequestError(422, f"features grid ({describe_grid(msg.bits, msg.scale, msg.zero_point)}) differs "
+                                    f"from the manifest's wire ({describe_grid(wire_bits(self.wire), self.wire['scale'], self.wire['zero_point'])}): "
+                                    "quantise with features.wire of GET /v1/manifest", "grid")
         if msg.encoder_sha256 not in self.encoders:
             accepted = ", ".join(f"{name} {sha[:12]}" for sha, name in sorted(self.encoders.items(),
                                                                               key=lambda kv: kv[1]))
@@ -222,7 +221,7 @@ class Service:
     def infer(self, msg: Message) -> dict[str, Any]:
         """Check `msg`, run the head on its dequantised features: labels, class names, probabilities."""
         self.check(msg)
-        z = dequantize(msg.q, msg.scale, msg.zero_point)
+        z = wire_dequantize(msg.q, self.wire)
         logits = self.head.run(z).astype(np.float64)
         p = np.exp(logits - logits.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)

@@ -52,6 +52,7 @@ import numpy as np
 
 from qdefend.checks import check_choice, check_number
 from qdefend.edge import wire
+from qdefend.edge.release import wire_bits, wire_quantize
 from qdefend.edge.wire import Message
 from qdefend.errors import QdefendError
 
@@ -236,8 +237,8 @@ class Goodput:
 
 def _profile_latency(svc: Service, repeats: int = 50) -> float:
     """25th percentile (ms) of the service's whole per-request path on one zero-valued sample."""
-    q = np.full((1, *svc.feature_shape), svc.wire["zero_point"], np.int8)
-    msg = Message(q, svc.wire["scale"], svc.wire["zero_point"], next(iter(svc.encoders)))
+    q = wire_quantize(np.zeros((1, *svc.feature_shape), np.float32), svc.wire)
+    msg = Message(q, svc.wire["scale"], svc.wire["zero_point"], next(iter(svc.encoders)), wire_bits(svc.wire))
     for _ in range(5):
         svc.infer(msg)
     times = []
@@ -381,6 +382,6 @@ class ZooEvaluator:
         """Member `member`'s probabilities for int8 features `q` (batched by the server's limit)."""
         out = []
         for i in range(0, len(q), self.zoo.max_batch):
-            msg = wire.Message(q[i:i + self.zoo.max_batch], scale, zero_point, sha256)
+            msg = wire.Message(q[i:i + self.zoo.max_batch], scale, zero_point, sha256, wire_bits(self.zoo.wire))
             out.append(np.asarray(self.zoo.services[member].infer(msg)["probabilities"], np.float32))
         return np.concatenate(out)

@@ -1,10 +1,11 @@
 // The phone-browser client of `qdefend serve`: runs the run's int8 encoder in the page with
 // onnxruntime-web (wasm, loaded from this server's own copy of the npm package, never a CDN),
-// applies the release transform (release.js, the twin of qdefend/edge/release.py), quantises onto
-// the wire grid and POSTs only the int8 features to /v1/infer (the binary layout of
-// qdefend/edge/wire.py). window.qdefend exposes the same steps to scripts and tests.
+// applies the release transform and quantises onto the wire grid in the grid's order (release.js,
+// the twin of qdefend/edge/release.py) and POSTs only the wire codes to /v1/infer (the binary
+// layout of qdefend/edge/wire.py: version 1 for an 8-bit per-tensor grid, else bit-packed version 2).
+// window.qdefend exposes the same steps to scripts and tests.
 import * as ort from "./ort/ort.wasm.min.mjs";
-import { applyRelease, dequantize, makeRng, normalize, quantize } from "./release.js";
+import { dequantize, makeRng, normalize, packMessage, quantize, toWire, wireBits } from "./release.js";
 
 const BINARY_TYPE = "application/x-qdefend-features";
 const ENCODER = "encoder.int8.onnx";
@@ -59,7 +60,9 @@ async function connect() {
   return { run: state.manifest.run, sha256_checked: state.verified, ort: ort.env.versions?.web ?? null };
 }
 
-// uint8 pixels (N x C x H x W) -> the int8 wire codes a device sends (release on or off).
+// uint8 pixels (N x C x H x W) -> the wire codes a device sends (release on or off; Runtime.encode):
+// q (Int8Array of bits-bit codes), shape, bits, the grid (scale, zeroPoint: numbers, or lists of
+// one per channel) and wire (manifest.features.wire).
 async function encodePixels(pixels, n, { release = true, seed = null } = {}) {
   const m = state.manifest, e = state.encoder;
   const [c, h, w] = m.input.shape;
@@ -74,26 +77,16 @@ async function encodePixels(pixels, n, { release = true, seed = null } = {}) {
   const out = (await state.session.run({ [e.input.name]: feed }))[e.output.name];
   let z = e.output.dtype === "int8" ? dequantize(out.data, e.output.quant.scale, e.output.quant.zero_point)
     : Float32Array.from(out.data);
-  const perSample = z.length / n;
-  if (release && m.release.steps.length) z = applyRelease(z, perSample, m.release.steps, makeRng(seed ?? undefined));
-  const wire = m.features.wire;
-  const q = quantize(z, wire.scale, wire.zero_point);
-  return { q, shape: [n, ...m.features.shape], scale: wire.scale, zeroPoint: wire.zero_point,
+  const wire = m.features.wire, shape = [n, ...m.features.shape];
+  const q = toWire(z, shape, m.release.steps, wire, makeRng(seed ?? undefined), release);
+  return { q, shape, bits: wireBits(wire), scale: wire.scale, zeroPoint: wire.zero_point, wire,
     encodeMs: performance.now() - t0 };
 }
 
-// The binary features message of qdefend/edge/wire.py.
+// The binary features message of qdefend/edge/wire.py (release.js packMessage, the twin of wire.pack).
 function pack(f) {
-  const ndim = f.shape.length, head = 52 + 4 * ndim;
-  const buf = new ArrayBuffer(head + f.q.length), v = new DataView(buf);
-  new Uint8Array(buf, 0, 4).set([0x51, 0x44, 0x46, 0x31]); // "QDF1"
-  v.setUint8(4, 1); v.setUint8(5, 1); v.setUint8(6, ndim); v.setUint8(7, 0);
-  v.setFloat64(8, f.scale, true); v.setInt32(16, f.zeroPoint, true);
-  const sha = state.encoder.sha256;
-  for (let i = 0; i < 32; i++) v.setUint8(20 + i, parseInt(sha.slice(2 * i, 2 * i + 2), 16));
-  f.shape.forEach((d, i) => v.setUint32(52 + 4 * i, d, true));
-  new Int8Array(buf, head).set(f.q);
-  return buf;
+  const grid = { bits: f.bits ?? 8, scale: f.scale, zero_point: f.zeroPoint };
+  return packMessage(f.q, f.shape, grid, state.encoder.sha256).buffer;
 }
 
 async function infer(f) {
@@ -152,7 +145,7 @@ async function onSend() {
       row.append(canvas);
       const p = Math.max(...res.probabilities[0]);
       row.append(`${file.name}: ${res.classes[0]} (${(100 * p).toFixed(1)}%) - encode ${f.encodeMs.toFixed(1)} ms, ` +
-        `round trip ${res.round_trip_ms.toFixed(1)} ms, ${f.q.length} int8 features sent`);
+        `round trip ${res.round_trip_ms.toFixed(1)} ms, ${f.q.length} ${f.bits}-bit features sent`);
       $("results").append(row);
     } catch (e) { show(`${file.name}: ${e.message}`, true); }
   }
