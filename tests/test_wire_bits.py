@@ -328,3 +328,39 @@ def test_served_requests_at_4_bits_are_half_the_int8_payload(w4_run, tmp_path):
         assert int8_body / len(body) > 1.95
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stack, params, wire", [
+    ("noise+cem", {"noise": {"sigma": 0.1}}, {"wire_bits": 2, "wire_order": "wire_then_release"}),
+    ("nopeek", {}, {"wire_bits": 4, "wire_granularity": "channel"}),
+    ("vib-mask", {}, {"wire_bits": 3}),
+    ("arl", {}, {"wire_bits": 2, "wire_granularity": "channel"}),
+    ("shredder", {}, {"wire_bits": 4, "wire_order": "wire_then_release"}),
+])
+def test_every_kind_of_defense_trains_and_exports_on_a_narrow_wire(tmp_path, stack, params, wire):
+    """A loss-term defense, a learned release (VIB, Shredder's tensors), an adversary (ARL) and CEM's
+    statistics, each on a narrow wire: trained, exported and verified, the manifest's grid the
+    trained one, and the device's codes within the width."""
+    from qdefend.config import RunConfig
+    from qdefend.edge.manifest import load_manifest
+    from qdefend.export import export_run
+    from qdefend.train import Trainer
+
+    cfg = RunConfig.from_dict({
+        "data": {"limit_train": 256, "limit_test": 64, "val_size": 64, "aux_size": 64},
+        "model": {"width": 0.25, "head_width": 0.125}, "quant": {"scheme": "int8", **wire},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.05, "num_threads": 1},
+        "defense": {"stack": stack, "params": params}})
+    root = tmp_path / "r"
+    Trainer(cfg, root, progress=False).fit()
+    m = export_run(root, formats=("tflite",), verify_images=32)
+    g = load_manifest(root)["features"]["wire"]
+    assert g["bits"] == wire["wire_bits"] and g["order"] == wire.get("wire_order", "release_then_wire")
+    ver = m["verification"]["artifacts"]["encoder.int8.tflite"]
+    assert ver["wire"]["roundtrip_exact"] and 0 <= ver["test_acc_release"] <= 1
+    from qdefend.edge.runtime import Runtime
+
+    f = Runtime.open(root, "encoder.int8.tflite", threads=1).encode(np.zeros((4, 1, 28, 28), np.uint8), seed=0)
+    lo, hi = code_range(wire["wire_bits"])
+    assert f.bits == wire["wire_bits"] and lo <= f.q.min() and f.q.max() <= hi
