@@ -202,12 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from qdefend.attacks.report import parse_presets
 
     try:
-        args.preset = parse_presets(args.preset)
+        args.preset = parse_presets(args.preset, ATTACKS)
     except AttackError as e:
         p.error(str(e))
-    bad = [a for a in args.preset if a not in ATTACKS]
-    if bad:
-        p.error(f"--preset {bad[0]}=...: ATTACK is one of {', '.join(ATTACKS)}, e.g. decoder=fast")
     if args.base is not None and not (args.base / "config.toml").is_file():
         p.error(f"--base {args.base}: not a qdefend run (no config.toml); train one or drop --base")
     return args

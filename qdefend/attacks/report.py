@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -98,10 +98,16 @@ class CompareConfig:
                               "--artifacts encoder.float.onnx,encoder.int8.tflite")
 
 
-def parse_presets(items: list[str]) -> dict[str, str]:
-    """``["decoder=fast", "gan=fast"]`` -> {"decoder": "fast", "gan": "fast"}."""
+def parse_presets(items: list[str], attacks: Iterable[str] | None = None) -> dict[str, str]:
+    """``["decoder=fast", "gan=fast"]`` -> {"decoder": "fast", "gan": "fast"}; an attack outside
+    ``attacks`` (when given) is refused."""
 
-    return {a: str(p) for a, p in (parse_assignment(item, "--preset", "decoder=fast", "ATTACK=PRESET", AttackError) for item in items)}
+    out = {a: str(p) for a, p in (parse_assignment(item, "--preset", "decoder=fast", "ATTACK=PRESET", AttackError)
+                                  for item in items)}
+    bad = [a for a in out if attacks is not None and a not in attacks]
+    if bad:
+        raise AttackError(f"--preset {bad[0]}=...: ATTACK is one of {', '.join(attacks)}, e.g. decoder=fast")
+    return out
 
 
 # ---------------------------------------------------------------------------------------- verdicts
