@@ -1,9 +1,10 @@
-"""What crosses the wire: the release steps and the int8 wire grid, in one table.
+"""What crosses the wire: the release steps and the wire grid, in one table.
 
 A device sends ``wire(release(encoder(x)))``: the encoder's float features, transformed by the
 run's release steps in order (``manifest["release"]["steps"]``, e.g. ``[{"type":
-"gaussian_noise", "sigma": 0.1}]``), then quantised onto the int8 grid ``manifest["features"]
-["wire"]``. Every consumer looks the step up in :data:`STEP_TYPES` here:
+"gaussian_noise", "sigma": 0.1}]``), then quantised onto the grid ``manifest["features"]["wire"]``
+(int8 codes of 2..8 bits, per tensor or per channel; ``wire_then_release`` quantises before the
+steps too: see "the wire grid" below). Every consumer looks the step up in :data:`STEP_TYPES` here:
 
 * the device runtime applies the **numpy** function (:func:`apply_release`);
 * training, torch attack targets and noise-aware attackers apply its **torch twin**
