@@ -108,9 +108,9 @@ class SplitForward(nn.Module):
     """encoder -> release -> head as one module: the unit DistributedDataParallel wraps (a DDP
     forward must run through the wrapper for its backward to reduce the gradients)."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, release: Callable, wire: nn.Module | None = None):
+    def __init__(self, encoder: nn.Module, head: nn.Module, release: Callable):
         super().__init__()
-        self.encoder, self.head, self.wire = encoder, head, wire  # the wire's buffers go with the module
+        self.encoder, self.head = encoder, head
         self._release = release
 
     def forward(self, x: torch.Tensor, generator: torch.Generator):
@@ -292,7 +292,7 @@ class Trainer:
         if dist.enabled:
             self._say(f"{dist.world} processes ({dist.backend}), global batch {cfg.train.batch_size} "
                       f"({cfg.train.batch_size // dist.world}-{-(-cfg.train.batch_size // dist.world)} per process)")
-        self._model = dist.wrap(SplitForward(net.encoder, net.head, run.release, net.wire), device)
+        self._model = dist.wrap(SplitForward(net.encoder, net.head, run.release), device)
 
         steps_per_epoch = math.ceil(len(run.data.train) / cfg.train.batch_size)
         # the best checkpoint is picked among the epochs the defense has shaped (the last one at least)

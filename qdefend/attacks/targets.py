@@ -32,8 +32,8 @@ from typing import Any, Callable
 import numpy as np
 
 from qdefend.data import Normalization
-from qdefend.edge.release import (random_release, release_torch_to_wire, torch_release, wire_dequantize, wire_order,
-                                  wire_quantize, wire_torch)
+from qdefend.edge.release import (random_release, release_torch_to_wire, torch_release, wire_dequantize,
+                                  wire_quantize)
 
 from .base import CAPABILITIES, AttackError
 from qdefend.run import Run, RunPaths, load_run
@@ -236,13 +236,11 @@ class TorchTarget(Target):
         with torch.no_grad():
             for i in range(0, len(x), self.batch_size):
                 z = self._forward(torch.from_numpy(x[i:i + self.batch_size]))
-                if release:
-                    if self.wire is not None and wire_order(self.wire) == "wire_then_release":
-                        z = wire_torch(z, self.wire)
-                    z = self._release_fn(z, gen) if self._release_fn else self.release_torch(z, gen)
+                if release:  # on the wire already (the torch twin is bit-exact with the device's numpy)
+                    z = release_torch_to_wire(z, self._release_fn or self.release_torch, self.wire, gen)
                 out.append(z.float().numpy())
         z = np.concatenate(out) if out else np.zeros((0, *self.feature_shape), np.float32)
-        return _wire(z, self.wire)
+        return z if release else _wire(z, self.wire)
 
     def encoder_output(self, images01):
         import torch
