@@ -29,11 +29,13 @@ try:
     from .errors import ArtifactError
     from .manifest import load_manifest, manifest_path, verify_artifact
     from .release import apply_release, dequantize, quantize, to_wire, wire_bits, wire_dequantize
+    from .wire import plain_grid
 except ImportError:  # copied flat into a device bundle
     from cpu import ENV, ort_int8_precision
     from errors import ArtifactError
     from manifest import load_manifest, manifest_path, verify_artifact
     from release import apply_release, dequantize, quantize, to_wire, wire_bits, wire_dequantize
+    from wire import plain_grid
 
 __all__ = ["INTERPRETERS", "Features", "Runtime", "apply_release", "quantize", "dequantize", "ArtifactError"]
 
@@ -46,10 +48,7 @@ class Features:
 
     def __init__(self, q: np.ndarray, scale, zero_point, bits: int = 8):
         self.q, self.bits = np.asarray(q, np.int8), int(bits)
-        if isinstance(scale, (list, tuple, np.ndarray)):
-            self.scale, self.zero_point = [float(v) for v in scale], [int(v) for v in zero_point]
-        else:
-            self.scale, self.zero_point = float(scale), int(zero_point)
+        self.scale, self.zero_point = plain_grid(scale, zero_point)
 
     @classmethod
     def on_grid(cls, q: np.ndarray, wire: dict) -> "Features":

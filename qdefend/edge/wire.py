@@ -65,11 +65,14 @@ from typing import Any
 
 try:
     from .errors import ArtifactError
+    from .release import code_range
 except ImportError:  # copied flat into a device bundle
     from errors import ArtifactError
+    from release import code_range
 
 __all__ = ["BINARY_TYPE", "JSON_TYPE", "MAGIC", "WireError", "Message", "pack", "unpack", "to_json", "from_json",
-           "header_size", "max_body_bytes", "pack_bits", "unpack_bits", "payload_size", "same_grid", "describe_grid"]
+           "header_size", "max_body_bytes", "pack_bits", "unpack_bits", "payload_size", "same_grid", "describe_grid",
+           "plain_grid"]
 
 MAGIC = b"QDF1"
 VERSION = 1  # per-tensor int8
@@ -95,10 +98,7 @@ class Message:
 
     def __init__(self, q, scale, zero_point, encoder_sha256: str, bits: int = 8):
         self.q, self.encoder_sha256, self.bits = q, encoder_sha256, int(bits)
-        if isinstance(scale, (list, tuple)):
-            self.scale, self.zero_point = [float(v) for v in scale], [int(v) for v in zero_point]
-        else:
-            self.scale, self.zero_point = float(scale), int(zero_point)
+        self.scale, self.zero_point = plain_grid(scale, zero_point)
 
     @property
     def per_channel(self) -> bool:
@@ -146,10 +146,6 @@ def max_body_bytes(feature_shape: list[int], max_batch: int) -> int:
                4096 + max_batch * per * 5 + 40 * channels)
 
 
-def _code_range(bits: int) -> tuple[int, int]:
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
 def _check_bits(bits: Any) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise WireError(f"bits must be an integer in 2..8, got {bits!r}")
@@ -157,7 +153,7 @@ def _check_bits(bits: Any) -> int:
 
 
 def _check_grid(scale: Any, zero_point: Any, bits: int = 8) -> None:
-    lo, hi = _code_range(bits)
+    lo, hi = code_range(bits)
     if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
         raise WireError(f"scale must be a finite number > 0, got {scale!r}")
     if isinstance(zero_point, bool) or not isinstance(zero_point, int) or not lo <= zero_point <= hi:
@@ -208,7 +204,9 @@ def _check_sha(sha: Any) -> str:
     return sha
 
 
-def _plain_grid(scale: Any, zero_point: Any):
+def plain_grid(scale: Any, zero_point: Any):
+    """A grid as plain Python values: (float, int), or lists of them per channel (from lists,
+    tuples or numpy arrays)."""
     if hasattr(scale, "tolist"):
         scale = scale.tolist()
     if hasattr(zero_point, "tolist"):
@@ -229,14 +227,14 @@ def pack(q, scale, zero_point, encoder_sha256: str, *, bits: int = 8) -> bytes:
     if not 2 <= q.ndim <= MAX_NDIM:
         raise WireError(f"features must have 2..{MAX_NDIM} dimensions (batch first), got shape {list(q.shape)}")
     bits = _check_bits(bits)
-    scale, zero_point = _plain_grid(scale, zero_point)
+    scale, zero_point = plain_grid(scale, zero_point)
     _check_grids(scale, zero_point, bits, list(q.shape))
     sha = bytes.fromhex(_check_sha(encoder_sha256))
     dims = struct.pack(f"<{q.ndim}I", *q.shape)
     if bits == 8 and not isinstance(scale, list):
         head = _HEAD.pack(MAGIC, VERSION, 1, q.ndim, 0, scale, zero_point, sha)
         return head + dims + np.ascontiguousarray(q).tobytes()
-    lo, hi = _code_range(bits)
+    lo, hi = code_range(bits)
     if q.size and (int(q.min()) < lo or int(q.max()) > hi):
         raise WireError(f"{bits}-bit codes must lie in [{lo}, {hi}], got [{int(q.min())}, {int(q.max())}]: "
                         "quantise with the manifest's wire grid")
@@ -323,7 +321,7 @@ def to_json(q, scale, zero_point, encoder_sha256: str, *, bits: int = 8) -> dict
     if q.dtype != np.int8:
         raise WireError(f"features must be int8 codes, got {q.dtype}")
     bits = _check_bits(bits)
-    scale, zero_point = _plain_grid(scale, zero_point)
+    scale, zero_point = plain_grid(scale, zero_point)
     doc = {"shape": list(q.shape), "dtype": "int8", "scale": scale, "zero_point": zero_point,
            "encoder_sha256": _check_sha(encoder_sha256), "features": q.reshape(-1).tolist()}
     return {**doc, "bits": bits} if bits != 8 else doc
@@ -345,7 +343,7 @@ def from_json(doc: Any) -> Message:
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise WireError(f"shape must be a list of 2..{MAX_NDIM} integers >= 0 (batch first), got {shape!r}")
     bits = _check_bits(doc.get("bits", 8))
-    lo, hi = _code_range(bits)
+    lo, hi = code_range(bits)
     _check_grids(doc["scale"], doc["zero_point"], bits, shape)
     feats = doc["features"]
     if not isinstance(feats, list) or len(feats) != math.prod(shape):
