@@ -72,13 +72,13 @@ def run_config(size: str, defense: str | None, bits: int | None, base: Path | No
 
 
 def wire_bytes(root: Path, artifact: str, images, seed: int = 0) -> dict[str, Any]:
-    """Payload bytes per image and whole HTTP bodies at batch 1 and 64, from real encoded images."""
+    """Payload bytes per image and whole HTTP bodies at batch 1 and 64, from 64 real encoded images."""
     import numpy as np
 
     from qdefend.edge import wire as W
     from qdefend.edge.runtime import Runtime
 
-    f = Runtime.open(root, artifact, threads=1).encode(images[:64], seed=seed)
+    f = Runtime.open(root, artifact, threads=1).encode(images, seed=seed)
     body = lambda n: len(W.pack(f.q[:n], f.scale, f.zero_point, "0" * 64, bits=f.bits))  # noqa: E731
     per = W.payload_size(int(np.prod(f.q.shape[1:])), f.bits)
     return {"bits": f.bits, "payload_bytes_per_image": per, "body_bytes_batch1": body(1),
@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qdefend.attacks import AttackError
+    from qdefend.config import RunConfig
+    from qdefend.data import load_dataset
     from qdefend.edge.manifest import ArtifactError
     from qdefend.errors import QdefendError
     from qdefend.machine import load_average, machine_info
@@ -231,14 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         base = args.base or args.runs_dir / "base"
         if args.base is None:
             ensure_trained(base, run_config(args.size, None, None, None), threads=args.threads, say=log("base"))
+        data_cfg = RunConfig.from_dict(run_config(args.size, None, None, None)).data  # every row's data
+        images = load_dataset(data_cfg).test.images[:64]  # what the bytes are counted on
         configs = [(d, b) for d in args.defenses for b in args.bits]
         for i, (defense, bits) in enumerate(configs, 1):
             root = args.runs_dir / f"{defense}-w{bits}"
             say = log(f"{i}/{len(configs)} {defense} {bits}-bit")
             ensure_trained(root, run_config(args.size, defense, bits, base), threads=args.threads, say=say)
             manifest = ensure_exported(root, [ARTIFACT], verify_images=size["verify_images"], say=say)
-            from qdefend.run import load_run
-
             run_holder: dict = {}
             results: dict[str, dict] = {}
             for attack in args.attacks:
@@ -246,7 +248,6 @@ def main(argv: list[str] | None = None) -> int:
                 results.update(ensure_attacks(root, spec, [attack], preset=args.preset.get(attack, size["preset"]),
                                               params={attack: size["params"].get(attack, {})},
                                               threads=args.threads or None, say=say, run_holder=run_holder))
-            images = load_run(root).data.test.images if not run_holder else run_holder["run"].data.test.images
             row = build_row(defense, bits, RunPaths(root).read_metrics(), manifest, results,
                             wire_bytes(root, ARTIFACT, images))
             rows.append(row)
