@@ -1,12 +1,14 @@
 """What training and attacks cost on this CPU: a QAT step against a float step, and the decoder
 attacker's training throughput under its memory format, threads and batch size.
 
-    python benchmarks/training.py [--batch 128] [--threads 1,2] [--repeats 15] [--out FILE]
+    python benchmarks/training.py [--batch 128] [--threads 1,2] [--repeats 15] [--malloc qdefend|glibc] [--out FILE]
 
 QAT vs float: the reference split (VGG11-BN cut 2, the run config's defaults) built by qdefend's
 own `build_run`, once with `quant.scheme = int8` (torchao pt2e fake-quant encoder) and once float,
 each trained the way `qdefend train` trains (SGD with momentum, cross-entropy, channels_last when
-the config says so) on real Fashion-MNIST training images; a step is forward + backward + update.
+the config says so, freed memory kept in the heap: qdefend.allocator) on real Fashion-MNIST
+training images; a step is forward + backward + update. ``--malloc glibc`` measures the same with
+the C library's allocator defaults.
 Decoder: CEM's residual decoder (`res_normN8C64`, the default attacker) on features of the cut's
 shape, MSE loss, Adam, forward + backward + update, images per second.
 
@@ -117,11 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=_ints, default=[1, 2])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--malloc", choices=("qdefend", "glibc"), default="qdefend",
+                    help="qdefend: keep freed memory in the heap as `qdefend train` and attacks do "
+                         "(qdefend.allocator); glibc: the C library's defaults, to measure what that buys")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     import torch
 
+    from qdefend.allocator import keep_freed_memory
     from qdefend.machine import load_average, machine_info
+
+    allocator = keep_freed_memory() if a.malloc == "qdefend" else {"malloc": "glibc defaults"}
 
     started, load_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), load_average()
     configs: dict[str, dict] = {}
@@ -156,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
            "command": " ".join(["python", "benchmarks/training.py", *(argv if argv is not None else sys.argv[1:])]),
            "machine": machine_info(), "torch_threads_default": torch.get_num_threads(),
            "load_average": {"start": load_start, "end": load_average()},
-           "settings": {"repeats": a.repeats, "warmup": a.warmup, "order": "round-robin, shuffled per round"},
+           "settings": {"repeats": a.repeats, "warmup": a.warmup, "order": "round-robin, shuffled per round",
+                        "allocator": allocator},
            "results": rows, "ratios": ratios}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")

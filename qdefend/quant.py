@@ -30,6 +30,7 @@ import os
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # silences CUDA .so warnings
 
 import copy
+import functools
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -182,6 +183,139 @@ class WireQuantizer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Activation fake-quant: torch's rounding step, without its CPU cost
+
+
+class _FakeQuantPerTensor(torch.autograd.Function):
+    """Per-tensor fake quantization with a straight-through gradient inside the grid, bit-identical
+    to ``torch.fake_quantize_per_tensor_affine`` (tested) but written as a few vectorised passes.
+
+    On CPU torch's cachemask kernel is a scalar loop (about 60 ms for a 128x64x28x28 activation on
+    one Zen 4 core); x * (1/scale), round half to even, clamp, * scale in float32 gives the same bits
+    (the integer codes are exact in float32, and one rounding of (q - zp) * scale is the kernel's
+    double product rounded once). The grid values are read on the host, so other devices keep
+    torch's own kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
+        s = scale.reshape(()).float()
+        inv = float(1.0 / s)  # float32 1/scale, as the kernel computes it
+        zp = int(zero_point.reshape(()))
+        lo, hi = float(qmin - zp), float(qmax - zp)
+        t = x * inv
+        t.round_()
+        out = t.clamp(lo, hi)
+        ctx.save_for_backward(out == t)  # inside the grid
+        return out.mul_(float(s))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None, None
+
+
+def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                             qmin: int, qmax: int) -> torch.Tensor:
+    """``torch.fake_quantize_per_tensor_affine`` with tensor qparams: the same bits and gradient,
+    faster on CPU (see :class:`_FakeQuantPerTensor`)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    return _FakeQuantPerTensor.apply(x, scale, zero_point, qmin, qmax)
+
+
+class _ChannelDiv(torch.autograd.Function):
+    """``x / s`` for the per-channel ``s`` of pt2e's QAT conv-BN pattern (conv with the BN-scaled
+    weight, divided back by the BN scale before batch norm), with a backward of three passes over
+    ``x`` instead of autograd's five: d/ds = -sum(g / s * out) over the broadcast dims. The forward is
+    the same op; the gradients are equal up to float rounding (tested)."""
+
+    @staticmethod
+    def forward(ctx, x, s):
+        out = x / s
+        ctx.save_for_backward(out, s)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, s = ctx.saved_tensors
+        gx = grad / s
+        gs = None
+        if ctx.needs_input_grad[1]:
+            gs = (gx * out).sum_to_size(s.shape).neg_()
+        return gx, gs
+
+
+def channel_div(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The conv-BN pattern's division in a prepared QAT graph (see :class:`_ChannelDiv`)."""
+    return _ChannelDiv.apply(x, s)
+
+
+_CONV_TARGETS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv_transpose1d.input",
+                 "aten.conv_transpose2d.input")
+
+
+def _swap_conv_bn_div(gm: torch.fx.GraphModule, fast: bool) -> torch.fx.GraphModule:
+    """Point the conv-BN pattern's division nodes (a conv's output divided by a tensor) at
+    :func:`channel_div` (``fast``) or back at aten's div, which ``convert_pt2e`` matches to fold
+    the BN into the conv; returns ``gm``."""
+    div = torch.ops.aten.div.Tensor
+    src, dst = (div, channel_div) if fast else (channel_div, div)
+    changed = False
+    for node in gm.graph.nodes:
+        if (node.op == "call_function" and node.target is src and node.args
+                and isinstance(node.args[0], torch.fx.Node) and str(node.args[0].target) in _CONV_TARGETS):
+            node.target, changed = dst, True
+    if changed:
+        gm.recompile()
+    return gm
+
+
+def _storage_order(x: torch.Tensor) -> torch.Tensor:
+    """A view of ``x`` whose logical order is its memory order (channels_last -> NHWC), so a
+    full reduction reads it without torch first copying it to NCHW."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1)
+    return x
+
+
+@functools.cache
+def activation_fake_quantize():
+    """The activation fake-quant module class of the project's QAT scheme.
+
+    torchao's plain ``FakeQuantize`` with a moving-average min/max observer: per step the observer
+    updates its range, the grid is the observer's own ``calculate_qparams`` (the rule
+    ``convert_pt2e`` uses for the int8 graph, so training rounds on the artifact's grid), and the
+    rounding is :func:`fake_quantize_per_tensor`. torchao's QAT default for activations,
+    ``FusedMovingAvgObsFakeQuantize``, does the same in one op, but chooses the grid with another
+    rule (C++ ``choose_qparams``, whose zero point can differ by one from the artifact's), copies a
+    channels_last activation to NCHW for its min/max, and rounds with the scalar CPU kernel: about
+    a third of a QAT step of the reference split on CPU (``benchmarks/training.py``). Its buffers and
+    state-dict keys are the same, so checkpoints load either way.
+    """
+    from torchao.quantization.pt2e import FakeQuantize
+
+    class ActivationFakeQuantize(FakeQuantize):
+        def forward(self, X: torch.Tensor) -> torch.Tensor:
+            if self.is_per_channel:
+                return super().forward(X)
+            if self.observer_enabled[0] == 1:
+                self.activation_post_process(_storage_order(X.detach()))
+                scale, zero_point = self.calculate_qparams()
+                if self.scale.shape != scale.shape:
+                    self.scale.resize_(scale.shape)
+                    self.zero_point.resize_(zero_point.shape)
+                self.scale.copy_(scale)
+                self.zero_point.copy_(zero_point)
+            if self.fake_quant_enabled[0] == 1:
+                X = fake_quantize_per_tensor(X, self.scale, self.zero_point, self.quant_min, self.quant_max)
+            return X
+
+    ActivationFakeQuantize.__qualname__ = ActivationFakeQuantize.__name__
+    return ActivationFakeQuantize
+
+
+# --------------------------------------------------------------------------------------------
 # Quantizer
 
 
@@ -229,11 +363,16 @@ def make_quantizer(is_qat: bool):
 
         from torchao.quantization.pt2e import FakeQuantize, MovingAveragePerChannelMinMaxObserver
 
-        config = dataclasses.replace(config, weight=dataclasses.replace(
-            config.weight,
-            observer_or_fake_quant_ctr=FakeQuantize.with_args(
-                observer=MovingAveragePerChannelMinMaxObserver, eps=2**-12),
-        ))
+        from torchao.quantization.pt2e import MovingAverageMinMaxObserver
+
+        act = activation_fake_quantize().with_args(observer=MovingAverageMinMaxObserver, eps=2**-12)
+        config = dataclasses.replace(
+            config,
+            weight=dataclasses.replace(config.weight, observer_or_fake_quant_ctr=FakeQuantize.with_args(
+                observer=MovingAveragePerChannelMinMaxObserver, eps=2**-12)),
+            input_activation=dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=act),
+            output_activation=dataclasses.replace(config.output_activation, observer_or_fake_quant_ctr=act),
+        )
     ops = (("conv_bn_relu", "conv_bn") if is_qat else ()) + (
         "linear_relu", "linear", "conv_relu", "conv", "adaptive_avg_pool2d",
         "add_relu", "add", "mul_relu", "mul", "cat",
@@ -375,7 +514,7 @@ def prepare_qat(module: nn.Module, example: torch.Tensor, quantizer=None) -> QAT
 
     _install_pattern_cache()
     gm = prepare_qat_pt2e(_export(module, example, train=True), quantizer or make_quantizer(True))
-    return set_train(_as_qat_module(gm), True)
+    return set_train(_as_qat_module(_swap_conv_bn_div(gm, fast=True)), True)
 
 
 def prepare_ptq(module: nn.Module, example: torch.Tensor, quantizer=None) -> torch.fx.GraphModule:
@@ -438,7 +577,7 @@ def convert(prepared: torch.fx.GraphModule, *, fold_quantize: bool = True) -> to
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     _install_pattern_cache()
-    m = copy.deepcopy(prepared)
+    m = _swap_conv_bn_div(copy.deepcopy(prepared), fast=False)
     move_exported_model_to_eval(m)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed, quant
+from .allocator import keep_freed_memory
 from .checkpoint import has_checkpoint, load_checkpoint, resolve_tag, save_checkpoint, write_lines_atomic
 from .config import RunConfig
 from .data import Split, batches
@@ -205,6 +206,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
+        keep_freed_memory()
         if not distributed.launched():
             return self._fit(pick_device(cfg.train.device), resume, changed)
         self.dist, device = distributed.join(cfg.train.device)

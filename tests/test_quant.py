@@ -298,3 +298,87 @@ def test_quant_config_validation():
     assert "quant.scheme must be one of int8, none, got 'int4': e.g. --qat int8" in str(e.value)
     with pytest.raises(QdefendError, match="quantize_head=True needs scheme='int8'"):
         Q.QuantConfig(scheme="none", quantize_head=True)
+
+
+# ------------------------------------------------------------------- the fast QAT ops (CPU step cost)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_fake_quant_is_bitwise_torch_values_and_gradients(channels_last):
+    """fake_quantize_per_tensor == torch.fake_quantize_per_tensor_affine bit for bit: outputs and the
+    straight-through gradient, on exact half-step ties, on both sides of the clamp, any zero point."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        x = torch.randn(4, 6, 5, 7, generator=gen) * float(torch.rand(1, generator=gen) * 8 + 0.1)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        scale = torch.tensor([float(torch.rand(1, generator=gen) * 0.05 + 1e-3)])
+        zp = torch.tensor([int(torch.randint(-128, 128, (1,), generator=gen))], dtype=torch.int32)
+        with torch.no_grad():  # ties: exact multiples of half a step, rounded half to even by both
+            x[0, 0] = (torch.arange(35).reshape(5, 7) - 17) * 0.5 * scale
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = Q.fake_quantize_per_tensor(a, scale, zp, -128, 127)
+        yb = torch.fake_quantize_per_tensor_affine(b, scale, zp, -128, 127)
+        g = torch.randn(x.shape, generator=gen)
+        ya.backward(g)
+        yb.backward(g)
+        assert torch.equal(ya, yb), trial
+        assert torch.equal(a.grad, b.grad), trial
+        assert (a.grad == 0).any() and (a.grad != 0).any()  # both sides of the clamp were hit
+        assert ya.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_activation_fake_quant_trains_on_the_artifacts_grid(qat):
+    """The QAT activations use ActivationFakeQuantize; after training, every per-tensor grid the
+    fake-quant rounded with is the observer's calculate_qparams, the grid convert_pt2e writes."""
+    act = [m for m in _fake_quants(qat.gm) if not m.is_per_channel]
+    cls = Q.activation_fake_quantize()
+    assert act and sum(isinstance(m, cls) for m in act) >= 3
+    for m in act:
+        if isinstance(m, cls):
+            scale, zp = m.calculate_qparams()
+            assert torch.equal(m.scale, scale) and torch.equal(m.zero_point, zp)
+
+
+def test_activation_fake_quant_matches_torchaos_plain_fake_quantize():
+    """Same buffers, same update, same output as torchao's FakeQuantize with the same observer, on a
+    channels_last activation (read in storage order) and a contiguous one."""
+    from torchao.quantization.pt2e import FakeQuantize, MovingAverageMinMaxObserver
+
+    kw = dict(observer=MovingAverageMinMaxObserver, quant_min=-128, quant_max=127, dtype=torch.qint8,
+              qscheme=torch.per_tensor_affine, eps=2**-12)
+    ours, ref = Q.activation_fake_quantize()(**kw), FakeQuantize(**kw)
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    for step in range(5):
+        x = torch.relu(torch.randn(3, 8, 6, 6, generator=gen)) * (step + 1)
+        if step % 2:
+            x = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(ours(x), ref(x))
+        for k, v in ref.state_dict().items():
+            assert torch.equal(ours.state_dict()[k], v), k
+
+
+def test_channel_div_gradients_match_autograd():
+    x = torch.randn(4, 5, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    s = (torch.rand(1, 5, 1, 1, dtype=torch.float64) + 0.5)
+    torch.autograd.gradcheck(Q.channel_div, (x.requires_grad_(), s.requires_grad_()))
+    xf, sf = x.detach().float().requires_grad_(), s.detach().float().requires_grad_()
+    xr, sr = xf.detach().clone().requires_grad_(), sf.detach().clone().requires_grad_()
+    g = torch.randn(xf.shape)
+    out = Q.channel_div(xf, sf)
+    assert torch.equal(out, xr / sr)
+    out.backward(g)
+    (xr / sr).backward(g)
+    assert torch.equal(xf.grad, xr.grad)
+    assert torch.allclose(sf.grad, sr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_prepared_graph_divides_with_channel_div_and_convert_folds_bn(qat):
+    """The conv-BN divisions of the prepared graph run channel_div; convert swaps them back on its
+    copy (the prepared module keeps channel_div) and folds every BN into its conv."""
+    targets = [n.target for n in qat.gm.graph.nodes if n.op == "call_function"]
+    assert Q.channel_div in targets
+    assert not any("batch_norm" in str(n.target) for n in qat.converted.graph.nodes)
+    assert not any(n.target is Q.channel_div for n in qat.converted.graph.nodes)
+    assert Q.channel_div in [n.target for n in qat.gm.graph.nodes if n.op == "call_function"]

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from .base import ATTACKS, Attack, AttackError, AttackResult, build_attack
 from .grid import save_grid
+from qdefend.allocator import keep_freed_memory
 from qdefend.config import parse_assignment
 from qdefend.checkpoint import MODEL_FILE, STATE_FILE, resolve_tag
 from qdefend.edge.manifest import ArtifactError, load_manifest
@@ -122,6 +123,7 @@ def attack_run(run_dir: str | Path, spec: str, attack: str, *, preset: str | Non
     defense (qdefend.defenses.output, e.g. "round:2") on the service's probabilities; the result
     is then written as ``ATTACK-TARGET@TAG.json``."""
 
+    keep_freed_memory()
     params = dict(params or {})
     cls = ATTACKS.get(attack)
     if budget is not None:
