@@ -1,37 +1,44 @@
 """PSML on Fashion-MNIST: a served model zoo, its fingerprint-then-extract attack, and the noise defense.
 
     python benchmarks/psml.py [--runs-dir runs/psml] [--out benchmarks/results/psml] [--budget 5000]
-        [--scales 0.01,0.02,0.03,0.05,0.08,0.12,0.2] [--load-requests 1500] [--clients 2] [--size full|quick]
-        [--threads 1] [--pins steady,center] [--force]
+        [--noises gaussian:0.02 ... drop:0.8,mid] [--attackers steady,center,vote3] [--load-requests 1500]
+        [--clients 2] [--size full|quick] [--threads 1] [--force]
 
-The zoo: four int8 QAT heads over one int8 encoder (``qdefend serve --zoo``). ``base`` is the
-reference split trained on few images (``data.limit_train`` 3,000, 1 epoch), which makes the
-encoder; ``low``, ``mid``, ``high`` and ``top`` are head-only fine-tunes of it (``--from base
---set train.freeze=encoder``; their exported encoders are byte-identical to base's) on 1,500,
-8,000, 25,000 and all 50,000 training images (``top``: 2 epochs), so the heads differ in accuracy
-and in their answers. Each run is trained and exported unless already done (``qdefend.stages``).
+The zoo: int8 QAT heads over one int8 encoder (``qdefend serve --zoo``). ``base`` is the reference
+split trained on few images (``data.limit_train`` 3,000, 1 epoch), which makes the encoder; every
+member is a head-only fine-tune of it (``--from base --set train.freeze=encoder``; their exported
+encoders are byte-identical to base's), see ``SIZES``: ``low``, ``mid``, ``high`` and ``top`` on
+1,500, 8,000, 25,000 and all 50,000 training images with SGD, and ``adam``, all 50,000 images
+with Adam (another optimizer and seed: a head about as accurate as ``top`` that disagrees with
+it more than the nested-data heads do). Each run is trained and exported unless already done
+(``qdefend.stages``).
 
 Each row starts a real server in this process (uvicorn on 127.0.0.1, port from the OS; the
 operator's :class:`qdefend.serve.zoo.ZooEvaluator` scores the attack) and attacks it over HTTP
 with KnockoffNets' default settings at ``--budget`` queries (random policy, aux pool, LeNet-style
-clone), seed 0; fidelity is always measured against ``top`` (the zoo's most accurate head) on the
-first 5,000 test images:
+clone), seed 0; fidelity is always to the zoo's most accurate head (the victim) on the first
+5,000 test images:
 
-* ``single``: a zoo of ``top`` alone (the exposed single model, the upper bound);
-* ``naive``: the four-head zoo, each request with targets drawn uniformly from the target box
+* ``single``: a zoo of the most accurate head alone (the exposed single model, the upper bound),
+  with a clone per budget in ``CURVE`` too (for the filtering attacker's estimate);
+* ``naive``: the whole zoo, each request with targets drawn uniformly from the target box
   (accuracy in [0.5, 1], latency log-uniform in [0.05, 1000] ms; a refused draw is drawn again);
-* ``fingerprint``: the four-head zoo, fingerprint (8 probes, majority of 3 asks per target) then
-  extract at the pinned targets;
-* ``defense@S``: the same attack on the zoo with ``--target-noise gaussian:S`` (accuracy noise of
-  std S; latency untouched), by the default attacker (``pin=steady``: it measures which point of
-  the victim's band answers steadiest) and by one that pins the band's middle (``pin=center``),
-  and the zoo's goodput under a bounded loopback load measured first:
-  ``--clients`` threads post ``--load-requests`` one-image requests, the users' accuracy targets
-  uniform in [lowest head's accuracy - 0.05, highest head's], latency targets log-uniform in
-  [5, 100] ms. ``goodput@0`` is the same load without noise.
+* ``fingerprint``: the whole zoo, fingerprint (8 probes, majority of 3 asks per target) then
+  extract at the pinned targets; ``fingerprint+vote3``: the same, each extraction image asked 3
+  times and its most frequent answer kept (budget // 3 images);
+* ``defense@SPEC``: the same attackers on the zoo with ``--target-noise SPEC`` (accuracy noise
+  only; in ``drop:P,NAME`` the level is member NAME's profiled accuracy): ``steady`` (the default
+  pin: the point of the victim's band that answers steadiest), ``center`` (pins the band's
+  middle) and ``vote3`` (steady pin, 3 asks an image). Protection = the undefended
+  ``fingerprint`` row minus the *best* of these attackers (the worst case for the defense); a
+  second verdict adds an estimated filtering attacker (:func:`filtering_estimate`), which is not
+  run. Goodput is measured first, under a bounded loopback load of
+  legitimate users only: ``--clients`` threads post ``--load-requests`` one-image requests with
+  accuracy targets uniform in [lowest head's accuracy - 0.05, highest head's] and latency
+  targets log-uniform in [5, 100] ms. ``goodput@0`` is the same load without noise.
 
 Output under --out: ``psml.json`` (rows, the zoo's profiles, settings, machine), ``psml.md`` (the
-README table) and ``psml.png`` (protection against goodput). Rows already in ``psml.json`` with
+README tables) and ``psml.png`` (protection against goodput). Rows already in ``psml.json`` with
 the same settings are kept (resumable); ``--force`` recomputes them.
 """
 
@@ -47,15 +54,27 @@ from pathlib import Path
 
 import numpy as np
 
-# run -> (training images, epochs, seed); "base" makes the encoder, the others are head-only fine-tunes of it
+_SGD = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 0.0005}
+_ADAM = {"optimizer": "adam", "lr": 0.001, "weight_decay": 0.0}
+# run -> (training images, epochs, seed, optimizer settings); "base" makes the encoder, the others
+# are head-only fine-tunes of it
 SIZES = {
-    "full": {"runs": {"base": (3000, 1, 0), "low": (1500, 1, 1), "mid": (8000, 1, 1), "high": (25000, 1, 3),
-                      "top": (None, 2, 2)}, "verify_images": None, "accuracy_range": [0.5, 1.0]},
-    "quick": {"runs": {"base": (512, 1, 0), "low": (256, 1, 1), "mid": (512, 1, 1), "high": (1024, 1, 3),
-                       "top": (2048, 1, 2)}, "verify_images": 500, "accuracy_range": [0.0, 1.0]},
+    "full": {"runs": {"base": (3000, 1, 0, _SGD), "low": (1500, 1, 1, _SGD), "mid": (8000, 1, 1, _SGD),
+                      "high": (25000, 1, 3, _SGD), "adam": (None, 2, 11, _ADAM), "top": (None, 2, 2, _SGD)},
+             "verify_images": None, "accuracy_range": [0.5, 1.0]},
+    "quick": {"runs": {"base": (512, 1, 0, _SGD), "low": (256, 1, 1, _SGD), "mid": (512, 1, 1, _SGD),
+                       "high": (1024, 1, 3, _SGD), "adam": (2048, 1, 11, _ADAM), "top": (2048, 1, 2, _SGD)},
+              "verify_images": 500, "accuracy_range": [0.0, 1.0]},
 }
-ZOO = ("low", "mid", "high", "top")
+ZOO = ("low", "mid", "high", "adam", "top")
 ATTACKER = {"probes": 8, "repeats": 3}
+ATTACKERS = {"steady": {"pin": "steady"}, "center": {"pin": "center"}, "vote3": {"pin": "steady", "vote": 3}}
+# a drop level may name a member (``drop:0.6,mid``: to mid's profiled accuracy)
+NOISES = ("gaussian:0.02", "gaussian:0.03", "gaussian:0.05", "gaussian:0.08", "gaussian:0.12", "drop:0.9",
+          "drop:0.3,mid", "drop:0.5,mid", "drop:0.6,mid", "drop:0.7,mid", "drop:0.8,mid", "drop:0.9,mid")
+CURVE = (250, 500, 1000, 2000)  # the single model's extra budgets (the filtering attacker's estimate)
+MAX_ASKS = 8  # the filtering attacker's asks an image at most
+GOAL = {"fidelity_cut": 0.04, "goodput": 0.80}  # the issue's target: a >= 4-point cut at >= 80% goodput
 
 
 def parse_args(argv):
@@ -63,17 +82,36 @@ def parse_args(argv):
     p.add_argument("--runs-dir", type=Path, default=Path("runs/psml"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/psml"))
     p.add_argument("--budget", type=int, default=5000)
-    p.add_argument("--scales", default="0.01,0.02,0.03,0.05,0.08,0.12,0.2")
+    p.add_argument("--noises", nargs="+", default=list(NOISES), help="defense rows: --target-noise specs")
+    p.add_argument("--attackers", default=",".join(ATTACKERS), help=f"defense rows: some of {', '.join(ATTACKERS)}")
     p.add_argument("--load-requests", type=int, default=1500)
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--size", choices=tuple(SIZES), default="full")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--pins", default="steady,center", help="defense rows: the attackers' pin choices")
     p.add_argument("--force", action="store_true")
     a = p.parse_args(argv)
-    a.scales = [float(s) for s in a.scales.split(",") if s]
-    a.pins = [s for s in a.pins.split(",") if s]
+    a.attackers = [s for s in a.attackers.split(",") if s]
+    bad = [s for s in a.attackers if s not in ATTACKERS]
+    if bad:
+        p.error(f"--attackers {','.join(bad)}: choose among {', '.join(ATTACKERS)}")
+    from qdefend.errors import QdefendError
+    from qdefend.serve.zoo import TargetNoise
+
+    try:
+        for spec in a.noises:
+            TargetNoise.parse(resolve_noise(spec, {k: 0.5 for k in ZOO}))
+    except QdefendError as e:
+        p.error(str(e))
     return a
+
+
+def resolve_noise(spec: str, accuracy: dict[str, float]) -> str:
+    """``drop:P,NAME`` -> ``drop:P,<NAME's accuracy>``; other specs unchanged."""
+    dist, _, values = spec.partition(":")
+    head, sep, level = values.partition(",")
+    if dist != "drop" or not sep or level not in accuracy:
+        return spec
+    return f"drop:{head},{accuracy[level]:.6f}"
 
 
 # ------------------------------------------------------------------------------ the zoo
@@ -84,8 +122,8 @@ def build_zoo(runs_dir: Path, size: str, say) -> dict[str, Path]:
 
     s = SIZES[size]
     roots = {k: runs_dir / k for k in s["runs"]}
-    for name, (images, epochs, seed) in s["runs"].items():
-        cfg = {"data": {"limit_train": images}, "train": {"epochs": epochs, "seed": seed}}
+    for name, (images, epochs, seed, opt) in s["runs"].items():
+        cfg = {"data": {"limit_train": images}, "train": {"epochs": epochs, "seed": seed, **opt}}
         if name != "base":
             cfg["init_from"] = str(roots["base"])
             cfg["train"]["freeze"] = "encoder"
@@ -195,14 +233,16 @@ def agreement(server: Server, base: Path, data, n: int = 5000) -> list[float]:
 
 
 def attack(server: Server, base: Path, data, mode: str, budget: int, accuracy_range: list[float],
-           pin: str = "steady") -> dict:
+           attacker: str = "steady", curve: bool = False) -> dict:
+    """One attack on the served zoo; ``curve``: also a clone per budget in CURVE (one query sequence)."""
     from qdefend.attacks import build_attack
     from qdefend.attacks.zoo import open_zoo_target
     from qdefend.serve.zoo import ZooEvaluator
 
     target = open_zoo_target(base, f"zoo:{server.url}", truth=ZooEvaluator(server.zoo), deadline_s=1800)
-    atk = build_attack("fingerprint", mode=mode, budgets=[budget], accuracy_range=accuracy_range, pin=pin,
-                       **ATTACKER)
+    budgets = sorted({b for b in CURVE if b < budget} | {budget}) if curve else [budget]
+    atk = build_attack("fingerprint", mode=mode, budgets=budgets, accuracy_range=accuracy_range,
+                       **ATTACKER, **(ATTACKERS[attacker] if mode == "fingerprint" else {}))
     t0 = time.perf_counter()
     res = atk.run(target, data, seed=0, progress=lambda m: print(f"    {m}", file=sys.stderr, flush=True))
     fp = res.extra.get("fingerprint") or {}
@@ -213,64 +253,172 @@ def attack(server: Server, base: Path, data, mode: str, budget: int, accuracy_ra
         pol = SelectionPolicy(server.zoo.policy.profiles, server.zoo.policy.noise, seed=1)
         t = Targets(fp["pinned"]["accuracy"], fp["pinned"]["latency_ms"], True)
         share = float(np.mean([pol.select(t) == target.truth.most_accurate for _ in range(4000)]))
-    return {"mode": mode, "pin": pin, "clone_acc": res.metrics["clone_acc"], "fidelity": res.metrics["fidelity"],
+    return {"mode": mode, "attacker": attacker if mode == "fingerprint" else None,
+            "clone_acc": res.metrics["clone_acc"], "fidelity": res.metrics["fidelity"],
             "victim_acc": res.metrics["victim_acc"], "queries": int(res.metrics["queries"]),
             "fingerprint_queries": int(res.metrics["fingerprint_queries"]),
             "identification_acc": res.metrics.get("identification_acc"),
-            "victim_identified": res.metrics.get("victim_identified"),
+            "victim_identified": res.metrics.get("victim_identified"), "vote": res.extra.get("vote"),
             "pinned": fp.get("pinned"), "clusters": fp.get("clusters"), "pin_candidates": fp.get("pin_candidates"),
-            "best_head_share_at_pin": share, "http_requests": target.requests, "wall_s": round(time.perf_counter() - t0, 1)}
+            "best_head_share_at_pin": share, "fidelity_to": res.extra.get("fidelity_to"),
+            "curve": [{k: c[k] for k in ("queries", "clone_acc", "fidelity")} for c in res.extra["curve"]],
+            "http_requests": target.requests, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def best_pin(server: Server, points: int = 20, draws: int = 2000) -> dict:
+    """The operator's view: the accuracy target in the best head's band (at the loosest latency)
+    where the noisy policy gives the best head most often, and how often."""
+    from qdefend.serve.zoo import SelectionPolicy, Targets
+
+    pol = server.zoo.policy
+    best = max(range(len(pol.profiles)), key=lambda i: pol.profiles[i].accuracy)
+    accs = sorted({p.accuracy for p in pol.profiles})
+    lo = accs[-2] if len(accs) > 1 else 0.0
+    sim = SelectionPolicy(pol.profiles, pol.noise, seed=1)
+    share = {float(a): float(np.mean([sim.select(Targets(float(a), math.inf, True)) == best for _ in range(draws)]))
+             for a in np.linspace(lo, accs[-1], points + 1)[1:]}
+    a = max(share, key=share.get)
+    return {"accuracy": a, "share": share[a]}
 
 
 # ------------------------------------------------------------------------------ output
 
 
-def markdown(rows: dict, profiles: list[dict]) -> str:
+def defense_keys(rows: dict) -> list[str]:
+    """``defense@SPEC`` rows, by noise family (in first-seen order), then scale."""
+    keys = [k for k in rows if k.startswith("defense@")]
+    families = list(dict.fromkeys(_noise(k)[0] for k in keys))
+    return sorted(keys, key=lambda k: (families.index(_noise(k)[0]), _noise(k)[1]))
+
+
+def _noise(key: str) -> tuple[str, float]:
+    """``defense@drop:0.3,mid`` -> ("drop to mid", 0.3): the family (what the sweep keeps fixed)
+    and the swept scale (the accuracy scale, or a drop's probability)."""
+    dist, _, values = key.split("@", 1)[1].partition(":")
+    scale, *rest = values.split(",")
+    if dist == "drop":
+        return f"drop to {rest[0]}" if rest else "drop to the second best", float(scale)
+    return (f"{dist}, latency {rest[0]}" if rest and float(rest[0]) else dist), float(scale)
+
+
+def protection(rows: dict, key: str, budget: int | None = None) -> dict | None:
+    """The undefended fingerprint attack minus the best attacker on the defended zoo (fidelity and
+    clone accuracy, fractions), with the attacker that was best; with ``budget``, the estimated
+    filtering attacker counts as one more. None before the reference row."""
+    ref = rows.get("fingerprint")
+    attacks = dict(rows[key]["attacks"])
+    est = filtering_estimate(rows, key, budget) if budget else None
+    if est:
+        attacks["filter (est.)"] = est
+    if not ref or not attacks:
+        return None
+    fid = max(attacks, key=lambda a: attacks[a]["fidelity"])
+    acc = max(attacks, key=lambda a: attacks[a]["clone_acc"])
+    return {"fidelity_cut": ref["fidelity"] - attacks[fid]["fidelity"], "fidelity_by": fid,
+            "accuracy_cut": ref["clone_acc"] - attacks[acc]["clone_acc"], "accuracy_by": acc}
+
+
+def filtering_estimate(rows: dict, key: str, budget: int) -> dict | None:
+    """What an attacker that filters the best head's answers out of the mix would get (an estimate,
+    optimistic for the attacker): at the pin where the largest share s of the answers come from the
+    best head (the measured attackers' pins, and ``best_pin``: the best of 20 targets in its band),
+    it asks each image r times plus once at a pin that only the other head answers, keeps the
+    answers that differ from that one (the best head's), so budget / (r + 1) x (1 - (1 - s)^r)
+    clean answers (best r <= MAX_ASKS); its fidelity is the single exposed model's at that many
+    queries (``single``'s curve, log-linear). None without the curve or a pin share."""
+    curve = (rows.get("single") or {}).get("curve") or []
+    shares = [a.get("best_head_share_at_pin") for a in rows[key]["attacks"].values()]
+    shares = [v for v in shares + [(rows[key].get("best_pin") or {}).get("share")] if v is not None]
+    if len(curve) < 2 or not shares:
+        return None
+    s = max(shares)
+    n = max(budget / (r + 1) * (1 - (1 - s) ** r) for r in range(1, MAX_ASKS + 1)) if s < 1 else budget
+    q = np.log([c["queries"] for c in curve])
+    out = {"share": s, "clean_answers": round(n)}
+    for metric in ("fidelity", "clone_acc"):
+        out[metric] = float(np.interp(np.log(max(n, 1)), q, [c[metric] for c in curve]))
+    return out
+
+
+def goal_verdict(rows: dict, budget: int | None = None) -> str:
+    """One sentence: is there a noise with goodput >= GOAL and a worst-case fidelity cut >= GOAL?
+    With ``budget``, the estimated filtering attacker is among the attackers."""
+    points = [(k, rows[k]["goodput"]["goodput"], protection(rows, k, budget)) for k in defense_keys(rows)]
+    points = [(k, g, p) for k, g, p in points if p is not None]
+    who = "the measured attackers and the estimated filtering one" if budget else "the measured attackers"
+    want = (f"a fidelity cut >= {100 * GOAL['fidelity_cut']:g} points against the best of {who} at goodput >= "
+            f"{100 * GOAL['goodput']:g}%")
+    if not points:
+        return f"goal ({want}): not measured (no defense rows)"
+    ok = [(k, g, p) for k, g, p in points if g >= GOAL["goodput"] and p["fidelity_cut"] >= GOAL["fidelity_cut"]]
+    fit = [(k, g, p) for k, g, p in points if g >= GOAL["goodput"]]
+    if ok:
+        k, g, p = max(ok, key=lambda t: t[2]["fidelity_cut"])
+        return (f"goal ({want}): **met** by {len(ok)} noise setting(s); the largest cut: `{k.split('@')[1]}`, "
+                f"{100 * p['fidelity_cut']:.2f} points at {100 * g:.1f}% goodput")
+    if not fit:
+        return f"goal ({want}): **not met**: no noise setting kept goodput >= {100 * GOAL['goodput']:g}%"
+    k, g, p = max(fit, key=lambda t: t[2]["fidelity_cut"])
+    return (f"goal ({want}): **not met**; the best point: `{k.split('@')[1]}`, {100 * p['fidelity_cut']:.2f} "
+            f"points at {100 * g:.1f}% goodput")
+
+
+def markdown(rows: dict, profiles: list[dict], attackers: list[str], budget: int) -> str:
     out = ["| zoo head | test accuracy (int8) | latency profile ms (measured) | top-1 agreement with the best |",
            "|---|---|---|---|"]
     out += [f"| `{p['name']}` | {100 * p['accuracy']:.2f}% | {p['latency_ms']:g} ({p['measured_ms']:.3f}) | "
             + (f"{100 * p['agreement_with_top']:.2f}% |" if "agreement_with_top" in p else "- |") for p in profiles]
-    out += ["", "| attack | queries (fingerprint + extraction) | identification acc | clone acc | fidelity to top |",
+    out += ["", "| attack | queries (fingerprint + extraction) | identification acc | clone acc | "
+                "fidelity to the best |",
             "|---|---|---|---|---|"]
-    label = {"single": "single exposed model (`top` alone; upper bound)", "naive": "naive (random targets, mixed answers)",
-             "fingerprint": "fingerprint then extract"}
-    for key in ("single", "naive", "fingerprint"):
+    label = {"single": "single exposed model (the best head alone; upper bound)",
+             "naive": "naive (random targets, mixed answers)", "fingerprint": "fingerprint then extract",
+             "fingerprint+vote3": "fingerprint then extract, 3 asks an image (majority)"}
+    for key, text in label.items():
         r = rows.get(key)
         if r:
             ident = "-" if r["identification_acc"] is None else f"{100 * r['identification_acc']:.1f}%"
-            out.append(f"| {label[key]} | {r['fingerprint_queries']} + {r['queries']} | {ident} | "
+            out.append(f"| {text} | {r['fingerprint_queries']} + {r['queries']} | {ident} | "
                        f"{100 * r['clone_acc']:.2f}% | {100 * r['fidelity']:.2f}% |")
-    ref = rows.get("fingerprint")
-    out += ["", "| target noise (gaussian, accuracy std) | goodput | steady pin: fidelity (cut) | clone acc (cut) | "
-            "center pin: fidelity (cut) | clone acc (cut) | answers by the best head at the pin (steady / center) |",
-            "|---|---|---|---|---|---|---|"]
-    g0 = rows.get("goodput@0")
+    head = " | ".join(f"{a}: fidelity / clone acc" for a in attackers)
+    out += ["", f"| target noise | goodput (accuracy misses, latency misses) | {head} | protection: fidelity cut / "
+                "accuracy cut (best measured attacker) | answers by the best head at the steady pin | filtering "
+                "attacker (estimate): clean answers, fidelity / clone acc |",
+            "|---|---|" + "---|" * len(attackers) + "---|---|---|"]
+    ref, g0 = rows.get("fingerprint"), rows.get("goodput@0")
 
-    def cell(r, key):
-        cut = f" ({100 * (ref[key] - r[key]):+.2f})" if ref else ""
-        return f"{100 * r[key]:.2f}%{cut}" + ("" if r.get("victim_identified") else " (victim missed)")
+    def gp(g):
+        n = max(g["requests"], 1)
+        return f"{100 * g['goodput']:.1f}% ({100 * g['missed_accuracy'] / n:.1f}, {100 * g['missed_latency'] / n:.1f})"
 
-    if g0 and ref:
-        out.append(f"| 0 | {100 * g0['goodput']:.1f}% | {100 * ref['fidelity']:.2f}% | {100 * ref['clone_acc']:.2f}% "
-                   f"| (same) | (same) | 100% |")
+    if ref and g0:
+        cells = " | ".join(f"{100 * ref['fidelity']:.2f}% / {100 * ref['clone_acc']:.2f}%" if a == "steady"
+                           else "-" for a in attackers)
+        out.append(f"| none | {gp(g0)} | {cells} | 0 / 0 | 100% | - |")
+
+    def cell(r):
+        miss = "" if r.get("victim_identified") else " (victim missed)"
+        return f"{100 * r['fidelity']:.2f}% / {100 * r['clone_acc']:.2f}%{miss}"
+
     for key in defense_keys(rows):
         r, a = rows[key], rows[key]["attacks"]
-        row = [f"{100 * r['goodput']['goodput']:.1f}%"]
-        for pin in ("steady", "center"):
-            row += [cell(a[pin], "fidelity"), cell(a[pin], "clone_acc")] if pin in a else ["-", "-"]
-        shares = [a.get(pin, {}).get("best_head_share_at_pin") for pin in ("steady", "center")]
-        row.append(" / ".join("-" if v is None else f"{100 * v:.0f}%" for v in shares))
-        out.append(f"| {key.split('@')[1]} | " + " | ".join(row) + " |")
+        p = protection(rows, key)
+        prot = "-" if p is None else (f"{100 * p['fidelity_cut']:+.2f} ({p['fidelity_by']}) / "
+                                      f"{100 * p['accuracy_cut']:+.2f} ({p['accuracy_by']})")
+        share = (a.get("steady") or {}).get("best_head_share_at_pin")
+        est = filtering_estimate(rows, key, budget)
+        est = "-" if est is None else (f"{est['clean_answers']}, {100 * est['fidelity']:.2f}% / "
+                                       f"{100 * est['clone_acc']:.2f}%")
+        out.append(f"| `{key.split('@', 1)[1]}` | {gp(r['goodput'])} | "
+                   + " | ".join(cell(a[x]) if x in a else "-" for x in attackers)
+                   + f" | {prot} | {'-' if share is None else f'{100 * share:.0f}%'} | {est} |")
+    out += ["", goal_verdict(rows), "", goal_verdict(rows, budget)]
     return "\n".join(out) + "\n"
 
 
-def defense_keys(rows: dict) -> list[str]:
-    return sorted((k for k in rows if k.startswith("defense@")), key=lambda k: float(k.split("@")[1]))
-
-
-def plot(rows: dict, path: Path) -> Path | None:
+def plot(rows: dict, path: Path, budget: int) -> Path | None:
     ref, g0 = rows.get("fingerprint"), rows.get("goodput@0")
-    keys = defense_keys(rows)
+    keys = [k for k in defense_keys(rows) if protection(rows, k) is not None]
     if not ref or not g0 or not keys:
         return None
     import matplotlib
@@ -278,25 +426,30 @@ def plot(rows: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gp = [100 * g0["goodput"]] + [100 * rows[k]["goodput"]["goodput"] for k in keys]
-    labels = ["0"] + [k.split("@")[1] for k in keys]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for pin, color in (("steady", "C0"), ("center", "C1")):
-        if not all(pin in rows[k]["attacks"] for k in keys):
-            continue
-        for metric, style, what in (("fidelity", "o-", "fidelity"), ("clone_acc", "s--", "clone accuracy")):
-            cut = [0.0] + [100 * (ref[metric] - rows[k]["attacks"][pin][metric]) for k in keys]
-            ax.plot(gp, cut, style, color=color, label=f"{what} cut, {pin} pin")
-            if metric == "fidelity":
-                for x, y, s in zip(gp, cut, labels):
-                    ax.annotate(f"σ={s}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axvline(80, color="grey", lw=0.8, ls=":")
-    ax.axhline(4, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("goodput under load (%)")
+    fig, ax = plt.subplots(figsize=(7.6, 5.4))
+    dists = list(dict.fromkeys(_noise(k)[0] for k in keys))
+    for color, dist in zip(("C0", "C3", "C2", "C1", "C4"), dists):
+        ks = [k for k in keys if _noise(k)[0] == dist]
+        gp = [100 * g0["goodput"]] + [100 * rows[k]["goodput"]["goodput"] for k in ks]
+        prot = [protection(rows, k) for k in ks]
+        fid = [0.0] + [100 * p["fidelity_cut"] for p in prot]
+        acc = [0.0] + [100 * p["accuracy_cut"] for p in prot]
+        ax.plot(gp, fid, "o-", color=color, label=f"{dist}: fidelity cut (best measured attacker)")
+        ax.plot(gp, acc, "s--", color=color, alpha=0.6, label=f"{dist}: clone accuracy cut (best measured attacker)")
+        est = [protection(rows, k, budget) for k in ks]
+        ax.plot(gp, [0.0] + [100 * p["fidelity_cut"] for p in est], ":", color=color, alpha=0.8,
+                label=f"{dist}: fidelity cut, with the estimated filtering attacker")
+        for x, y, k in zip(gp[1:], fid[1:], ks):
+            ax.annotate(f"{_noise(k)[1]:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=color)
+    ax.axvline(100 * GOAL["goodput"], color="grey", lw=0.8, ls=":")
+    ax.axhline(100 * GOAL["fidelity_cut"], color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("goodput of legitimate users under load (%)")
     ax.set_ylabel("protection: drop vs. no noise (points)")
     ax.set_title("PSML target noise: protection vs goodput (Fashion-MNIST zoo)")
     ax.invert_xaxis()
-    ax.legend(fontsize=8)
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.45)  # room for the legend above the curves
+    ax.legend(fontsize=6.5, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -317,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     roots = build_zoo(args.runs_dir, args.size, say)
     members = [f"{roots[k]}:int8" for k in ZOO]
     settings = {"size": args.size, "budget": args.budget, "attacker": ATTACKER, "load_requests": args.load_requests,
-                "clients": args.clients, "threads": args.threads, "members": members, "pins": args.pins}
+                "clients": args.clients, "threads": args.threads, "members": members, "attackers": args.attackers,
+                "schema": 3}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "psml.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
@@ -325,36 +479,45 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset(RunConfig.load(roots["top"] / "config.toml").data)
 
     def save(profiles):
-        res = {"benchmark": "qdefend.psml", "schema_version": 1,
+        res = {"benchmark": "qdefend.psml", "schema_version": 3,
                "command": " ".join(["python", "benchmarks/psml.py", *(argv if argv is not None else sys.argv[1:])]),
-               "settings": settings, "zoo": profiles, "rows": rows, "machine": machine_info(),
+               "settings": settings, "goal": GOAL, "zoo": profiles, "rows": rows, "machine": machine_info(),
                "load_average": load_average(), "wall_s": round(time.perf_counter() - t_start, 1)}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
         tmp.replace(path)
 
-    jobs = [("single", [members[-1]], None, "naive"), ("naive", members, None, "naive"),
-            ("fingerprint", members, None, "fingerprint"), ("goodput@0", members, None, None)]
-    jobs += [(f"defense@{s:g}", members, f"gaussian:{s:g}", "fingerprint") for s in args.scales]
     profiles = old.get("zoo") if rows else None
-    if profiles and "agreement_with_top" not in profiles[0]:  # made before agreement was measured
-        rows.pop("fingerprint", None)
-    for key, zoo_members, noise, mode in jobs:
-        if key in rows:
-            say(f"[{key}] kept from {path}")
-            continue
-        say(f"[{key}] serving {len(zoo_members)} head(s), noise {noise or 'none'}")
-        server = Server(zoo_members, noise, args.threads)
-        try:
-            if len(zoo_members) == len(members) and noise is None:
+    jobs = [("naive", members, None, "naive", None), ("fingerprint", members, None, "fingerprint", "steady"),
+            ("fingerprint+vote3", members, None, "fingerprint", "vote3"), ("goodput@0", members, None, None, None)]
+    jobs += [(f"defense@{spec}", members, spec, "fingerprint", None) for spec in args.noises]
+    named = {k: m for k, m in zip(ZOO, members)}
+    for key, zoo_members, noise, mode, attacker in [("zoo", members, None, None, None)] + jobs:
+        if key == "zoo":  # profiles, agreement and the best head, from the undefended zoo
+            if profiles:
+                continue
+            server = Server(members, None, args.threads)
+            try:
                 profiles = server.zoo.describe()["members"]
                 for prof, agree in zip(profiles, agreement(server, roots["base"], data)):
                     prof["agreement_with_top"] = agree
+            finally:
+                server.stop()
+            save(profiles)
+            continue
+        if key in rows:
+            say(f"[{key}] kept from {path}")
+            continue
+        if noise:  # a drop level may name a member: its profiled accuracy
+            noise = resolve_noise(noise, {k: next(p["accuracy"] for p in profiles if p["name"] == m)
+                                          for k, m in named.items()})
+        say(f"[{key}] serving {len(zoo_members)} head(s), noise {noise or 'none'}")
+        server = Server(zoo_members, noise, args.threads)
+        try:
             rng_acc = SIZES[args.size]["accuracy_range"]
             served = [{k: m[k] for k in ("name", "accuracy", "latency_ms", "measured_ms")}
                       for m in server.zoo.describe()["members"]]
-            if profiles and len(served) == len(profiles) and [m["latency_ms"] for m in served] != [
-                    m["latency_ms"] for m in profiles]:
+            if [m["latency_ms"] for m in served] != [m["latency_ms"] for m in profiles]:
                 say(f"[{key}] WARNING: latency profiles {[m['latency_ms'] for m in served]} differ from the "
                     "reference zoo's: this row's policy orders the heads differently (raise --latency-resolution-ms)")
             if mode is None or noise is not None:
@@ -363,18 +526,30 @@ def main(argv: list[str] | None = None) -> int:
             if mode is None:
                 rows[key] = {**gp, "profiles": served}
             elif noise is None:
-                rows[key] = {**attack(server, roots["base"], data, mode, args.budget, rng_acc), "profiles": served}
+                rows[key] = {**attack(server, roots["base"], data, mode, args.budget, rng_acc, attacker or "steady"),
+                             "profiles": served}
                 say(f"[{key}] {rows[key]}")
-            else:  # the defense: the steady-pin attacker (default) and one that pins the band's middle
-                rows[key] = {"goodput": gp, "profiles": served, "attacks": {
-                    pin: attack(server, roots["base"], data, mode, args.budget, rng_acc, pin) for pin in args.pins}}
+            else:
+                rows[key] = {"goodput": gp, "profiles": served, "noise": server.zoo.describe()["noise"],
+                             "best_pin": best_pin(server), "attacks": {
+                    a: attack(server, roots["base"], data, mode, args.budget, rng_acc, a) for a in args.attackers}}
                 say(f"[{key}] {rows[key]['attacks']}")
         finally:
             server.stop()
         save(profiles)
-    md = markdown(rows, profiles or [])
+    if "single" not in rows:  # the best head alone: the exposed single model
+        best = max(profiles, key=lambda p: p["accuracy"])["name"]
+        say(f"[single] serving {best} alone")
+        server = Server([best], None, args.threads)
+        try:
+            rows["single"] = attack(server, roots["base"], data, "naive", args.budget,
+                                    SIZES[args.size]["accuracy_range"], curve=True)
+        finally:
+            server.stop()
+        save(profiles)
+    md = markdown(rows, profiles or [], args.attackers, args.budget)
     (args.out / "psml.md").write_text(md)
-    png = plot(rows, args.out / "psml.png")
+    png = plot(rows, args.out / "psml.png", args.budget)
     save(profiles)
     print(md)
     print(f"wrote {path}, {args.out / 'psml.md'}" + (f", {png}" if png else ""))

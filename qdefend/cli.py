@@ -451,7 +451,8 @@ def serve(
     zoo: bool = typer.Option(False, "--zoo", help="serve a model zoo: several heads over one encoder, picked per "
                              "request from its X-Qdefend-Accuracy / X-Qdefend-Latency-Ms targets"),
     target_noise: Optional[str] = typer.Option(None, "--target-noise", help="--zoo defense: noise on the requested "
-                                               "targets, DIST:ACC[,LAT] with DIST gaussian or uniform, e.g. gaussian:0.02"),
+                                               "targets, DIST:ACC[,LAT] with DIST gaussian, uniform or drop (ACC: the "
+                                               "probability of a drop), e.g. gaussian:0.02 or drop:0.6"),
     zoo_seed: Optional[int] = typer.Option(None, "--zoo-seed", help="seed of the target noise"),
     latency_resolution_ms: float = typer.Option(0.25, "--latency-resolution-ms", help="--zoo: latency profiles are "
                                                 "rounded up to this (heads of one architecture then cost the same)"),

@@ -25,12 +25,20 @@ from test_serve import TOKEN, LiveServer, toy_served_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ACCS = (0.70, 0.80, 0.90)  # the toy members' declared accuracies
+NARROW = (0.60, 0.85, 0.88)  # a zoo whose best band is narrow
 
 
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
     return [f"{toy_served_run(root / f'm{i}', seed=10 + i, test_acc=a)}:float" for i, a in enumerate(ACCS)]
+
+
+@pytest.fixture(scope="module")
+def narrow_members(tmp_path_factory):
+    """A zoo whose best member's band is narrow, (0.85, 0.88], as in a zoo of near-equal heads."""
+    root = tmp_path_factory.mktemp("narrow")
+    return [f"{toy_served_run(root / f'm{i}', seed=20 + i, test_acc=a)}:float" for i, a in enumerate(NARROW)]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +129,33 @@ def test_target_noise_parses_and_blurs_the_selection_in_proportion():
     assert [same[0].select(t) for _ in range(30)] == [same[1].select(t) for _ in range(30)]
 
 
+def test_drop_noise_moves_only_targets_above_its_level():
+    n = TargetNoise.parse("drop:0.6")
+    assert (n.dist, n.accuracy, n.drop_to) == ("drop", 0.6, None) and n.spec() == "drop:0.6"
+    assert TargetNoise.parse("drop:0.6,0.7").spec() == "drop:0.6,0.7"
+    for bad, words in (("drop:1.5", "accuracy probability"), ("drop:0.5,2", "drop level TO")):
+        with pytest.raises(QdefendError, match=words):
+            TargetNoise.parse(bad)
+    profs = [Profile("a", 0.60, 0.1, 0.05), Profile("b", 0.85, 0.1, 0.05), Profile("c", 0.88, 0.1, 0.05)]
+
+    def shares(noise, a):
+        p = SelectionPolicy(profs, TargetNoise.parse(noise), seed=0)
+        picks = np.array([p.select(Targets(a, math.inf, True)) for _ in range(3000)])
+        return {i: float((picks == i).mean()) for i in set(picks.tolist())}
+
+    assert SelectionPolicy(profs, n).drop_to == 0.85 and SelectionPolicy(profs[:1], n).drop_to == 0.60
+    # to the second best (b): anywhere in c's band, even at its upper end, a drop lands on b;
+    # targets at or below b's accuracy never move
+    for a in (0.88, 0.86):
+        got = shares("drop:0.6", a)
+        assert set(got) == {1, 2} and got[1] == pytest.approx(0.6, abs=0.03)
+    assert shares("drop:0.6", 0.85) == shares("drop:0.6", 0.62) == {1: 1.0}
+    # to a lower level: every target above it may land on the member meeting it
+    got = shares("drop:0.6,0.6", 0.70)
+    assert set(got) == {0, 1} and got[0] == pytest.approx(0.6, abs=0.03)
+    assert shares("drop:0.6,0.6", 0.55) == {0: 1.0}
+
+
 def test_goodput_accounting_counts_each_outcome():
     g = Goodput()
     t = Targets(0.8, 2.0, True)
@@ -209,6 +244,13 @@ def test_zoo_refuses_members_that_read_other_features(members, tmp_path):
     write_manifest(other, m)
     with pytest.raises(QdefendError, match="must share one encoder"):
         ZooService([members[0], f"{other}:float"], head="float", profile_repeats=2)
+    older = toy_served_run(tmp_path / "older", seed=5, test_acc=0.8)  # the same grid, defaults left out
+    m = __import__("json").loads((older / "manifest.json").read_text())
+    defaults = {"bits": 8, "granularity": "tensor", "order": "release_then_wire"}
+    assert all(m["features"]["wire"][k] == v for k, v in defaults.items())
+    m["features"]["wire"] = {k: v for k, v in m["features"]["wire"].items() if k not in defaults}
+    write_manifest(older, m)
+    assert len(ZooService([members[0], f"{older}:float"], head="float", profile_repeats=2).services) == 2
     with pytest.raises(QdefendError, match="given twice"):
         ZooService([members[0], members[0]], head="float")
     bare = toy_served_run(tmp_path / "bare", seed=4)  # no test accuracy in its manifest
@@ -260,6 +302,75 @@ def test_the_noise_defense_mixes_the_models_behind_pinned_targets(members, token
             server.stop()
     assert seen[None] == 1 and seen["gaussian:0.05"] >= 2
     assert goodput[None] > goodput["gaussian:0.05"] > 0.5
+
+
+def test_drop_noise_over_http_moves_the_best_band_and_spares_the_others(narrow_members, token_file, probes):
+    server, svc = _zoo_server(narrow_members, token_file, noise="drop:0.5", seed=1)
+    try:
+        target = _target(server, svc, narrow_members)
+        ev = target.truth
+        feats = target.encode(probes)
+        want = [ev.probabilities(i, feats.q, feats.scale, feats.zero_point, target.sha256) for i in range(3)]
+
+        def who(targets):
+            p = target.ask(feats, targets)
+            return next(i for i, w in enumerate(want) if np.array_equal(p, w))
+
+        at_top = [who((0.88, 1000.0)) for _ in range(40)]  # the upper end of the best band: no escape
+        below = [who((a, 1000.0)) for a in np.linspace(0.61, 0.85, 20)]  # at or below the drop level
+        snap = svc.goodput.snapshot()
+    finally:
+        server.stop()
+    assert set(at_top) == {1, 2} and 0.25 <= at_top.count(1) / 40 <= 0.75
+    assert set(below) == {1}  # never moved: b's users keep their goodput
+    assert snap["requests"] == 60 and snap["missed_accuracy"] == at_top.count(1)
+    assert snap["good"] == 60 - snap["missed_accuracy"] and snap["refused"] == 0
+
+
+def test_fingerprinting_finds_the_best_model_where_noise_leaves_it_a_minority(narrow_members, token_file, probes):
+    from qdefend.attacks.extraction.fingerprint import FingerprintConfig, fingerprint
+
+    server, svc = _zoo_server(narrow_members, token_file, noise="drop:0.7", seed=3)
+    try:  # c answers 30% of the requests in its band, b the rest: no majority ever names c
+        fp = fingerprint(_target(server, svc, narrow_members), probes,
+                         FingerprintConfig(probes=6, accuracy_steps=6, latency_steps=4, accuracy_tol=0.005))
+    finally:
+        server.stop()
+    assert fp["victim_identified"] and fp["victim_member"] == 2 and fp["clusters"] == 3
+    assert 0.85 < fp["pinned"]["accuracy"] <= 0.88
+    assert all(b["cluster"] != fp["victim_cluster"] for b in fp["accuracy_bands"])  # a minority everywhere
+
+
+def test_majority_vote_recovers_the_pinned_model_behind_light_noise(narrow_members, token_file, probes):
+    from qdefend.attacks.extraction.fingerprint import MajorityVote, _mode
+
+    a, b = np.eye(3)[[0]], np.eye(3)[[1]]
+    assert _mode(np.concatenate([b, a, a]), 1e-4)[0].tolist() == a[0].tolist()
+    first, agreed = _mode(np.concatenate([a, b]), 1e-4)  # a tie: the first asked
+    assert first.tolist() == a[0].tolist() and not agreed
+    server, svc = _zoo_server(narrow_members, token_file, noise="drop:0.25", seed=2)
+    try:
+        target = _target(server, svc, narrow_members)
+        target.targets = (0.87, 1000.0)
+        feats = [target.encode(probes[i:i + 2]) for i in range(0, 6, 2)]  # the toy release is random:
+        target.encode = lambda x, it=iter(feats): next(it)  # fix its draws
+        voter = MajorityVote(target, 5, 1e-4)
+        got = np.concatenate([voter.predict_proba(probes[i:i + 2]) for i in range(0, 6, 2)])
+        best = np.concatenate([target.truth.probabilities(2, f.q, f.scale, f.zero_point, target.sha256)
+                               for f in feats])
+    finally:
+        server.stop()
+    assert np.array_equal(got, best) and voter.images == 6 and target.samples == 30
+    assert 0 < voter.split <= 6  # some of the three pairs x 5 asks met the other model
+
+
+def test_vote_is_paid_for_and_checked():
+    from qdefend.attacks import build_attack
+
+    with pytest.raises(AttackError, match="mode=naive pins nothing"):
+        build_attack("fingerprint", mode="naive", vote=3)
+    with pytest.raises(AttackError, match="more than the budget 2"):
+        build_attack("fingerprint", vote=3, budgets=[2])
 
 
 @pytest.mark.slow
@@ -330,25 +441,49 @@ def psml_bench():
     yield from load_benchmark("psml")
 
 
-def test_benchmark_table_and_plot_from_fixed_rows(psml_bench, tmp_path):
-    def row(fid, acc):
+def test_benchmark_table_verdict_and_plot_from_fixed_rows(psml_bench, tmp_path):
+    def row(fid, acc, **kw):
         return {"fidelity": fid, "clone_acc": acc, "victim_identified": 1.0, "identification_acc": 0.99,
-                "fingerprint_queries": 900, "queries": 5000}
+                "fingerprint_queries": 900, "queries": 5000, **kw}
 
-    rows = {"single": {**row(0.91, 0.85), "identification_acc": None, "fingerprint_queries": 0},
-            "naive": {**row(0.86, 0.81), "identification_acc": None, "fingerprint_queries": 0},
-            "fingerprint": row(0.91, 0.85), "goodput@0": {"goodput": 0.97},
-            "defense@0.03": {"goodput": {"goodput": 0.75}, "attacks": {"steady": {**row(0.89, 0.84),
-                                                                                 "best_head_share_at_pin": 0.7},
-                                                                      "center": {**row(0.85, 0.83),
-                                                                                 "victim_identified": 0.0}}},
-            "defense@0.01": {"goodput": {"goodput": 0.9}, "attacks": {"steady": row(0.905, 0.85)}}}
+    def load(good, acc_missed, lat_missed):
+        return {"goodput": good, "requests": 100, "missed_accuracy": acc_missed, "missed_latency": lat_missed}
+
+    curve = [{"queries": 1000, "fidelity": 0.85, "clone_acc": 0.80},
+             {"queries": 5000, "fidelity": 0.91, "clone_acc": 0.85}]
+    rows = {"single": row(0.91, 0.85, identification_acc=None, fingerprint_queries=0, curve=curve),
+            "naive": row(0.86, 0.81, identification_acc=None, fingerprint_queries=0),
+            "fingerprint": row(0.91, 0.85), "goodput@0": load(0.97, 1, 2),
+            "defense@gaussian:0.03": {"goodput": load(0.75, 24, 1), "attacks": {
+                "steady": row(0.86, 0.84, best_head_share_at_pin=0.7), "vote3": row(0.85, 0.83)}},
+            "defense@drop:0.6,mid": {"goodput": load(0.9, 10, 0), "attacks": {
+                "steady": row(0.88, 0.845, best_head_share_at_pin=0.4), "vote3": row(0.89, 0.84)}},
+            "defense@gaussian:0.01": {"goodput": load(0.95, 4, 1), "attacks": {
+                "steady": row(0.905, 0.85), "vote3": row(0.9, 0.85, victim_identified=0.0)}}}
     md = psml_bench.markdown(rows, [{"name": "runs/psml/top:int8", "accuracy": 0.86, "latency_ms": 0.1,
-                                     "measured_ms": 0.05}])
+                                     "measured_ms": 0.05}], ["steady", "vote3"], 5000)
     assert "| `runs/psml/top:int8` | 86.00% | 0.1 (0.050) | - |" in md
     assert "| fingerprint then extract | 900 + 5000 | 99.0% | 85.00% | 91.00% |" in md
-    lines = [ln for ln in md.splitlines() if ln.startswith(("| 0.01 ", "| 0.03 "))]
-    assert lines == ["| 0.01 | 90.0% | 90.50% (+0.50) | 85.00% (+0.00) | - | - | - / - |",
-                     "| 0.03 | 75.0% | 89.00% (+2.00) | 84.00% (+1.00) | 85.00% (+6.00) (victim missed) | "
-                     "83.00% (+2.00) (victim missed) | 70% / - |"]
-    assert psml_bench.plot(rows, tmp_path / "p.png").stat().st_size > 10_000
+    assert "| none | 97.0% (1.0, 2.0) | 91.00% / 85.00% | - | 0 / 0 | 100% | - |" in md
+    lines = [ln for ln in md.splitlines() if ln.startswith("| `gaussian") or ln.startswith("| `drop")]
+    # gaussian first (first seen), by scale; protection = against the best measured attacker; the
+    # filtering estimate: share 0.4 -> 2 asks + 1 reference an image, 5000 / 3 x 0.64 = 1067 clean answers
+    assert lines == [
+        "| `gaussian:0.01` | 95.0% (4.0, 1.0) | 90.50% / 85.00% | 90.00% / 85.00% (victim missed) | "
+        "+0.50 (steady) / +0.00 (steady) | - | - |",
+        "| `gaussian:0.03` | 75.0% (24.0, 1.0) | 86.00% / 84.00% | 85.00% / 83.00% | +5.00 (steady) / "
+        "+1.00 (steady) | 70% | 1750, 87.09% / 81.74% |",
+        "| `drop:0.6,mid` | 90.0% (10.0, 0.0) | 88.00% / 84.50% | 89.00% / 84.00% | +2.00 (vote3) / "
+        "+0.50 (steady) | 40% | 1067, 85.24% / 80.20% |"]
+    verdicts = [ln for ln in md.splitlines() if ln.startswith("goal")]
+    assert len(verdicts) == 2 and all(v.endswith("**not met**; the best point: `drop:0.6,mid`, 2.00 points at "
+                                                 "90.0% goodput") for v in verdicts)
+    for attacker in ("steady", "vote3"):
+        rows["defense@drop:0.6,mid"]["attacks"][attacker]["fidelity"] = 0.86
+    curve[0]["fidelity"] = 0.90  # a filtering attacker that loses little with fewer queries
+    verdicts = [ln for ln in psml_bench.markdown(rows, [], ["steady", "vote3"], 5000).splitlines()
+                if ln.startswith("goal")]
+    assert verdicts[0].endswith("**met** by 1 noise setting(s); the largest cut: `drop:0.6,mid`, 5.00 points at "
+                                "90.0% goodput")
+    assert "the estimated filtering one" in verdicts[1] and "**not met**" in verdicts[1]
+    assert psml_bench.plot(rows, tmp_path / "p.png", 5000).stat().st_size > 10_000

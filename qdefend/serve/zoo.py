@@ -28,7 +28,18 @@ Defense (PSML): :class:`TargetNoise` perturbs the requested targets inside the p
 selects (accuracy: additive, in accuracy units; latency: multiplicative), so that the map from
 requested targets to models is blurred for a fingerprinting attacker. A noisy target that no
 member meets falls back to the clean targets, and refusal is decided on the clean targets: noise
-never refuses a request the zoo can serve, nor serves one it cannot.
+never refuses a request the zoo can serve, nor serves one it cannot. Three distributions:
+``gaussian`` and ``uniform`` (the paper's kind: a continuous eps per request, scale = std or
+half-width) and ``drop`` (``drop:P[,TO]``), a two-point one: with probability P an accuracy target
+above TO is lowered to TO, else it is left alone; targets at or below TO never move. TO defaults
+to the second-highest member accuracy, so a drop sends a request for the best member to the next
+one. Why ``drop``: an attacker pins the victim's band where noise moves it least (its upper end),
+while users' targets spread over every band. A continuous eps spends most of its draws on small
+moves, which miss the targets of users near every band's lower edge and never move a target at
+the upper end of the victim's band; ``drop`` spends every draw on moving a request for the
+protected members (those above TO) to the member at TO, wherever in their bands it asks, and no
+draw on anyone else (raising a target would cost no goodput either: a more accurate member still
+meets it, but it never moves the attacker off the best member).
 
 Goodput (:class:`Goodput`) = the share of requests carrying targets that were answered within
 their latency target (server time from the request's arrival at the handler to its answer) by a
@@ -52,7 +63,7 @@ import numpy as np
 
 from qdefend.checks import check_choice, check_number
 from qdefend.edge import wire
-from qdefend.edge.release import wire_bits, wire_quantize
+from qdefend.edge.release import wire_bits, wire_order, wire_quantize
 from qdefend.edge.wire import Message
 from qdefend.errors import QdefendError
 
@@ -63,7 +74,7 @@ __all__ = ["ACCURACY_HEADER", "LATENCY_HEADER", "Profile", "Targets", "TargetNoi
 
 ACCURACY_HEADER = "X-Qdefend-Accuracy"
 LATENCY_HEADER = "X-Qdefend-Latency-Ms"
-NOISE_DISTS = ("gaussian", "uniform")
+NOISE_DISTS = ("gaussian", "uniform", "drop")
 
 
 @dataclass(frozen=True)
@@ -109,22 +120,30 @@ def parse_member(spec: str, default_head: str = "int8") -> tuple[str, str]:
 
 @dataclass
 class TargetNoise:
-    """Noise on the requested targets (the PSML defense): ``dist`` gaussian (std = scale) or
-    uniform (half-width = scale); accuracy moves by ``accuracy`` x eps (accuracy units), latency
-    is multiplied by max(0.01, 1 + ``latency`` x eps)."""
+    """Noise on the requested targets (the PSML defense). ``gaussian`` (eps of std 1) or
+    ``uniform`` (eps in [-1, 1]): accuracy moves by ``accuracy`` x eps (accuracy units), latency
+    is multiplied by max(0.01, 1 + ``latency`` x eps). ``drop`` (accuracy only): with probability
+    ``accuracy`` an accuracy target above ``drop_to`` is lowered to it (None: to the level the
+    policy passes, its second-highest member accuracy); otherwise it is unchanged."""
 
     dist: str = "gaussian"
     accuracy: float = 0.0
     latency: float = 0.0
+    drop_to: float | None = None
 
     def __post_init__(self):
         check_choice(self.dist, "--target-noise distribution", NOISE_DISTS, fix="--target-noise gaussian:0.02")
-        check_number(self.accuracy, "--target-noise accuracy scale", lo=0, hi=1, fix="--target-noise gaussian:0.02")
+        what = "probability" if self.dist == "drop" else "scale"
+        check_number(self.accuracy, f"--target-noise accuracy {what}", lo=0, hi=1, fix="--target-noise gaussian:0.02")
         check_number(self.latency, "--target-noise latency scale", lo=0, hi=10, fix="--target-noise gaussian:0.02,0.1")
+        if self.drop_to is not None:
+            check_number(self.drop_to, "--target-noise drop level TO (an accuracy)", lo=0, hi=1,
+                         fix="--target-noise drop:0.6,0.77")
 
     @classmethod
     def parse(cls, text: str | None) -> "TargetNoise | None":
-        """``gaussian:0.02`` (accuracy scale; latency 0) or ``uniform:0.02,0.1`` (accuracy, latency)."""
+        """``gaussian:0.02`` (accuracy scale; latency 0), ``uniform:0.02,0.1`` (accuracy, latency),
+        ``drop:0.6`` (probability; to the second-best member) or ``drop:0.6,0.77`` (to 0.77)."""
         if not text:
             return None
         dist, _, scales = text.partition(":")
@@ -134,17 +153,24 @@ class TargetNoise:
             values = []
         if dist not in NOISE_DISTS or not 1 <= len(values) <= 2:
             raise QdefendError(f"--target-noise {text!r} must be DIST:ACCURACY_SCALE[,LATENCY_SCALE] with DIST one "
-                               f"of {', '.join(NOISE_DISTS)}: e.g. --target-noise gaussian:0.02")
-        return cls(dist, values[0], values[1] if len(values) > 1 else 0.0)
+                               f"of {', '.join(NOISE_DISTS)}, or drop:PROBABILITY[,TO]: e.g. --target-noise "
+                               "gaussian:0.02 or drop:0.6")
+        second = values[1] if len(values) > 1 else None
+        if dist == "drop":
+            return cls(dist, values[0], 0.0, second)
+        return cls(dist, values[0], second or 0.0)
 
     def spec(self) -> str:
+        if self.dist == "drop":
+            return f"drop:{self.accuracy:g}" + ("" if self.drop_to is None else f",{self.drop_to:g}")
         return f"{self.dist}:{self.accuracy:g},{self.latency:g}"
 
-    def _eps(self, rng: np.random.Generator) -> np.ndarray:
-        return rng.normal(size=2) if self.dist == "gaussian" else rng.uniform(-1.0, 1.0, 2)
-
-    def apply(self, t: Targets, rng: np.random.Generator) -> Targets:
-        e = self._eps(rng)
+    def apply(self, t: Targets, rng: np.random.Generator, drop_to: float = 0.0) -> Targets:
+        if self.dist == "drop":
+            level = drop_to if self.drop_to is None else self.drop_to
+            hit = rng.random() < self.accuracy
+            return Targets(min(t.accuracy, level) if hit else t.accuracy, t.latency_ms, t.given)
+        e = rng.normal(size=2) if self.dist == "gaussian" else rng.uniform(-1.0, 1.0, 2)
         lat = t.latency_ms * max(0.01, 1.0 + self.latency * e[1]) if math.isfinite(t.latency_ms) else t.latency_ms
         return Targets(t.accuracy + self.accuracy * e[0], lat, t.given)
 
@@ -168,6 +194,8 @@ class SelectionPolicy:
         self.profiles = list(profiles)
         self.order = sorted(range(len(profiles)), key=lambda i: (profiles[i].latency_ms, profiles[i].accuracy, i))
         self.noise = noise if noise is not None and (noise.accuracy or noise.latency) else None
+        accs = sorted({p.accuracy for p in profiles})
+        self.drop_to = accs[-2] if len(accs) > 1 else accs[-1]  # a ``drop``'s default level: the second best
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
 
@@ -188,7 +216,7 @@ class SelectionPolicy:
         if self.noise is None or not t.given or clean is None:
             return clean
         with self._lock:
-            noisy = self.noise.apply(t, self._rng)
+            noisy = self.noise.apply(t, self._rng, self.drop_to)
         i = self.select_clean(noisy)
         return i if i is not None else clean
 
@@ -249,6 +277,12 @@ def _profile_latency(svc: Service, repeats: int = 50) -> float:
     return float(np.percentile(times, 25))
 
 
+def _grid(w: dict) -> dict:
+    """A wire grid with its defaulted keys spelled out (manifests written before bits, granularity
+    and order existed leave them out), so that equal grids compare equal."""
+    return {**w, "bits": wire_bits(w), "granularity": w.get("granularity", "tensor"), "order": wire_order(w)}
+
+
 def _head_accuracy(svc: Service, spec: str) -> float:
     v = svc.manifest.get("verification", {}).get("artifacts", {}).get(svc.head_name, {})
     acc = v.get("test_acc")
@@ -284,7 +318,7 @@ class ZooService:
         first = self.services[0]
         common = set(first.encoders)
         for name, s in zip(names[1:], self.services[1:]):
-            if s.feature_shape != first.feature_shape or s.wire != first.wire:
+            if s.feature_shape != first.feature_shape or _grid(s.wire) != _grid(first.wire):
                 raise QdefendError(f"zoo member {name} reads features {s.feature_shape} on grid {s.wire}, the first "
                                    f"member {first.feature_shape} on {first.wire}: a zoo's heads must share one "
                                    "encoder (train them with --from BASE --set train.freeze=encoder)")
@@ -359,7 +393,7 @@ class ZooService:
         """The operator's view (logs, benchmarks): members, profiles, order, noise. Not served."""
         return {"members": [vars(p) for p in self.policy.profiles],
                 "cost_order": [self.policy.profiles[i].name for i in self.policy.order],
-                "noise": self.policy.noise.spec() if self.policy.noise else None,
+                "noise": self.policy.noise.spec() if self.policy.noise else None, "drop_to": self.policy.drop_to,
                 "latency_resolution_ms": self.latency_resolution_ms, "goodput": self.goodput.snapshot()}
 
 

@@ -14,11 +14,15 @@ first maps the target space to models, with few queries:
 2. **Accuracy search** at the loosest latency: a coarse scan of ``accuracy_steps`` targets over
    ``accuracy_range``, then bisection between neighbours with different signatures down to
    ``accuracy_tol``, which finds every band of accuracy targets one model answers.
-3. **Victim and pin.** The victim is the model of the highest accuracy band that is answered (the
-   zoo's most accurate model). Three candidate accuracies in its band (the middle, three quarters
-   up, and just under its upper end) are each asked ``pin_repeats`` times; the pin is the one the
-   victim answered most often (ties: the middle, the farthest point from both boundaries). Without
-   target noise all three always tie; with it, the attacker measures where the map is steadiest.
+3. **Victim and pin.** ``pin_repeats`` single asks just under the top of the served range (where
+   a model that noise leaves a minority would show), then the victim is the model whose lowest
+   sighting (any single ask, not the majority) is the highest: the model that answers only the most demanding targets, the zoo's
+   most accurate one, even where target noise leaves it a minority of the answers. Without noise
+   it is the model of the highest answered band. Three candidate accuracies in its band (the
+   middle, three quarters up, and just under its upper end) are each asked ``pin_repeats`` times;
+   the pin is the one the victim answered most often (ties: the middle, the farthest point from
+   both boundaries). Without target noise all three always tie; with it, the attacker measures
+   where the map is steadiest.
    ``pin=center`` skips that measurement and pins the middle (an attacker that does not probe
    the noise).
 4. **Latency search** at the pinned accuracy: ``latency_steps`` targets over ``latency_range_ms``
@@ -27,7 +31,12 @@ first maps the target space to models, with few queries:
    training) with every query carrying the pinned targets.
 
 ``repeats`` > 1 asks each target that many times and keeps the majority signature (against target
-noise). The fingerprinting queries are counted apart from the extraction budget and capped by
+noise). ``vote`` > 1 does the same for the extraction: each image is asked ``vote`` times at the
+pinned targets and its most frequent answer is kept (answers within ``signature_tol`` are one
+answer; ties: the first asked). Against target noise that serves the victim more often than not at
+the pin, this filters out the other models' answers, at the price of ``vote`` queries an image: the
+extraction budget counts every ask, so the clone trains on budget // vote images. The
+fingerprinting queries are counted apart from the extraction budget and capped by
 ``max_fingerprint_queries``. With the operator's ground truth on the target (in-process scoring),
 the result also reports the identification accuracy: the share of 201 accuracy targets over the
 range (at the loosest latency) for which the attacker's band map names the model the zoo's
@@ -50,7 +59,7 @@ from ..base import ATTACKS, AttackError, check_choice, check_positive
 from .common import QUICK
 from .knockoff import KnockoffAttack, KnockoffConfig
 
-__all__ = ["FingerprintConfig", "FingerprintAttack", "Fingerprinter", "REFUSED"]
+__all__ = ["FingerprintConfig", "FingerprintAttack", "Fingerprinter", "MajorityVote", "REFUSED"]
 
 REFUSED = -1  # the outcome of a refused request
 
@@ -71,14 +80,21 @@ class FingerprintConfig(KnockoffConfig):
     signature_tol: float = 1e-4
     pin: str = "steady"  # steady | center
     pin_repeats: int = 3
+    vote: int = 1
     max_fingerprint_queries: int = 3000
 
     def __post_init__(self):
         super().__post_init__()
         check_choice(self, "mode", ("fingerprint", "naive"))
         check_choice(self, "pin", ("steady", "center"))
-        for name in ("probes", "repeats", "pin_repeats", "max_fingerprint_queries"):
+        for name in ("probes", "repeats", "pin_repeats", "vote", "max_fingerprint_queries"):
             check_positive(self, name, integer=True)
+        if self.vote > 1 and self.mode != "fingerprint":
+            raise AttackError(f"fingerprint.vote={self.vote} repeats the pinned extraction queries; mode={self.mode} "
+                              "pins nothing: use --set mode=fingerprint, or drop vote")
+        if self.vote > self.budgets[-1]:
+            raise AttackError(f"fingerprint.vote={self.vote} asks each image that many times, more than the budget "
+                              f"{self.budgets[-1]}: lower vote or raise --set budgets=...")
         for name in ("accuracy_steps", "latency_steps"):
             check_positive(self, name, integer=True)
             if getattr(self, name) < 2:
@@ -104,6 +120,7 @@ class Fingerprinter:
         self.signatures: list[np.ndarray] = []
         self.queries = 0
         self.log: list[tuple[float, float, int]] = []  # (accuracy, latency_ms, outcome) of every target asked
+        self.seen: list[tuple[float, float, int]] = []  # (accuracy, latency_ms, answer) of every single ask
 
     def _classify(self, p: np.ndarray | None) -> int:
         if p is None:
@@ -123,6 +140,7 @@ class Fingerprinter:
                                   "raise it, or coarsen the search (--set accuracy_tol=0.005)")
             self.queries += self.probes
             votes.append(self._classify(self.ask((accuracy, latency_ms))))
+            self.seen.append((accuracy, latency_ms, votes[-1]))
         k = Counter(votes).most_common(1)[0][0]
         self.log.append((accuracy, latency_ms, k))
         return k
@@ -149,6 +167,37 @@ class Fingerprinter:
         """[(from, to, outcome)] over log-spaced latency targets at ``accuracy``."""
         points = [(math.log(v), self.outcome(accuracy, float(v))) for v in np.geomspace(lo, hi, steps)]
         return [(math.exp(a), math.exp(b), c) for a, b, c in _runs(points, math.log(lo), math.log(hi))]
+
+
+class MajorityVote:
+    """The pinned zoo target asked ``votes`` times per image; each image keeps its most frequent
+    answer (answers within ``tol`` are one). What the extraction oracle queries when ``vote`` > 1."""
+
+    def __init__(self, target: Any, votes: int, tol: float):
+        self.target, self.votes, self.tol = target, votes, tol
+        self.images = self.split = 0  # images answered; of them, those whose asks did not all agree
+
+    def predict_proba(self, images01: np.ndarray) -> np.ndarray:
+        from qdefend.attacks.zoo import Refused
+
+        feats = self.target.encode(images01)
+        try:
+            asks = np.stack([self.target.ask(feats, self.target.targets) for _ in range(self.votes)])
+        except Refused:
+            raise AttackError(f"zoo target: the zoo refuses the pinned targets {self.target.targets}: pin "
+                              "reachable ones") from None
+        out = np.empty_like(asks[0])
+        for i in range(asks.shape[1]):
+            out[i], agreed = _mode(asks[:, i], self.tol)
+            self.split += not agreed
+        self.images += asks.shape[1]
+        return out
+
+
+def _mode(answers: np.ndarray, tol: float) -> tuple[np.ndarray, bool]:
+    """The most frequent of (v, K) answers (first asked on ties), and whether all v were one."""
+    counts = [int((np.abs(answers - a).max(1) <= tol).sum()) for a in answers]
+    return answers[int(np.argmax(counts))], counts[0] == len(answers)
 
 
 def _runs(points: list[tuple[float, int]], lo: float, hi: float) -> list[tuple[float, float, int]]:
@@ -191,18 +240,21 @@ def fingerprint(target: Any, probes01: np.ndarray, cfg: FingerprintConfig) -> di
     if not served:
         raise AttackError(f"the zoo refused every accuracy target in {cfg.accuracy_range}: lower "
                           "--set accuracy_range=[lo,hi]")
-    lo, hi, victim = served[-1]
+    fp.repeats, kept = 1, fp.repeats
+    top = max(served[-1][1] - cfg.accuracy_tol, served[-1][0])
+    for _ in range(cfg.pin_repeats):  # single asks at the top of the served range: a rarer model shows there
+        fp.outcome(top, l_hi)
+    victim, lo, hi = _victim(fp, served, l_hi)
     candidates = [(lo + hi) / 2, lo + 0.75 * (hi - lo), max(hi - cfg.accuracy_tol, (lo + hi) / 2)]
     steady = []
     if cfg.pin == "steady":
-        for a in candidates:
-            fp.repeats, kept = 1, fp.repeats
-            steady.append(sum(fp.outcome(a, l_hi) == victim for _ in range(cfg.pin_repeats)))
-            fp.repeats = kept
+        steady = [sum(fp.outcome(a, l_hi) == victim for _ in range(cfg.pin_repeats)) for a in candidates]
+    fp.repeats = kept
     pin_acc = candidates[int(np.argmax(steady))] if steady else candidates[0]
     runs = fp.latency_runs(pin_acc, l_lo, l_hi, cfg.latency_steps)
     mine = [r for r in runs if r[2] == victim]
-    run = mine[-1] if mine else (l_lo, l_hi, victim)
+    seen = [lat for a, lat, c in fp.seen if a == pin_acc and c == victim]
+    run = mine[-1] if mine else (min(seen), max(seen), victim) if seen else (l_lo, l_hi, victim)
     pin_lat = math.sqrt(run[0] * run[1])
     out = {"pinned": {"accuracy": pin_acc, "latency_ms": pin_lat}, "victim_cluster": victim,
            "pin_candidates": [{"accuracy": a, "victim_answers": k, "of": cfg.pin_repeats}
@@ -214,6 +266,22 @@ def fingerprint(target: Any, probes01: np.ndarray, cfg: FingerprintConfig) -> di
     if getattr(target, "truth", None) is not None:
         out.update(_score(target, feats, fp, bands, victim, l_hi, cfg))
     return out
+
+
+def _victim(fp: Fingerprinter, served: list[tuple[float, float, int]], loose: float) -> tuple[int, float, float]:
+    """(victim, lo, hi): the model answering only the most demanding accuracy targets, and the
+    targets to pin it in. Under a cheapest-first policy a model is the answer from the next lower
+    model's accuracy up to its own, so the most accurate one is the model whose *lowest* sighting
+    (any single ask at the loosest latency) is highest; counting single asks, not majorities,
+    still finds it where target noise leaves it a minority of the answers. Its targets run from
+    that sighting to the top of the served range (ties: the highest majority band's model)."""
+    lowest: dict[int, float] = {}
+    for a, lat, c in fp.seen:
+        if c != REFUSED and lat == loose:
+            lowest[c] = min(a, lowest.get(c, a))
+    top_lo, top_hi, top = served[-1]
+    victim = max(lowest, key=lambda c: (lowest[c], c == top))
+    return victim, (top_lo if victim == top else lowest[victim]), top_hi
 
 
 def _score(target, feats, fp: Fingerprinter, bands, victim: int, loose: float, cfg) -> dict[str, Any]:
@@ -264,13 +332,25 @@ class FingerprintAttack(KnockoffAttack):
         target.targets = (fp["pinned"]["accuracy"], fp["pinned"]["latency_ms"])
         ctx.say(f"fingerprint: {fp['clusters']} models seen in {fp['queries']} queries; pinned accuracy "
                 f"{target.targets[0]:.4f}, latency {target.targets[1]:.3g} ms")
+        if cfg.vote == 1:
+            return {**super().collect(oracle, pool, ctx), "mode": "fingerprint", "fingerprint": fp}
+        voter = MajorityVote(target, cfg.vote, cfg.signature_tol)
+        oracle.target, oracle.budget = voter, oracle.budget // cfg.vote  # every ask is paid for
         info = super().collect(oracle, pool, ctx)
-        return {**info, "mode": "fingerprint", "fingerprint": fp}
+        vote = {"votes": cfg.vote, "images": voter.images, "asks": voter.images * cfg.vote,
+                "split_share": voter.split / max(voter.images, 1)}
+        return {**info, "mode": "fingerprint", "fingerprint": fp, "vote": vote, "notes": [
+            *info.get("notes", []), f"vote: each of {voter.images} images asked {cfg.vote} times at the pin, "
+            f"its most frequent answer kept; {100 * vote['split_share']:.1f}% of them got differing answers"]}
 
     def _run(self, target, data, seed, say):
         res = super()._run(target, data, seed, say)
         fp = res.extra.get("fingerprint")
         res.metrics["fingerprint_queries"] = float(fp["queries"]) if fp else 0.0
+        vote = res.extra.get("vote")
+        if vote:  # the oracle counted images; every ask of them is a query
+            res.metrics["queries"] = float(vote["asks"])
+            res.metrics["vote_split_share"] = vote["split_share"]
         if fp and "identification_acc" in fp:
             res.metrics["identification_acc"] = fp["identification_acc"]
             res.metrics["victim_identified"] = float(fp["victim_identified"])
