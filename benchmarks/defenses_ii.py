@@ -19,11 +19,21 @@ int8 artifact a device ships (the stages are those of ``privacy_utility.py``, re
   fine-tuned for the size's epochs at lr 1e-3 with full lambda from the first step (cem schedule
   ``finetune``: the statistics of the trained encoder are fitted before the first step), against
   the same fine-tune without CEM (``noise-ft``, its control); lambda 16 and 64 (256: ablation).
-* ``vib``: ``none`` vs ``vib-mask``; the input-repurposing probe (linear / MLP / CNN probes
-  trained by the adversary on the released features for other tasks and for the designated one):
-  designated accuracy, suppression ratios and what the probes read of within-class input
-  attributes (advantage over chance). Ablations: beta (1e-4 .. 0.1) and the mask's keep ratio.
-  Paper: Guo et al., arXiv 2604.06644.
+* ``vib``: ``none`` vs ``vib-mask``, under the two protocols of the input-repurposing probe
+  (attacks/repurposing.py), measured separately:
+  - adaptive (the stronger adversary): linear / MLP / CNN probes trained on the released features
+    of the run itself; designated accuracy and what the probes read of the within-class input
+    attributes (brightness, area, vertical centroid; advantage over chance), the curve over beta;
+  - frozen (the paper's): the same probes trained on the released features of the undefended
+    ``none`` run of the same seed (the study's ``frozen_reference``), frozen and applied to the
+    run's released features: suppression ratio = designated accuracy / best unintended accuracy.
+    Controls: an undefended run of another training seed (``none-reseeded``: how much an
+    independently trained encoder alone "suppresses") and the undefended fine-tune (``none-ft``).
+  Ablations: beta (1e-4 .. 0.1), the mask's keep ratio, and the paper's set-up (``vib-mask-ft*``):
+  the ``none`` run fine-tuned with its designated head frozen (the paper trains the encoder
+  against a frozen target model), so the released features stay readable by that head.
+  Paper: Guo et al., "Variational Feature Compression for Model-Specific Representations",
+  arXiv 2604.06644.
 * ``divqat``: plain QAT (``none``) vs ``divqat``; KnockoffNets (Orekondy et al., CVPR 2019)
   against the service (int8 encoder + cloud head, probabilities) at fixed query budgets, with and
   without a service-side output defense (``--service-output``-style, e.g. reverse sigmoid), and
@@ -92,6 +102,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "vib-mask-beta0.01": {"stack": "vib-mask", "params": {"vib-mask": {"beta": 0.01}}},
     "vib-mask-beta0.1": {"stack": "vib-mask", "params": {"vib-mask": {"beta": 0.1}}},
     "vib-mask-keep0.25": {"stack": "vib-mask", "params": {"vib-mask": {"keep_ratio": 0.25}}},
+    # controls of the frozen protocol: an undefended run of another training seed (SEED_OFFSET) and
+    # the undefended fine-tune with the head frozen (VIB_FT)
+    "none-reseeded": {"stack": "none", "params": {}},
+    "none-ft": {"stack": "none", "params": {}},
+    # the paper's set-up: the trained undefended run, its designated head frozen, the encoder
+    # fine-tuned with the bottleneck and the mask
+    "vib-mask-ft": {"stack": "vib-mask", "params": {"vib-mask": {}}},
+    "vib-mask-ft-beta0.01": {"stack": "vib-mask", "params": {"vib-mask": {"beta": 0.01}}},
     "divqat": {"stack": "divqat", "params": {"divqat": {}}},
     "divqat-w3": {"stack": "divqat", "params": {"divqat": {"weight": 3.0}}},
     "divqat-T1": {"stack": "divqat", "params": {"divqat": {"temperature": 1.0}}},
@@ -111,6 +129,13 @@ FT_TRAIN = {"lr": 1e-3, "select": "last"}  # the last epoch: by validation accur
 FINETUNES: dict[str, dict[str, Any]] = {
     name: {"from": "noise", "train": FT_TRAIN} for name in
     ("noise-ft", "noise+cem-ft", "noise+cem-ft-lam64", "noise+cem-ft-lam256")}
+# the vib-mask fine-tunes train the encoder against the undefended run's frozen head (as the paper
+# trains against a frozen target model); lr 1e-2: the encoder has to re-learn around the mask
+VIB_FT = {"lr": 1e-2, "select": "last", "freeze": "head"}
+FINETUNES.update({name: {"from": "none", "train": VIB_FT}
+                  for name in ("none-ft", "vib-mask-ft", "vib-mask-ft-beta0.01")})
+# configs trained with the seed plus an offset: another, independently trained network
+SEED_OFFSET = {"none-reseeded": 1}
 
 STUDIES: dict[str, dict[str, Any]] = {
     # cem-slot at cem's lambda, and at lambda 1, where its accuracy is about cem's at 16 (measured)
@@ -122,15 +147,22 @@ STUDIES: dict[str, dict[str, Any]] = {
                "attacks": {"decoder": ARTIFACT}, "reference": "noise-ft"},
     "vib": {"configs": ["none", "vib-mask"],
             "ablations": ["vib-mask-beta1e-4", "vib-mask-beta3e-3", "vib-mask-beta0.01", "vib-mask-beta0.1",
-                          "vib-mask-keep0.25"],
-            "attacks": {"repurpose": ARTIFACT}},
+                          "vib-mask-keep0.25", "none-reseeded", "none-ft", "vib-mask-ft", "vib-mask-ft-beta0.01"],
+            "attacks": {"repurpose": ARTIFACT}, "frozen_reference": "none", "reference": "none"},
     "divqat": {"configs": ["none", "divqat"], "ablations": ["divqat-w3", "divqat-T1"],
                "attacks": {"knockoff": SERVICE, "copycat": SERVICE},
                "service_outputs": {"knockoff": [None, "reverse_sigmoid"]}},
 }
 # The within-class input attributes of the repurposing probe: balanced inside every class, so what a
 # probe reads of them is information the designated task does not need (attacks/repurposing.py).
-ATTRIBUTES = ("bright_in_class", "area_in_class")
+ATTRIBUTES = ("bright_in_class", "area_in_class", "centroid_in_class")
+# The targets of the vib study: the paper's protocol, a suppression ratio of at least
+# "frozen_ratio" (the paper reports > 45 on CIFAR-100); the adaptive one, the best probe's advantage
+# over chance on every within-class attribute at most "within_adv", with designated accuracy at
+# most "acc_points" points under the undefended run's.
+TARGETS = {"frozen_ratio": 10.0, "within_adv": 0.40, "acc_points": 3.0}
+# the frozen protocol's result file in a run's attacks/ (the adaptive one keeps the runner's name)
+FROZEN_RESULT = f"repurpose-frozen-{ARTIFACT}.json"
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"data": {"limit_train": 512, "limit_test": 300, "val_size": 200, "aux_size": 1000},
@@ -156,7 +188,7 @@ def run_config(name: str, size: str, seed: int, runs_dir: Path | None = None) ->
     s = SIZES[size]
     ft = FINETUNES.get(name)
     cfg = {"data": {"name": "fashion-mnist", **s["data"]}, "quant": {"scheme": "int8"},
-           "train": {**s["train"], "seed": seed, **(ft["train"] if ft else {})},
+           "train": {**s["train"], "seed": seed + SEED_OFFSET.get(name, 0), **(ft["train"] if ft else {})},
            "defense": json.loads(json.dumps(CONFIGS[name]))}
     if ft:
         cfg["init_from"] = str(Path(runs_dir or ".") / run_dirname(ft["from"], seed))
@@ -193,6 +225,17 @@ def attack_metrics(attack: str, res: dict) -> dict[str, Any]:
             accs = [v for k, v in m.items() if k.startswith(f"acc_{task}_")]
             ch = m.get(f"chance_{task}")
             out[f"{task}_adv"] = (max(accs) - ch) / (1 - ch) if accs and ch is not None and ch < 1 else None
+        advs = [out[f"{t}_adv"] for t in ATTRIBUTES if out[f"{t}_adv"] is not None]
+        out["within_class_adv"] = max(advs) if advs else None
+        return out
+    if attack == "repurpose-frozen":  # the paper's protocol: probes trained on the undefended run, frozen
+        keys = ("designated_acc", "best_unintended_acc", "ref_best_unintended_acc", "suppression_ratio",
+                "suppression_chance_bound", "suppression_ratio_adv", "suppression_ratio_same_task")
+        out = {f"frozen_{k}": m.get(k) for k in keys}
+        same = [v for k, v in m.items() if k.startswith("acc_designated_")]
+        ref_same = [v for k, v in m.items() if k.startswith("ref_acc_designated_")]
+        out["frozen_same_task_acc"] = max(same) if same else None
+        out["frozen_ref_same_task_acc"] = max(ref_same) if ref_same else None
         return out
     if attack in ("knockoff", "copycat"):
         prefix = "" if attack == "knockoff" else "copycat_"
@@ -267,15 +310,7 @@ def markdown(aggs: list[dict]) -> str:
                        f"{_pm(a, 'step_s', '.0f', 1000)} |")
         out.append("")
     if "vib" in by:
-        out += ["| config | seeds | designated acc, head (%) | same task, best fresh probe (%) | "
-                "best unintended acc (%) | suppression ratio | bright in class (adv.) | area in class (adv.) |",
-                "|---|---|---|---|---|---|---|---|"]
-        for a in by["vib"]:
-            out.append(f"| {a['config']} | {len(a['seeds'])} | {_pm(a, 'designated_acc', '.2f', 100)} | "
-                       f"{_pm(a, 'same_task_probe_acc', '.2f', 100)} | {_pm(a, 'best_unintended_acc', '.2f', 100)} | "
-                       f"{_pm(a, 'suppression_ratio', '.2f')} | {_pm(a, 'bright_in_class_adv', '.3f')} | "
-                       f"{_pm(a, 'area_in_class_adv', '.3f')} |")
-        out.append("")
+        out += vib_tables(by["vib"])
     if "divqat" in by:
         budgets = sorted({int(m[1]) for a in by["divqat"] for k in a if (m := re.fullmatch(r"fidelity@(\d+)", k))})
         ref = next((a for a in by["divqat"] if a["config"] == "none"), None)
@@ -295,15 +330,117 @@ def markdown(aggs: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _points(a: dict, key: str, ref: float | None) -> str:
+    """a[key] - ref in percentage points, signed ("-" when either is missing)."""
+    return "-" if ref is None or key not in a else f"{100 * (a[key] - ref):+.2f}"
+
+
+def vib_tables(aggs: list[dict]) -> list[str]:
+    """The vib study's two tables: the paper's (frozen) protocol, then the adaptive one, each with
+    a column saying whether the row meets its TARGETS (mean ± std over the seeds column)."""
+    t = TARGETS
+    ref = next((a for a in aggs if a["config"] == STUDIES["vib"]["reference"]), None)
+    ref_acc = ref.get("designated_acc") if ref else None
+    out = [f"Paper protocol (frozen probes trained on the undefended run's released features; target: "
+           f"suppression ratio >= {t['frozen_ratio']:g}x):", "",
+           "| config | seeds | designated acc, head (%) | best unintended, on the undefended features (%) | "
+           "best unintended, on this run's features (%) | suppression ratio | ratio if all at chance | "
+           "same task, frozen probes (%) | same-task ratio | meets target |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for a in aggs:
+        if "frozen_suppression_ratio" not in a:
+            continue
+        met = "yes" if a["frozen_suppression_ratio"] >= t["frozen_ratio"] else "no"
+        cells = [_pm(a, "frozen_designated_acc", ".2f", 100), _pm(a, "frozen_ref_best_unintended_acc", ".2f", 100),
+                 _pm(a, "frozen_best_unintended_acc", ".2f", 100), _pm(a, "frozen_suppression_ratio", ".2f"),
+                 _pm(a, "frozen_suppression_chance_bound", ".2f"), _pm(a, "frozen_same_task_acc", ".2f", 100),
+                 _pm(a, "frozen_suppression_ratio_same_task", ".2f"), met]
+        out.append(f"| {a['config']} | {len(a['seeds'])} | " + " | ".join(cells) + " |")
+    out += ["", f"Adaptive protocol (probes retrained on this run's released features; target: every "
+                f"within-class attribute's advantage <= {t['within_adv']:.2f} at designated accuracy within "
+                f"{t['acc_points']:g} points of {STUDIES['vib']['reference']}):", "",
+            "| config | seeds | designated acc, head (%) | vs none (points) | same task, best fresh probe (%) | "
+            "bright in class (adv.) | area in class (adv.) | centroid in class (adv.) | worst within-class (adv.) | "
+            "meets target |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for a in aggs:
+        if "designated_acc" not in a:
+            continue
+        ok_acc = ref_acc is not None and 100 * (ref_acc - a["designated_acc"]) <= t["acc_points"]
+        met = "yes" if ok_acc and a.get("within_class_adv", 1.0) <= t["within_adv"] else "no"
+        out.append(f"| {a['config']} | {len(a['seeds'])} | {_pm(a, 'designated_acc', '.2f', 100)} | "
+                   f"{_points(a, 'designated_acc', ref_acc)} | {_pm(a, 'same_task_probe_acc', '.2f', 100)} | "
+                   f"{_pm(a, 'bright_in_class_adv', '.3f')} | {_pm(a, 'area_in_class_adv', '.3f')} | "
+                   f"{_pm(a, 'centroid_in_class_adv', '.3f')} | {_pm(a, 'within_class_adv', '.3f')} | {met} |")
+    out.append("")
+    return out
+
+
 PLOTS = {  # study -> (x key, y key, file, x label, y label, title, lowest y shown)
     "cem": ("decoder_mse", "test_acc", "cem_tradeoff.png", "decoder MSE (higher = more private)",
             "test accuracy", "cem vs cem-slot: accuracy vs decoder MSE (int8, mean over seeds)", 0.0),
     "cem-ft": ("decoder_mse", "test_acc", "cem_finetune.png", "decoder MSE (higher = more private)",
                "test accuracy", "CEM fine-tune vs its noise-only control (int8, mean over seeds)", 0.0),
-    "vib": ("bright_in_class_adv", "designated_acc", "vib_tradeoff.png",
-            "within-class brightness leak: best probe's advantage over chance", "designated accuracy",
-            "vib-mask: designated accuracy vs attribute leak (int8; runs under 50% accuracy not shown)", 0.5),
 }
+VIB_PLOT = "vib_tradeoff.png"
+
+
+def _beta(a: dict) -> float:
+    """The vib-mask beta of an aggregate's config (0 for the undefended ones)."""
+    p = CONFIGS[a["config"]]["params"].get("vib-mask")
+    if p is None:
+        return 0.0
+    from qdefend.defenses.vib import VIBMaskConfig
+
+    return float(p.get("beta", VIBMaskConfig.beta))
+
+
+def vib_plot(aggs: list[dict], path: Path) -> Path | None:
+    """Designated accuracy vs the worst within-class attribute leak (adaptive protocol), one curve
+    over beta per family (trained from scratch; fine-tuned with the head frozen), the target region
+    shaded. Configs with another keep ratio are single points; runs under 50% accuracy are left out."""
+    from matplotlib.figure import Figure
+
+    pts = [a for a in aggs if a["study"] == "vib" and "within_class_adv" in a and a.get("designated_acc", 0) >= 0.5]
+    ref = next((a for a in pts if a["config"] == STUDIES["vib"]["reference"]), None)
+    if not pts:
+        return None
+    fig = Figure(figsize=(7.6, 5.0), dpi=100)
+    ax = fig.subplots()
+    families = {"from scratch (beta sweep)": [a for a in pts if not a["config"].startswith(("none-", "vib-mask-ft"))
+                                              and "keep" not in a["config"]],
+                "fine-tuned, head frozen (beta sweep)": [a for a in pts if a["config"] in ("none-ft", "vib-mask-ft")
+                                                         or a["config"].startswith("vib-mask-ft-beta")],
+                "other": [a for a in pts if "keep" in a["config"] or a["config"] == "none-reseeded"]}
+    for (label, group), color in zip(families.items(), ("#1f77b4", "#d62728", "0.45")):
+        group = sorted(group, key=_beta)
+        if not group:
+            continue
+        xs, ys = [a["within_class_adv"] for a in group], [a["designated_acc"] for a in group]
+        ax.errorbar(xs, ys, xerr=[a.get("within_class_adv_std") or 0 for a in group],
+                    yerr=[a.get("designated_acc_std") or 0 for a in group], fmt="o-" if label != "other" else "o",
+                    color=color, label=label, capsize=3, ms=5)
+        for a, x, y in zip(group, xs, ys):
+            ax.annotate(a["config"], (x, y), xytext=(5, 4), textcoords="offset points", fontsize=7)
+    t = TARGETS
+    ax.axvline(t["within_adv"], color="green", ls="--", lw=1)
+    if ref is not None:
+        floor = ref["designated_acc"] - t["acc_points"] / 100
+        ax.axhline(floor, color="green", ls="--", lw=1)
+        ax.fill_between([0, t["within_adv"]], floor, 1.0, color="green", alpha=0.08,
+                        label=f"target: adv. <= {t['within_adv']:.2f}, acc >= none - {t['acc_points']:g} pts")
+    ys_all = [a["designated_acc"] for a in pts]
+    ax.set_ylim(min(ys_all) - 0.02, max(ys_all) + 0.02)
+    ax.set_xlim(min(0.0, *[a["within_class_adv"] for a in pts]) - 0.02, max(a["within_class_adv"] for a in pts) + 0.08)
+    ax.set_xlabel("worst within-class attribute leak: best retrained probe's advantage over chance")
+    ax.set_ylabel("designated accuracy (frozen head, released int8 features)")
+    ax.set_title("vib-mask, adaptive protocol: accuracy vs within-class leak (Fashion-MNIST, int8)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
 
 
 def plots(aggs: list[dict], out: Path) -> list[Path]:
@@ -317,7 +454,8 @@ def plots(aggs: list[dict], out: Path) -> list[Path]:
                if a["study"] == study and xk in a and yk in a and a[yk] >= lo]  # error bars: std over seeds
         if pts:
             paths.append(scatter_plot(pts, out / name, xlabel=xl, ylabel=yl, title=title))
-    return paths
+    vib = vib_plot(aggs, out / VIB_PLOT)
+    return paths + ([vib] if vib else [])
 
 
 # ----------------------------------------------------------------------------------- main
@@ -355,6 +493,33 @@ def _attack_all(root: Path, study: dict, size: dict, threads: int, say) -> dict[
                                     threads=threads or None, service_output=so)
             out.setdefault(tag, {})[attack] = res.to_json()
     return out
+
+
+def _frozen_attack(root: Path, ref_root: Path, size: dict, threads: int, say) -> dict:
+    """The repurposing attack under the paper's protocol (probes trained on ``ref_root``'s released
+    features, frozen) on the run at ``root``, saved as attacks/FROZEN_RESULT; re-used while the
+    config, seed, preset and both runs' checkpoints and artifacts are unchanged."""
+    from qdefend.attacks import build_attack
+    from qdefend.attacks.base import AttackResult
+    from qdefend.attacks.runner import attack_run, target_fingerprint
+
+    preset = size["preset"]
+    kw = {**({} if preset else MEDIUM_ATTACKS["repurpose"]), "reference": str(ref_root)}
+    atk = build_attack("repurpose", preset=preset, **kw)
+    path = root / "attacks" / FROZEN_RESULT
+    if path.is_file():
+        r = AttackResult.load(path)
+        if (r.seed == 0 and r.extra.get("preset") == (preset or "default")
+                and r.config == json.loads(json.dumps(atk.config_dict()))
+                and r.extra.get("fingerprint") == target_fingerprint(root, ARTIFACT)
+                and r.extra.get("reference_fingerprint") == target_fingerprint(ref_root, ARTIFACT)):
+            say(f"attack repurpose (frozen, reference {ref_root}) on {ARTIFACT}: done already, skipped")
+            return r.to_json()
+    say(f"attack repurpose (frozen, reference {ref_root}) on {ARTIFACT}")
+    res, _ = attack_run(root, ARTIFACT, "repurpose", preset=preset, params=kw, threads=threads or None,
+                        save=False, progress=say)
+    res.save(path)
+    return res.to_json()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -428,6 +593,13 @@ def main(argv: list[str] | None = None) -> int:
             ensure_trained(root, run_config(name, args.size, seed, args.runs_dir), threads=args.threads, say=say)
             manifest = ensure_exported(root, [ARTIFACT], verify_images=size["verify_images"], say=say)
             results = _attack_all(root, STUDIES[study], size, args.threads, say)
+            ref = STUDIES[study].get("frozen_reference")
+            if ref is not None:  # the paper's protocol: probes trained on the undefended run of the same seed
+                ref_root = args.runs_dir / run_dirname(ref, seed)
+                ensure_trained(ref_root, run_config(ref, args.size, seed), threads=args.threads, say=say)
+                ensure_exported(ref_root, [ARTIFACT], verify_images=size["verify_images"], say=say)
+                results.setdefault("", {})["repurpose-frozen"] = _frozen_attack(root, ref_root, size, args.threads,
+                                                                                say)
             rows.append(build_row(study, name, seed, root, manifest, results))
     except (QdefendError, AttackError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -34,9 +34,10 @@ def test_every_config_builds_a_valid_int8_run_and_stack(d2):
     for size in d2.SIZES:
         for name, spec in d2.CONFIGS.items():
             cfg = RunConfig.from_dict(d2.run_config(name, size, seed=2))
-            assert cfg.quant.scheme == "int8" and cfg.train.seed == 2 and cfg.data.name == "fashion-mnist"
+            assert cfg.quant.scheme == "int8" and cfg.data.name == "fashion-mnist"
+            assert cfg.train.seed == 2 + d2.SEED_OFFSET.get(name, 0)  # none-reseeded: another network
             stack = build_defense(cfg.defense)
-            assert [d.name for d in stack.defenses] == ([] if name == "none" else spec["stack"].split("+"))
+            assert [d.name for d in stack.defenses] == ([] if spec["stack"] == "none" else spec["stack"].split("+"))
     pair = [d2.CONFIGS[n] for n in ("noise+cem", "noise+cem-slot")]
     assert {c["params"][c["stack"].split("+")[1]]["lam"] for c in pair} == {d2.LAM}  # cem vs cem-slot: same lambda
     assert {"noise", "noise+cem", "noise+cem-slot"} <= set(d2.STUDIES["cem"]["configs"])
@@ -149,9 +150,48 @@ def test_aggregate_and_tables_on_fixed_rows(d2):
     fid[1]["fidelity@5000@reverse_sigmoid"] = 0.5
     fid[1].update({f"copycat_{k}": v for k, v in d2.attack_metrics("knockoff", KNOCKOFF).items()})
     md = d2.markdown(d2.aggregate([vib, *fid]))
-    assert "| vib-mask | 1 | 85.00 | 90.00 | 90.00 | 0.94 | 0.400 | 0.000 |" in md
+    assert "| vib-mask | 1 | 85.00 | - | 90.00 | 0.400 | 0.000 | - | 0.400 | no |" in md  # no none row: no delta
     assert "| none | 1 | 88.00 | 80.00 | 90.00 | 1.000x | - | - |" in md
     assert "| divqat | 1 | 88.00 | 80.00 | 60.00 | 0.667x | 50.00 | 90.00 |" in md
+
+
+FROZEN = {"metrics": {
+    "designated_acc": 0.84, "best_unintended_acc": 0.56, "ref_best_unintended_acc": 0.99, "suppression_ratio": 1.5,
+    "suppression_chance_bound": 0.84 / 0.7, "suppression_ratio_adv": 3.0, "suppression_ratio_same_task": 4.0,
+    "acc_designated_linear": 0.21, "acc_designated_mlp": 0.12, "ref_acc_designated_linear": 0.85,
+    "ref_acc_designated_mlp": 0.86, "acc_footwear_linear": 0.56}}
+
+
+def test_vib_study_frozen_protocol_fine_tunes_and_tables(d2, tmp_path):
+    from qdefend.config import RunConfig
+
+    st = d2.STUDIES["vib"]
+    assert st["frozen_reference"] == st["reference"] == "none"
+    for name in ("none-ft", "vib-mask-ft", "vib-mask-ft-beta0.01"):  # the paper's set-up: the none run, head frozen
+        cfg = RunConfig.from_dict(d2.run_config(name, "medium", 0, tmp_path))
+        assert cfg.init_from == str(tmp_path / "none-s0") and cfg.train.freeze == "head"
+    assert d2.run_dirname("none-reseeded", 0) == "none-reseeded-s0"
+    f = d2.attack_metrics("repurpose-frozen", FROZEN)
+    assert f["frozen_suppression_ratio"] == 1.5 and f["frozen_ref_best_unintended_acc"] == 0.99
+    assert f["frozen_same_task_acc"] == 0.21 and f["frozen_ref_same_task_acc"] == 0.86
+
+    def row(config, acc, advs, frozen=None):
+        r = {"study": "vib", "config": config, "seed": 0, "defense": {}, "designated_acc": acc,
+             "same_task_probe_acc": acc - 0.01, "within_class_adv": max(advs),
+             **{f"{t}_adv": a for t, a in zip(d2.ATTRIBUTES, advs)}}
+        return {**r, **(frozen or {})}
+
+    aggs = d2.aggregate([row("none", 0.88, (0.8, 0.77, 0.7)), row("vib-mask", 0.86, (0.39, 0.40, 0.2), f),
+                         row("vib-mask-beta0.01", 0.80, (0.3, 0.3, 0.3), {**f, "frozen_suppression_ratio": 12.0})])
+    md = d2.markdown(aggs)
+    assert "| vib-mask | 1 | 84.00 | 99.00 | 56.00 | 1.50 | 1.20 | 21.00 | 4.00 | no |" in md
+    assert "| vib-mask-beta0.01 | 1 | 84.00 | 99.00 | 56.00 | 12.00 | 1.20 | 21.00 | 4.00 | yes |" in md
+    assert "| none | 1 | 88.00 | +0.00 | 87.00 | 0.800 | 0.770 | 0.700 | 0.800 | no |" in md
+    assert "| vib-mask | 1 | 86.00 | -2.00 | 85.00 | 0.390 | 0.400 | 0.200 | 0.400 | yes |" in md  # both limits hold
+    assert "| vib-mask-beta0.01 | 1 | 80.00 | -8.00 | 79.00 | 0.300 | 0.300 | 0.300 | 0.300 | no |" in md  # too costly
+    assert md.index("Paper protocol") < md.index("Adaptive protocol")
+    png = d2.vib_plot(aggs, tmp_path / "vib.png")
+    assert png.stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -172,14 +212,17 @@ def test_quick_run_of_one_config_per_study_writes_tables_and_resumes(tmp_path):
     assert rows["vib-mask"]["bright_in_class_adv"] is not None
     dq = rows["divqat"]
     assert {"fidelity@500", "fidelity@500@reverse_sigmoid", "copycat_fidelity@500"} <= set(dq)
+    assert rows["vib-mask"]["frozen_suppression_ratio"] > 0 and rows["vib-mask"]["frozen_ref_best_unintended_acc"] > 0.5
+    assert (runs / "none-s0" / "checkpoints" / "best.json").exists()  # the frozen protocol's reference, trained
     md = (out / "defenses_ii.md").read_text()
-    assert md.count("| config | seeds |") == 3 and "| vib-mask | 1 |" in md
+    assert md.count("| config | seeds |") == 4 and "| vib-mask | 1 |" in md
     assert (out / "cem_tradeoff.png").stat().st_size > 1000
     # the vib plot leaves out runs under 50% accuracy, which a quick run's near-chance vib-mask is
     assert (out / "vib_tradeoff.png").exists() == (rows["vib-mask"]["designated_acc"] >= 0.5)
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
-    # train + export per config; attacks: decoder, repurpose, knockoff x 2 service outputs + copycat
-    assert again.stderr.count("done already, skipped") == 3 * 2 + 1 + 1 + 3
+    # train + export per config and of the frozen reference; attacks: decoder, repurpose (adaptive and
+    # frozen), knockoff x 2 service outputs + copycat
+    assert again.stderr.count("done already, skipped") == 3 * 2 + 2 + 1 + 2 + 3
     assert json.loads((out / "defenses_ii.json").read_text())["rows"] == d["rows"]
