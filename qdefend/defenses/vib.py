@@ -42,7 +42,7 @@ Release on a device: a step ``{"type": "vib_sample", "log_sigma": [...], "mask":
 = logvar / 2; D values each, D = C*H*W for element granularity or C for channel; mask values 0/1),
 defined (numpy for the device, its torch twin for training and attacks) in :mod:`qdefend.edge.release`.
 
-Paper: Guo et al., "Variational bottleneck with dynamic mask against input repurposing"
+Paper: Guo et al., "Variational Feature Compression for Model-Specific Representations"
 (arXiv 2604.06644); Alemi et al., "Deep Variational Information Bottleneck", ICLR 2017.
 """
 
