@@ -35,15 +35,16 @@ def _run(mode, **env):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
-def test_kept_memory_stops_the_page_faults_of_every_step():
-    """With glibc's defaults each step maps its two 51 MiB blocks afresh and faults them in again
-    (thousands of faults a step, fewer where the kernel backs them with huge pages); kept in the
-    heap, a step after the warm-up takes (almost) none."""
+def test_kept_memory_takes_no_page_faults_after_the_warm_up():
+    """Kept in the heap, a step after the warm-up re-uses its 51 MiB blocks: (almost) no page
+    faults. With glibc's defaults such blocks are mmapped afresh and faulted in again on many
+    machines (thousands of faults a step here), but not on all (kernel huge pages, glibc's
+    adaptive threshold), so only the kept side is asserted."""
     default, kept = _run("default"), _run("keep")
-    if "glibc" not in kept["state"]["malloc"]:
-        pytest.skip(f"not glibc: {kept['state']}")
-    assert default["faults"] > 1_000
-    assert kept["faults"] < default["faults"] / 20
+    if kept["state"]["malloc"].startswith("unchanged"):
+        pytest.skip(f"no glibc mallopt here: {kept['state']}")
+    assert kept["state"]["malloc"].startswith("glibc mmap_max=0")
+    assert kept["faults"] <= min(50, default["faults"] + 50), (kept, default)
 
 
 def test_a_users_malloc_variables_are_left_alone():
