@@ -287,10 +287,11 @@ def activation_fake_quantize():
     updates its range, the grid is the observer's own ``calculate_qparams`` (the rule
     ``convert_pt2e`` uses for the int8 graph, so training rounds on the artifact's grid), and the
     rounding is :func:`fake_quantize_per_tensor`. torchao's QAT default for activations,
-    ``FusedMovingAvgObsFakeQuantize``, does the same in one op, but chooses the grid with another
-    rule (C++ ``choose_qparams``, whose zero point can differ by one from the artifact's), copies a
-    channels_last activation to NCHW for its min/max, and rounds with the scalar CPU kernel: about
-    a third of a QAT step of the reference split on CPU (``benchmarks/training.py``). Its buffers and
+    ``FusedMovingAvgObsFakeQuantize``, does the same in one op, but computes the grid with a second
+    implementation of the rule (C++ ``choose_qparams``, not the observer's ``calculate_qparams``
+    that convert uses), copies a channels_last activation to NCHW for its min/max, and rounds with
+    the scalar CPU kernel: about a third of a QAT step of the reference split on CPU
+    (``benchmarks/training.py``). Its buffers and
     state-dict keys are the same, so checkpoints load either way.
     """
     from torchao.quantization.pt2e import FakeQuantize
@@ -361,9 +362,11 @@ def make_quantizer(is_qat: bool):
         # differently in training than in the int8 artifact. A plain FakeQuantize shares one rule.
         import dataclasses
 
-        from torchao.quantization.pt2e import FakeQuantize, MovingAveragePerChannelMinMaxObserver
-
-        from torchao.quantization.pt2e import MovingAverageMinMaxObserver
+        from torchao.quantization.pt2e import (
+            FakeQuantize,
+            MovingAverageMinMaxObserver,
+            MovingAveragePerChannelMinMaxObserver,
+        )
 
         act = activation_fake_quantize().with_args(observer=MovingAverageMinMaxObserver, eps=2**-12)
         config = dataclasses.replace(
