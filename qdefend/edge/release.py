@@ -46,6 +46,7 @@ __all__ = [
     "StepType", "STEP_TYPES", "WIRE_SIGMAS", "check_steps", "check_grid", "apply_release", "torch_release", "noise_std",
     "random_release", "int8_params", "grid_params", "code_range", "wire_quant_params", "quantize", "dequantize",
     "wire_torch", "wire_quantize", "wire_dequantize", "to_wire", "release_torch_to_wire", "check_wire",
+    "wire_bits", "wire_granularity", "wire_order", "wire_with_defaults",
     "WIRE_BITS", "WIRE_GRANULARITIES", "WIRE_ORDERS",
     "gaussian_noise_torch", "laplace_noise_torch", "dropout_torch", "topk_prune_torch", "pruned_count",
     "additive_noise_torch", "vib_sample_torch", "unit_view_torch",
@@ -418,8 +419,18 @@ def wire_bits(wire: dict) -> int:
     return int(wire.get("bits", 8))
 
 
+def wire_granularity(wire: dict | None) -> str:
+    return (wire or {}).get("granularity", "tensor")
+
+
 def wire_order(wire: dict | None) -> str:
     return (wire or {}).get("order", DEFAULT_ORDER)
+
+
+def wire_with_defaults(wire: dict) -> dict:
+    """A ``features.wire`` with the keys older manifests leave out (bits, granularity, order)
+    spelled out, so that two equal grids compare equal as dicts."""
+    return {**wire, "bits": wire_bits(wire), "granularity": wire_granularity(wire), "order": wire_order(wire)}
 
 
 def _channel_view(v, ndim: int):
@@ -521,7 +532,7 @@ def check_wire(w: Any, key: str = "features.wire", channels: int | None = None) 
     bits = w.get("bits", 8)
     if isinstance(bits, bool) or bits not in WIRE_BITS:
         _fail(f"{key}.bits", f"must be one of {', '.join(map(str, WIRE_BITS))}, got {bits!r}")
-    gran = w.get("granularity", "tensor")
+    gran = wire_granularity(w)
     if gran not in WIRE_GRANULARITIES:
         _fail(f"{key}.granularity", f"must be one of {', '.join(WIRE_GRANULARITIES)}, got {gran!r}")
     if w.get("order", DEFAULT_ORDER) not in WIRE_ORDERS:

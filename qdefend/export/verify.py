@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from qdefend.edge.release import wire_bits
+from qdefend.edge.release import wire_bits, wire_granularity
 import torch
 
 from qdefend.errors import QdefendError
@@ -203,7 +203,7 @@ def verify_encoder(rt, got: np.ndarray, images: np.ndarray, labels: np.ndarray, 
     out["top1_agreement"] = float((preds == ref_preds).mean())
     out["test_acc"] = float((preds == labels).mean())
     wire = rt.manifest["features"]["wire"]
-    if rt.manifest["release"]["steps"] or wire_bits(wire) < 8 or wire.get("granularity", "tensor") != "tensor":
+    if rt.manifest["release"]["steps"] or wire_bits(wire) < 8 or wire_granularity(wire) != "tensor":
         feats = rt.encode(images, release=True, seed=seed)
         out["test_acc_release"] = float((_argmax(head, feats.dequantize()) == labels).mean())
         out["wire"] = wire_roundtrip(feats)

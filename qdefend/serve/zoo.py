@@ -63,7 +63,7 @@ import numpy as np
 
 from qdefend.checks import check_choice, check_number
 from qdefend.edge import wire
-from qdefend.edge.release import wire_bits, wire_order, wire_quantize
+from qdefend.edge.release import wire_bits, wire_quantize, wire_with_defaults
 from qdefend.edge.wire import Message
 from qdefend.errors import QdefendError
 
@@ -277,12 +277,6 @@ def _profile_latency(svc: Service, repeats: int = 50) -> float:
     return float(np.percentile(times, 25))
 
 
-def _grid(w: dict) -> dict:
-    """A wire grid with its defaulted keys spelled out (manifests written before bits, granularity
-    and order existed leave them out), so that equal grids compare equal."""
-    return {**w, "bits": wire_bits(w), "granularity": w.get("granularity", "tensor"), "order": wire_order(w)}
-
-
 def _head_accuracy(svc: Service, spec: str) -> float:
     v = svc.manifest.get("verification", {}).get("artifacts", {}).get(svc.head_name, {})
     acc = v.get("test_acc")
@@ -318,7 +312,7 @@ class ZooService:
         first = self.services[0]
         common = set(first.encoders)
         for name, s in zip(names[1:], self.services[1:]):
-            if s.feature_shape != first.feature_shape or _grid(s.wire) != _grid(first.wire):
+            if s.feature_shape != first.feature_shape or wire_with_defaults(s.wire) != wire_with_defaults(first.wire):
                 raise QdefendError(f"zoo member {name} reads features {s.feature_shape} on grid {s.wire}, the first "
                                    f"member {first.feature_shape} on {first.wire}: a zoo's heads must share one "
                                    "encoder (train them with --from BASE --set train.freeze=encoder)")
