@@ -134,7 +134,8 @@ class TargetNoise:
     def __post_init__(self):
         check_choice(self.dist, "--target-noise distribution", NOISE_DISTS, fix="--target-noise gaussian:0.02")
         what = "probability" if self.dist == "drop" else "scale"
-        check_number(self.accuracy, f"--target-noise accuracy {what}", lo=0, hi=1, fix="--target-noise gaussian:0.02")
+        check_number(self.accuracy, f"--target-noise accuracy {what}", lo=0, hi=1,
+                     fix="--target-noise drop:0.6" if self.dist == "drop" else "--target-noise gaussian:0.02")
         check_number(self.latency, "--target-noise latency scale", lo=0, hi=10, fix="--target-noise gaussian:0.02,0.1")
         if self.drop_to is not None:
             check_number(self.drop_to, "--target-noise drop level TO (an accuracy)", lo=0, hi=1,
