@@ -91,8 +91,11 @@ def decoder_step(batch: int, channels_last: bool, feature_shape=(8, 7, 7), image
     return step
 
 
-def measure(configs: dict, repeats: int, warmup: int, seed: int = 0) -> dict[str, list[float]]:
-    """Seconds per step, `repeats` samples each, round-robin in a shuffled order per round."""
+def measure(configs: dict, repeats: int, warmup: int, seed: int = 0) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Seconds per step and the process's minor page faults per step (the allocator's cost: memory
+    given back and faulted in again), `repeats` samples each, round-robin in a shuffled order per round."""
+    import resource
+
     import torch
 
     rng = random.Random(seed)
@@ -101,15 +104,18 @@ def measure(configs: dict, repeats: int, warmup: int, seed: int = 0) -> dict[str
         torch.set_num_threads(configs[k]["threads"])
         for _ in range(warmup):
             configs[k]["step"]()
-    out = {k: [] for k in keys}
+    out: dict[str, list[float]] = {k: [] for k in keys}
+    faults: dict[str, list[int]] = {k: [] for k in keys}
     for _ in range(repeats):
         rng.shuffle(keys)
         for k in keys:
             torch.set_num_threads(configs[k]["threads"])
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             configs[k]["step"]()
             out[k].append(time.perf_counter() - t0)
-    return out
+            faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return out, faults
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,14 +149,15 @@ def main(argv: list[str] | None = None) -> int:
                 configs[f"decoder b{b} cl{int(cl)} t{t}"] = {"kind": "decoder", "threads": t, "batch": b,
                                                              "channels_last": cl, "step": decoder_step(b, cl)}
     print(f"timing {len(configs)} configurations: {a.warmup} warm-up + {a.repeats} rounds", file=sys.stderr)
-    samples = measure(configs, a.repeats, a.warmup)
+    samples, faults = measure(configs, a.repeats, a.warmup)
     rows = []
     for k, c in configs.items():
         s = np.asarray(samples[k])
         row = {key: v for key, v in c.items() if key != "step"}
         row.update(median_ms=round(float(np.median(s)) * 1e3, 3), p10_ms=round(float(np.percentile(s, 10)) * 1e3, 3),
                    p90_ms=round(float(np.percentile(s, 90)) * 1e3, 3),
-                   samples_per_s=round(c["batch"] / float(np.median(s)), 1))
+                   samples_per_s=round(c["batch"] / float(np.median(s)), 1),
+                   minor_faults_per_step=int(np.median(faults[k])))
         rows.append(row)
     med = {k: float(np.median(v)) for k, v in samples.items()}
     ratios = {"qat_step_vs_float_step": {f"threads={t}": round(med[f"split int8 t{t}"] / med[f"split none t{t}"], 3)
@@ -171,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     a.out.write_text(json.dumps(res, indent=2) + "\n")
     for r in rows:
         print(f"{r['kind']:8s} {r.get('scheme', ''):5s} batch {r['batch']:4d} threads {r['threads']} "
-              f"cl {r.get('channels_last', '')!s:5s} {r['median_ms']:9.2f} ms  {r['samples_per_s']:8.1f}/s")
+              f"cl {r.get('channels_last', '')!s:5s} {r['median_ms']:9.2f} ms  {r['samples_per_s']:8.1f}/s  "
+              f"{r['minor_faults_per_step']:6d} faults/step")
     print(json.dumps(ratios))
     return 0
 
