@@ -38,7 +38,14 @@ int8 artifact a device ships (the stages are those of ``privacy_utility.py``, re
   against the service (int8 encoder + cloud head, probabilities) at fixed query budgets, with and
   without a service-side output defense (``--service-output``-style, e.g. reverse sigmoid), and
   Copycat (labels only) at the same budgets: the fidelity any defense that keeps top-1 leaves to
-  an attacker who keeps only the argmax. Ablations: the divergence weight and temperature.
+  an attacker who keeps only the argmax. Both attacks query two pools: the attacker's aux split
+  (in-distribution) and an out-of-distribution transfer set, MNIST digits (``mnist5k``, budgets
+  1k/5k/10k), as the DivQAT authors' extraction work evaluates. Ablations: the divergence weight
+  and temperature; the paper's frozen float reference (``divqat-frozen``: the float function after
+  epoch 1); learned activation grids (LSQ) against their own plain-QAT control (``none-lsq``,
+  ``divqat-lsq``, ``divqat-frozen-lsq``); and the paper's set-up, a trained float run (``float``)
+  fine-tuned with QAT, the divergence measured from that float model (``divqat-qft``), against the
+  plain QAT fine-tune (``none-qft``).
   Paper: Khaled et al., arXiv 2512.23948.
 
 Sizes: ``quick`` (CI smoke: 512 training images, 2 epochs of batch 32, attack preset "quick",
@@ -113,6 +120,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "divqat": {"stack": "divqat", "params": {"divqat": {}}},
     "divqat-w3": {"stack": "divqat", "params": {"divqat": {"weight": 3.0}}},
     "divqat-T1": {"stack": "divqat", "params": {"divqat": {"temperature": 1.0}}},
+    # the paper's reference, a frozen float model: from scratch, the float function after epoch 1
+    "divqat-frozen": {"stack": "divqat", "params": {"divqat": {"reference": "frozen", "start_epoch": 2}}},
+    # learned activation grids (LSQ), a part of the quantised network the float reference lacks;
+    # none-lsq: plain QAT with the same learned grids, their control
+    "none-lsq": {"stack": "none", "params": {}},
+    "divqat-lsq": {"stack": "divqat", "params": {"divqat": {}}},
+    "divqat-frozen-lsq": {"stack": "divqat", "params": {"divqat": {"reference": "frozen", "start_epoch": 2}}},
+    # the paper's set-up: a trained float model, then QAT fine-tuning from it with the divergence
+    # from that float model (frozen at the first step) against the plain QAT fine-tune
+    "float": {"stack": "none", "params": {}},
+    "none-qft": {"stack": "none", "params": {}},
+    "divqat-qft": {"stack": "divqat", "params": {"divqat": {"reference": "frozen", "weight": 3.0}}},
     # -- cem-ft: the CEM code's pretrain route, a trained noise run fine-tuned at full lambda from the
     # first step (cem schedule "finetune"), against the same fine-tune without CEM
     "noise-ft": {"stack": "noise", "params": {"noise": NOISE}},
@@ -134,8 +153,18 @@ FINETUNES: dict[str, dict[str, Any]] = {
 VIB_FT = {"lr": 1e-2, "select": "last", "freeze": "head"}
 FINETUNES.update({name: {"from": "none", "train": VIB_FT}
                   for name in ("none-ft", "vib-mask-ft", "vib-mask-ft-beta0.01")})
+# QAT fine-tunes of the float run: its weights, fake quantisation from the first step, lower lr
+QFT_TRAIN = {"lr": 1e-2, "select": "last"}
+FINETUNES.update({name: {"from": "float", "train": QFT_TRAIN} for name in ("none-qft", "divqat-qft")})
 # configs trained with the seed plus an offset: another, independently trained network
 SEED_OFFSET = {"none-reseeded": 1}
+# quant settings other than QAT int8 with observed grids
+QUANT: dict[str, dict[str, Any]] = {"float": {"scheme": "none"},
+                                    **{n: {"act_scales": "learned"} for n in ("none-lsq", "divqat-lsq",
+                                                                               "divqat-frozen-lsq")}}
+
+# The out-of-distribution transfer set of the divqat study (MNIST digits against a Fashion-MNIST victim)
+OOD = "mnist5k"
 
 STUDIES: dict[str, dict[str, Any]] = {
     # cem-slot at cem's lambda, and at lambda 1, where its accuracy is about cem's at 16 (measured)
@@ -149,9 +178,14 @@ STUDIES: dict[str, dict[str, Any]] = {
             "ablations": ["vib-mask-beta1e-4", "vib-mask-beta3e-3", "vib-mask-beta0.01", "vib-mask-beta0.1",
                           "vib-mask-keep0.25", "none-reseeded", "none-ft", "vib-mask-ft", "vib-mask-ft-beta0.01"],
             "attacks": {"repurpose": ARTIFACT}, "frozen_reference": "none", "reference": "none"},
-    "divqat": {"configs": ["none", "divqat"], "ablations": ["divqat-w3", "divqat-T1"],
+    "divqat": {"configs": ["none", "divqat"],
+               "ablations": ["divqat-w3", "divqat-T1", "divqat-frozen", "none-lsq", "divqat-lsq", "divqat-frozen-lsq",
+                             "none-qft", "divqat-qft"],
                "attacks": {"knockoff": SERVICE, "copycat": SERVICE},
-               "service_outputs": {"knockoff": [None, "reverse_sigmoid"]}},
+               # (service output, query pool) per attack: the aux pool (in-distribution) with and
+               # without reverse sigmoid, and the out-of-distribution transfer set
+               "variants": {"knockoff": [(None, "aux"), ("reverse_sigmoid", "aux"), (None, OOD)],
+                            "copycat": [(None, "aux"), (None, OOD)]}},
 }
 # The within-class input attributes of the repurposing probe: balanced inside every class, so what a
 # probe reads of them is information the designated task does not need (attacks/repurposing.py).
@@ -161,8 +195,6 @@ ATTRIBUTES = ("bright_in_class", "area_in_class", "centroid_in_class")
 # over chance on every within-class attribute at most "within_adv", with designated accuracy at
 # most "acc_points" points under the undefended run's.
 TARGETS = {"frozen_ratio": 10.0, "within_adv": 0.40, "acc_points": 3.0}
-# the frozen protocol's result file in a run's attacks/ (the adaptive one keeps the runner's name)
-FROZEN_RESULT = f"repurpose-frozen-{ARTIFACT}.json"
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"data": {"limit_train": 512, "limit_test": 300, "val_size": 200, "aux_size": 1000},
@@ -173,12 +205,12 @@ SIZES: dict[str, dict[str, Any]] = {
 
 # The attacks at --size medium. The decoder: batch 64 / lr 2e-3 reaches the default's SSIM in a
 # third of the CPU time (measured on the undefended run: SSIM 0.65 in 6 epochs); 12 epochs, two noisy
-# query rounds of the 5,000 aux images. Knockoff: the default budgets up to 5,000 queries.
+# query rounds of the 5,000 aux images. Knockoff and copycat: 1k/5k/10k queries from either pool.
 MEDIUM_ATTACKS: dict[str, dict[str, Any]] = {
     "decoder": {"blocks": 4, "width": 48, "epochs": 12, "lr": 2e-3, "patience": 0, "oracle_epochs": 0},  # its "fast" preset
     "repurpose": {},
-    "knockoff": {"budgets": [1000, 5000]},
-    "copycat": {"budgets": [1000, 5000]},
+    "knockoff": {"budgets": [1000, 5000, 10000]},
+    "copycat": {"budgets": [1000, 5000, 10000]},
 }
 
 
@@ -187,7 +219,7 @@ def run_config(name: str, size: str, seed: int, runs_dir: Path | None = None) ->
     run of the same seed under ``runs_dir``."""
     s = SIZES[size]
     ft = FINETUNES.get(name)
-    cfg = {"data": {"name": "fashion-mnist", **s["data"]}, "quant": {"scheme": "int8"},
+    cfg = {"data": {"name": "fashion-mnist", **s["data"]}, "quant": {"scheme": "int8", **QUANT.get(name, {})},
            "train": {**s["train"], "seed": seed + SEED_OFFSET.get(name, 0), **(ft["train"] if ft else {})},
            "defense": json.loads(json.dumps(CONFIGS[name]))}
     if ft:
@@ -290,6 +322,37 @@ def _pm(a: dict, key: str, spec: str, scale: float = 1.0) -> str:
     return format(v, spec) + (f" ± {format(s, spec)}" if n > 1 else "")
 
 
+def divqat_table(aggs: list[dict]) -> list[str]:
+    """KnockoffNets fidelity per config: the aux pool (in-distribution) and the OOD transfer set
+    (``@mnist5k``), each against its plain-QAT control (none; none-lsq for the learned-grid
+    configs, none-qft for the fine-tunes from the float run); reverse sigmoid and the labels-only
+    bound (copycat) beside them."""
+    def budgets(suffix: str) -> list[int]:
+        pat = re.compile(r"fidelity@(\d+)" + re.escape(suffix))
+        return sorted({int(m[1]) for a in aggs for k in a if (m := pat.fullmatch(k))})
+
+    control = {a["config"]: a for a in aggs}
+    ood = f"@{OOD}"
+    ib, ob = budgets(""), budgets(ood)
+    top_i, top_o = (f"fidelity@{ib[-1]}" if ib else None), (f"fidelity@{ob[-1]}{ood}" if ob else None)
+    head = " | ".join([f"aux fid@{b} (%)" for b in ib] + [f"OOD fid@{b} (%)" for b in ob])
+    out = [f"| config | seeds | test acc (%) | {head} | x control (aux / OOD) | aux, reverse sigmoid (%) | "
+           f"copycat aux / OOD (%) |",
+           "|---|---|---|" + "---|" * (len(ib) + len(ob)) + "---|---|---|"]
+    for a in aggs:
+        name = a["config"]
+        ref = control.get("none-lsq" if "lsq" in name else "none-qft" if name.endswith("-qft") else "none")
+        cells = " | ".join([_pm(a, f"fidelity@{b}", ".2f", 100) for b in ib]
+                           + [_pm(a, f"fidelity@{b}{ood}", ".2f", 100) for b in ob])
+        ratios = [f"{a[k] / ref[k]:.3f}x" if k and ref and k in a and k in ref else "-" for k in (top_i, top_o)]
+        rs = _pm(a, f"{top_i}@reverse_sigmoid", ".2f", 100) if top_i else "-"
+        cc = " / ".join(_pm(a, f"copycat_{k}", ".2f", 100) if k else "-" for k in (top_i, top_o))
+        out.append(f"| {name} | {len(a['seeds'])} | {_pm(a, 'test_acc', '.2f', 100)} | {cells} | "
+                   f"{' / '.join(ratios)} | {rs} | {cc} |")
+    out.append("")
+    return out
+
+
 def markdown(aggs: list[dict]) -> str:
     """One table per study (mean ± std over the seeds given in the seeds column)."""
     out: list[str] = []
@@ -312,21 +375,7 @@ def markdown(aggs: list[dict]) -> str:
     if "vib" in by:
         out += vib_tables(by["vib"])
     if "divqat" in by:
-        budgets = sorted({int(m[1]) for a in by["divqat"] for k in a if (m := re.fullmatch(r"fidelity@(\d+)", k))})
-        ref = next((a for a in by["divqat"] if a["config"] == "none"), None)
-        top = f"fidelity@{budgets[-1]}" if budgets else None
-        head = " | ".join(f"fidelity@{b} (%)" for b in budgets)
-        out += [f"| config | seeds | test acc (%) | {head} | x none | same, reverse sigmoid (%) | "
-                f"copycat (labels only) (%) |",
-                "|---|---|---|" + "---|" * len(budgets) + "---|---|---|"]
-        for a in by["divqat"]:
-            cells = " | ".join(_pm(a, f"fidelity@{b}", ".2f", 100) for b in budgets)
-            ratio = f"{a[top] / ref[top]:.3f}x" if top and ref and top in a and top in ref else "-"
-            rs = _pm(a, f"{top}@reverse_sigmoid", ".2f", 100) if top else "-"
-            cc = _pm(a, f"copycat_{top}", ".2f", 100) if top else "-"
-            out.append(f"| {a['config']} | {len(a['seeds'])} | {_pm(a, 'test_acc', '.2f', 100)} | {cells} | {ratio} | "
-                       f"{rs} | {cc} |")
-        out.append("")
+        out += divqat_table(by["divqat"])
     return "\n".join(out)
 
 
@@ -477,18 +526,20 @@ def _attack_all(root: Path, study: dict, size: dict, threads: int, say) -> dict[
             out.setdefault("", {}).update(ensure_attacks(root, spec, (attack,), preset=preset, params=params,
                                                          threads=threads or None, say=say, run_holder=holder))
             continue
-        for so in study.get("service_outputs", {}).get(attack, [None]):
-            tag = so or ""
+        for so, pool in study.get("variants", {}).get(attack, [(None, "aux")]):
+            tag = "+".join(t for t in (so, "" if pool == "aux" else pool) if t)
             kw = dict(params.get(attack, {}))
+            if pool != "aux":
+                kw["pool"] = pool
             atk = build_attack(attack, preset=preset, **kw)
-            where = spec if so is None else f"{spec}@{so}"
+            where = spec + (f"@{so}" if so else "") + (f" ({pool} pool)" if pool != "aux" else "")
             res = cached_result(root, spec, atk, preset=preset, service_output=so)
             if res is not None:
                 say(f"attack {attack} on {where}: done already, skipped")
             else:
                 if "run" not in holder:
                     holder["run"] = load_run(root)
-                say(f"attack {attack} on {spec}" + (f" with service output {so}" if so else ""))
+                say(f"attack {attack} on {where}")
                 res, _ = attack_run(root, spec, attack, preset=preset, params=kw, run=holder["run"],
                                     threads=threads or None, service_output=so)
             out.setdefault(tag, {})[attack] = res.to_json()
@@ -497,28 +548,20 @@ def _attack_all(root: Path, study: dict, size: dict, threads: int, say) -> dict[
 
 def _frozen_attack(root: Path, ref_root: Path, size: dict, threads: int, say) -> dict:
     """The repurposing attack under the paper's protocol (probes trained on ``ref_root``'s released
-    features, frozen) on the run at ``root``, saved as attacks/FROZEN_RESULT; re-used while the
-    config, seed, preset and both runs' checkpoints and artifacts are unchanged."""
+    features, frozen) on the run at ``root``; the runner keeps it as its own result (variant
+    "frozen") and re-uses it while the config, seed, preset and both runs' checkpoints and
+    artifacts are unchanged."""
     from qdefend.attacks import build_attack
-    from qdefend.attacks.base import AttackResult
-    from qdefend.attacks.runner import attack_run, target_fingerprint
+    from qdefend.attacks.runner import attack_run, cached_result
 
     preset = size["preset"]
     kw = {**({} if preset else MEDIUM_ATTACKS["repurpose"]), "reference": str(ref_root)}
-    atk = build_attack("repurpose", preset=preset, **kw)
-    path = root / "attacks" / FROZEN_RESULT
-    if path.is_file():
-        r = AttackResult.load(path)
-        if (r.seed == 0 and r.extra.get("preset") == (preset or "default")
-                and r.config == json.loads(json.dumps(atk.config_dict()))
-                and r.extra.get("fingerprint") == target_fingerprint(root, ARTIFACT)
-                and r.extra.get("reference_fingerprint") == target_fingerprint(ref_root, ARTIFACT)):
-            say(f"attack repurpose (frozen, reference {ref_root}) on {ARTIFACT}: done already, skipped")
-            return r.to_json()
+    res = cached_result(root, ARTIFACT, build_attack("repurpose", preset=preset, **kw), preset=preset)
+    if res is not None:
+        say(f"attack repurpose (frozen, reference {ref_root}) on {ARTIFACT}: done already, skipped")
+        return res.to_json()
     say(f"attack repurpose (frozen, reference {ref_root}) on {ARTIFACT}")
-    res, _ = attack_run(root, ARTIFACT, "repurpose", preset=preset, params=kw, threads=threads or None,
-                        save=False, progress=say)
-    res.save(path)
+    res, _ = attack_run(root, ARTIFACT, "repurpose", preset=preset, params=kw, threads=threads or None, progress=say)
     return res.to_json()
 
 

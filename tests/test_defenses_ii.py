@@ -34,7 +34,8 @@ def test_every_config_builds_a_valid_int8_run_and_stack(d2):
     for size in d2.SIZES:
         for name, spec in d2.CONFIGS.items():
             cfg = RunConfig.from_dict(d2.run_config(name, size, seed=2))
-            assert cfg.quant.scheme == "int8" and cfg.data.name == "fashion-mnist"
+            assert cfg.quant.scheme == ("none" if name == "float" else "int8") and cfg.data.name == "fashion-mnist"
+            assert cfg.quant.act_scales == ("learned" if "lsq" in name else "observed")
             assert cfg.train.seed == 2 + d2.SEED_OFFSET.get(name, 0)  # none-reseeded: another network
             stack = build_defense(cfg.defense)
             assert [d.name for d in stack.defenses] == ([] if spec["stack"] == "none" else spec["stack"].split("+"))
@@ -151,8 +152,15 @@ def test_aggregate_and_tables_on_fixed_rows(d2):
     fid[1].update({f"copycat_{k}": v for k, v in d2.attack_metrics("knockoff", KNOCKOFF).items()})
     md = d2.markdown(d2.aggregate([vib, *fid]))
     assert "| vib-mask | 1 | 85.00 | - | 90.00 | 0.400 | 0.000 | - | 0.400 | no |" in md  # no none row: no delta
-    assert "| none | 1 | 88.00 | 80.00 | 90.00 | 1.000x | - | - |" in md
-    assert "| divqat | 1 | 88.00 | 80.00 | 60.00 | 0.667x | 50.00 | 90.00 |" in md
+    assert "| none | 1 | 88.00 | 80.00 | 90.00 | 1.000x / - | - | - / - |" in md
+    assert "| divqat | 1 | 88.00 | 80.00 | 60.00 | 0.667x / - | 50.00 | 90.00 / - |" in md
+    # the OOD pool's columns; the learned-grid configs against their own control (none-lsq)
+    ood = {f"{k}@{d2.OOD}": v for k, v in d2.attack_metrics("knockoff", KNOCKOFF).items()}
+    more = [dict(r, **ood) for r in fid] + [dict(fid[0], config="none-lsq", **ood, test_acc=0.87),
+                                            dict(fid[0], config="divqat-lsq", **{**ood, f"fidelity@5000@{d2.OOD}": 0.45})]
+    md = d2.markdown(d2.aggregate(more))
+    assert "aux fid@5000 (%) | OOD fid@1000 (%) | OOD fid@5000 (%) | x control (aux / OOD)" in md
+    assert "| divqat-lsq | 1 | 88.00 | 80.00 | 90.00 | 80.00 | 45.00 | 1.000x / 0.500x | - | - / - |" in md
 
 
 FROZEN = {"metrics": {
@@ -211,7 +219,8 @@ def test_quick_run_of_one_config_per_study_writes_tables_and_resumes(tmp_path):
     assert 0 <= rows["vib-mask"]["designated_acc"] <= 1 and rows["vib-mask"]["suppression_ratio"] > 0
     assert rows["vib-mask"]["bright_in_class_adv"] is not None
     dq = rows["divqat"]
-    assert {"fidelity@500", "fidelity@500@reverse_sigmoid", "copycat_fidelity@500"} <= set(dq)
+    assert {"fidelity@500", "fidelity@500@reverse_sigmoid", "copycat_fidelity@500", "fidelity@500@mnist5k",
+            "copycat_fidelity@500@mnist5k"} <= set(dq)
     assert rows["vib-mask"]["frozen_suppression_ratio"] > 0 and rows["vib-mask"]["frozen_ref_best_unintended_acc"] > 0.5
     assert (runs / "none-s0" / "checkpoints" / "best.json").exists()  # the frozen protocol's reference, trained
     md = (out / "defenses_ii.md").read_text()
@@ -223,6 +232,6 @@ def test_quick_run_of_one_config_per_study_writes_tables_and_resumes(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     # train + export per config and of the frozen reference; attacks: decoder, repurpose (adaptive and
-    # frozen), knockoff x 2 service outputs + copycat
-    assert again.stderr.count("done already, skipped") == 3 * 2 + 2 + 1 + 2 + 3
+    # frozen), knockoff x (2 service outputs + the OOD pool) + copycat x 2 pools
+    assert again.stderr.count("done already, skipped") == 3 * 2 + 2 + 1 + 2 + 5
     assert json.loads((out / "defenses_ii.json").read_text())["rows"] == d["rows"]

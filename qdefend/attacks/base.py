@@ -211,6 +211,18 @@ class Attack:
     def config_dict(self) -> dict[str, Any]:
         return _asdict(self.config)
 
+    def variant(self) -> str:
+        """"" for the attack's default protocol; otherwise a short tag (e.g. "pool-mnist5k",
+        "frozen") naming another protocol, whose result is kept in a file of its own
+        (``ATTACK-TARGET~VARIANT.json``) instead of overwriting the default one."""
+        return ""
+
+    def reference_runs(self) -> dict[str, str]:
+        """Other run directories the result depends on (name -> path; e.g. the undefended run whose
+        features frozen probes were trained on): a saved result stands only while their checkpoints
+        and artifacts are unchanged too. Empty by default."""
+        return {}
+
     # -------------------------------------------------------------------- requirements
 
     def missing(self, target: Any) -> list[str]:

@@ -40,7 +40,9 @@ Two protocols, recorded in the result (``extra["protocol"]``) so they are never 
   encoder has another feature basis, and frozen probes fail on it whatever the defense). Each
   probe is also scored on the reference's own released test features (``ref_acc_*``): what the
   undefended model leaks. The reference must be the same model trained on the same data set
-  (checked: data set name, input and feature shapes, classes).
+  (checked: data set name, input and feature shapes, classes). Its result is saved apart, as
+  ``repurpose-TARGET~frozen.json``, and re-used only while the reference run's checkpoint and
+  artifacts are unchanged too (``Attack.reference_runs``).
 
 With the attributes on, ``best_within_class_adv`` is the best probe's advantage over chance on any
 within-class attribute (``*_in_class``): information the designated task does not need.
@@ -331,6 +333,14 @@ class RepurposeAttack(Attack):
     alternative = None
     presets = {"quick": {"n_train": 1000, "eval_limit": 500, "epochs": 5, "probes": ["linear", "mlp"]}}
 
+    def variant(self) -> str:
+        """"frozen" for the paper's protocol (``reference`` set): a result of its own beside the adaptive one."""
+        return "frozen" if self.config.reference else ""
+
+    def reference_runs(self) -> dict[str, str]:
+        """The frozen protocol depends on the reference run too (its probes are trained there)."""
+        return {"reference": self.config.reference} if self.config.reference else {}
+
     def _run(self, target, data, seed, say):
         cfg = self.config
         timings: dict[str, float] = {}
@@ -420,15 +430,12 @@ class RepurposeAttack(Attack):
         if reference is None:
             extra["notes"].append("adaptive protocol: the probes were trained on this run's released features")
         else:
-            from .runner import target_fingerprint
-
             ref_unintended = {k: metrics[f"ref_acc_{k.replace('/', '_')}"] for k in unintended}
             best_ref = max(ref_unintended, key=ref_unintended.get)
             metrics["ref_best_unintended_acc"] = ref_unintended[best_ref]
             same = max(acc[("designated", p)] for p in probes)
             metrics["suppression_ratio_same_task"] = designated / max(same, 1e-12)
-            extra.update({"reference": cfg.reference, "ref_best_unintended": best_ref,
-                          "reference_fingerprint": target_fingerprint(cfg.reference, reference.name)})
+            extra.update({"reference": cfg.reference, "ref_best_unintended": best_ref})
             extra["notes"].append(
                 f"frozen protocol: the probes were trained on the released features of {cfg.reference} "
                 "(undefended reference) and applied unchanged to this run's; acc_designated_* are frozen "

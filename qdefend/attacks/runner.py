@@ -6,6 +6,14 @@ runs it and writes ``runs/NAME/attacks/ATTACK-TARGET.json`` (config, seed, metri
 notes) and, for inversion attacks, ``ATTACK-TARGET.png`` (originals above reconstructions) and
 ``.npz`` (the arrays). Extraction attacks read a service's answers: given an encoder artifact
 they attack ``service:ARTIFACT`` (that encoder + the exported cloud head) and say so.
+
+One file per attack variant: the full name is ``ATTACK-TARGET[@SERVICEOUTPUT][~VARIANT].json``,
+``@TAG`` behind a service-side output defense and ``~VARIANT`` for an attack protocol other than
+the default (``Attack.variant()``: ``~pool-mnist5k`` for an extraction from a transfer set,
+``~frozen`` for repurposing probes trained on a reference run), so no variant overwrites another
+and the default names are those of earlier versions. A saved result is re-used
+(:func:`cached_result`) only while its config, seed, preset, service output and the checkpoints
+and artifacts of its run and of every run it depends on (``Attack.reference_runs()``) are unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from qdefend.run import RunPaths, load_run
 from qdefend.defenses.output import parse_output_defense
 from .targets import open_target
 
-__all__ = ["attack_run", "parse_params", "result_path", "resolve_spec", "cached_result", "saved_result", "BUDGET_PARAMS"]
+__all__ = ["attack_run", "parse_params", "result_path", "resolve_spec", "cached_result", "saved_result",
+           "target_fingerprint", "reference_fingerprints", "BUDGET_PARAMS"]
 
 # what --budget sets, per attack family / name (queries the attacker may spend)
 BUDGET_PARAMS = {"extraction": "budgets", "decoder": "aux_size", "gan": "aux_size", "repurpose": "n_train",
@@ -51,8 +60,13 @@ def resolve_spec(attack: Attack, spec: str) -> tuple[str, list[str]]:
     return spec, []
 
 
-def result_path(run_dir: str | Path, attack: str, spec: str) -> Path:
-    return Path(run_dir) / "attacks" / f"{attack}-{spec.replace(':', '_').replace('/', '_')}.json"
+def _safe(name: str) -> str:
+    return name.replace(":", "_").replace("/", "_")
+
+
+def result_path(run_dir: str | Path, attack: str, spec: str, variant: str = "") -> Path:
+    """``RUN/attacks/ATTACK-TARGET.json``, or ``...~VARIANT.json`` for a variant (``Attack.variant()``)."""
+    return Path(run_dir) / "attacks" / f"{attack}-{_safe(spec)}{'~' + _safe(variant) if variant else ''}.json"
 
 
 def target_fingerprint(run_dir: str | Path, spec: str) -> dict[str, str]:
@@ -83,23 +97,31 @@ def target_fingerprint(run_dir: str | Path, spec: str) -> dict[str, str]:
     return fp
 
 
-def _service_result_path(run_dir: str | Path, attack: str, spec: str, post) -> Path:
+def _service_result_path(run_dir: str | Path, attack: str, spec: str, post, variant: str = "") -> Path:
     """Where a result is saved: ``ATTACK-TARGET.json``, or ``ATTACK-TARGET@TAG.json`` behind a
-    service-side output defense ``post`` (an OutputStack, or None)."""
-    return result_path(run_dir, attack, spec if post is None else f"{spec}@{post.tag()}")
+    service-side output defense ``post`` (an OutputStack, or None); ``~VARIANT`` before ``.json``
+    for an attack variant."""
+    return result_path(run_dir, attack, spec if post is None else f"{spec}@{post.tag()}", variant)
+
+
+def reference_fingerprints(attack: Attack, spec: str) -> dict[str, dict[str, str]]:
+    """:func:`target_fingerprint` of target ``spec`` in each run ``attack`` depends on besides its
+    own (``Attack.reference_runs()``), by name; {} for most attacks."""
+    return {name: target_fingerprint(path, spec) for name, path in attack.reference_runs().items()}
 
 
 def cached_result(run_dir: str | Path, spec: str, attack: Attack, *, seed: int = 0,
                   preset: str | None = None, service_output: str | None = None) -> AttackResult | None:
-    """The saved result of ``attack`` on target ``spec`` (behind ``service_output``, as
-    :func:`attack_run` takes it) if it was made with the same attack config, seed, preset and
-    service output against the same checkpoint and artifacts (:func:`target_fingerprint`);
+    """The saved result of ``attack`` (its variant's file) on target ``spec`` (behind
+    ``service_output``, as :func:`attack_run` takes it) if it was made with the same attack config,
+    seed, preset and service output against the same checkpoint and artifacts
+    (:func:`target_fingerprint`), of this run and of every reference run (:func:`reference_fingerprints`);
     None means: run the attack again."""
     import json
 
 
     post = parse_output_defense(service_output)
-    path = _service_result_path(run_dir, attack.name, spec, post)
+    path = _service_result_path(run_dir, attack.name, spec, post, attack.variant())
     if not path.is_file():
         return None
     try:
@@ -109,7 +131,8 @@ def cached_result(run_dir: str | Path, spec: str, attack: Attack, *, seed: int =
     same = (r.seed == seed and r.extra.get("preset") == (preset or "default")
             and r.config == json.loads(json.dumps(attack.config_dict()))
             and r.extra.get("service_output") == (None if post is None else post.spec())
-            and r.extra.get("fingerprint") == target_fingerprint(run_dir, spec))
+            and r.extra.get("fingerprint") == target_fingerprint(run_dir, spec)
+            and r.extra.get("reference_fingerprints", {}) == reference_fingerprints(attack, spec))
     return r if same else None
 
 
@@ -121,7 +144,8 @@ def attack_run(run_dir: str | Path, spec: str, attack: str, *, preset: str | Non
     """Attack target ``spec`` of the run at ``run_dir`` with attack ``attack``; returns the result
     and the path of its JSON (written when ``save``). ``service_output``: a service-side output
     defense (qdefend.defenses.output, e.g. "round:2") on the service's probabilities; the result
-    is then written as ``ATTACK-TARGET@TAG.json``."""
+    is then written as ``ATTACK-TARGET@TAG.json``. An attack variant (``Attack.variant()``, e.g. a
+    transfer-set pool) is written as ``ATTACK-TARGET[@TAG]~VARIANT.json``."""
 
     keep_freed_memory()
     params = dict(params or {})
@@ -147,10 +171,13 @@ def attack_run(run_dir: str | Path, spec: str, attack: str, *, preset: str | Non
     result.extra.setdefault("run", str(run_dir))
     result.extra["preset"] = preset or "default"
     result.extra["fingerprint"] = target_fingerprint(run_dir, spec)
+    refs = reference_fingerprints(atk, spec)
+    if refs:
+        result.extra["reference_fingerprints"] = refs
     post = getattr(target, "post", None)
     if post is not None:
         result.extra["service_output"] = post.spec()
-    path = _service_result_path(run_dir, attack, spec, post)
+    path = _service_result_path(run_dir, attack, spec, post, atk.variant())
     if save:
         result.save(path)
         if result.reconstructions is not None:
@@ -165,4 +192,5 @@ def saved_result(run_dir: str | Path, artifact: str, attack: str, *, preset: str
     is saved, and the saved result if it still stands (:func:`cached_result`), else None."""
     atk = build_attack(attack, preset=preset, **dict(params or {}))
     spec, _ = resolve_spec(atk, artifact)
-    return result_path(run_dir, attack, spec), cached_result(run_dir, spec, atk, seed=seed, preset=preset)
+    return (result_path(run_dir, attack, spec, atk.variant()),
+            cached_result(run_dir, spec, atk, seed=seed, preset=preset))

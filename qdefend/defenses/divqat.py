@@ -10,18 +10,26 @@ pushes the quantized network's output distribution away from its full-precision 
 so the soft answers the deployed int8 service gives differ from what the float weights compute,
 while the top-1 decision stays the label's.
 
-The full-precision twin. The twin is the *same* network, in the same step, with fake quantization
-switched off (torchao pt2e ``disable_fake_quant`` / ``disable_observer`` on every fake-quant module
-of the prepared graph), one extra forward without autograd; afterwards every buffer (fake-quant and
-observer switches, BatchNorm running statistics, which the twin's train-mode forward would update)
-is put back. This is the paper's setting: the quantized model diverges from its *own* float
-weights. A frozen float copy would instead diverge from a fixed reference that drifts away from the
-trained weights. Under ``--qat int8`` only the edge encoder is fake-quantized (the cloud head stays
-float unless ``quant.quantize_head``), and the service an extractor queries is the int8 encoder
-artifact + ``head.float.onnx``: exactly the fake-quant path q here, so the divergence acts on what
-the service answers; the float head is shared by both branches and carries the gradient into the
-encoder through the straight-through estimator. The twin gets no release transform (noise,
-dropout): it is the deterministic float reference.
+The full-precision reference (``reference``).
+* ``twin`` (the default): the *same* network, in the same step, with fake quantization switched off
+  (torchao pt2e ``disable_fake_quant`` / ``disable_observer`` on every fake-quant module of the
+  prepared graph), one extra forward without autograd; afterwards every buffer (fake-quant and
+  observer switches, BatchNorm running statistics, which the twin's train-mode forward would
+  update) is put back. Under ``--qat int8`` only the edge encoder is fake-quantized (the cloud head
+  stays float unless ``quant.quantize_head``), and the service an extractor queries is the int8
+  encoder artifact + ``head.float.onnx``: exactly the fake-quant path q here, so the divergence acts
+  on what the service answers. The twin gets no release transform (noise, dropout).
+* ``frozen``: the paper's reference, "the original full-precision model": a frozen copy of the
+  network's float function (fake quantization off, BatchNorm in eval mode, no gradient) taken when
+  the divergence starts. Trained with ``--from FLOAT_RUN`` and ``start_epoch`` 1 (QAT fine-tuning
+  of a trained float model, the setting the paper describes), the copy *is* that float model; from
+  scratch with ``start_epoch`` N > 1 it is the float function after N-1 epochs. The reference then
+  stays put while the quantized network moves away from it. A run cannot be resumed past the
+  snapshot (it is not checkpointed): retrain it.
+
+Learned quantiser scales. With ``--set quant.act_scales=learned`` the activation grids are learned
+(LSQ; :func:`qdefend.quant.learned_scale_fake_quantize`), a part of q the float reference does not
+have, so the divergence gets a gradient of its own: the paper's "modifies the quantization process".
 
 Keeping top-1. The KL against a detached reference is unbounded (q can put ~0 mass where fp has
 some), and its steepest direction lowers q's probability of fp's top class, i.e. of the label. Two
@@ -31,13 +39,16 @@ correctly, so a sample the divergence pushed over the decision boundary is left 
 until it is correct again. The divergence never trains a wrong decision.
 
 What it can and cannot do. Under straight-through rounding the fake-quant network's gradient is
-its float twin's (but for the activation clamps), so a step that moves q moves the next step's fp
-along with it: the term has almost no direction that separates the two. Measured (Fashion-MNIST,
-3 epochs, T 4): the epoch-end KL stays ~1e-4 nats at weight 0.5 and 3, ~1e-3 at T 1, and
-KnockoffNets fidelity does not move; a large weight only costs accuracy. More generally, any
-defense that keeps the top-1 answer on in-distribution queries leaves the attacker the labels, so
-it cannot push a clone's fidelity below a labels-only clone's (``copycat``, measured 0.4 points
-under KnockoffNets at 5,000 queries): ``benchmarks/defenses_ii.py --study divqat`` reports both.
+its float twin's (but for the activation clamps), so with ``reference = twin`` and observed grids a
+step that moves q moves the next step's fp along with it: the term has almost no direction that
+separates the two. Measured (Fashion-MNIST, 3 epochs, T 4): the epoch-end KL stays ~1e-4 nats at
+weight 0.5 and 3, ~1e-3 at T 1, and KnockoffNets fidelity does not move; a large weight only costs
+accuracy. The frozen reference and learned scales give it a direction (``benchmarks/defenses_ii.py
+--study divqat`` measures both). More generally, any defense that keeps the top-1 answer on
+in-distribution queries leaves the attacker the labels, so it cannot push a clone's fidelity below
+a labels-only clone's (``copycat``); out-of-distribution queries (the ``mnist5k`` transfer set
+against a Fashion-MNIST victim) have no label to keep, so there the soft answers are all a clone
+learns from.
 
 The defense releases nothing (``release_spec`` None): the exported encoder is a plain int8
 encoder. Service-side output post-processing (rounding, top-k, reverse sigmoid) that composes
@@ -49,6 +60,7 @@ public; the values here are qdefend's, measured in benchmarks/defenses_ii.py).
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,8 +76,10 @@ from ..errors import QdefendError
 from .base import Defense, EpochContext, StepContext
 from ..data import batches
 
-__all__ = ["DivQATConfig", "DivQAT", "divergence", "divergence_loss", "float_twin", "has_fake_quant"]
+__all__ = ["DivQATConfig", "DivQAT", "REFERENCES", "divergence", "divergence_loss", "float_twin", "frozen_float_copy",
+           "has_fake_quant"]
 
+REFERENCES = ("twin", "frozen")
 NO_TWIN = ("defense 'divqat' needs a fake-quantized network to diverge from its float twin, but this run "
            "has none: train with --qat int8 (e.g. qdefend train --qat int8 --defense divqat)")
 
@@ -78,6 +92,7 @@ class DivQATConfig:
     start_epoch: int = 1  # 1-based first epoch with the term (e.g. 2: one plain QAT epoch first)
     only_correct: bool = True  # apply the term only where the fake-quant top-1 equals the label
     eval_samples: int = 1000  # validation images for the epoch-end KL / agreement report (0: off)
+    reference: str = "twin"  # twin: the network's own float twin; frozen: a frozen float copy (see the docstring)
 
     def __post_init__(self):
         p = "defense.params.divqat"
@@ -90,6 +105,8 @@ class DivQATConfig:
         require(isinstance(self.only_correct, bool),
                 f"{p}.only_correct must be true or false, got {self.only_correct!r}: e.g. --set {p}.only_correct=true")
         self.eval_samples = check_number(self.eval_samples, f"{p}.eval_samples", lo=0, integer=True, example=1000)
+        require(self.reference in REFERENCES, f"{p}.reference must be one of {', '.join(REFERENCES)}, got "
+                f"{self.reference!r}: e.g. --set {p}.reference=frozen")
 
 
 # ------------------------------------------------------------------------------ the divergence
@@ -149,6 +166,20 @@ def float_twin(*modules: nn.Module) -> Iterator[None]:
                 b.data = v
 
 
+def frozen_float_copy(module: nn.Module) -> nn.Module:
+    """A frozen full-precision copy of ``module``: deep-copied, every fake-quant module off (no
+    rounding, no range update), evaluation mode (BatchNorm running statistics), no gradient."""
+    from torchao.quantization.pt2e import disable_fake_quant, disable_observer
+
+    ref = copy.deepcopy(module).eval()
+    for fq in _fake_quant_modules([ref]):
+        disable_observer(fq)
+        disable_fake_quant(fq)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
 # ------------------------------------------------------------------------------ the defense
 
 
@@ -162,6 +193,7 @@ class DivQAT(Defense):
     def __init__(self, config=None):
         super().__init__(config)
         self._checked = False
+        self._frozen: tuple[nn.Module, nn.Module] | None = None  # reference = frozen: (encoder, head)
 
     @property
     def first_defended_epoch(self) -> int:
@@ -179,20 +211,46 @@ class DivQAT(Defense):
         with torch.no_grad(), float_twin(encoder, head):
             return head(encoder(x))
 
+    def _snapshot(self, encoder: nn.Module, head: nn.Module) -> None:
+        self._frozen = (frozen_float_copy(encoder), frozen_float_copy(head))
+
+    def reference_logits(self, x: torch.Tensor, encoder: nn.Module, head: nn.Module) -> torch.Tensor:
+        """The reference's logits on ``x`` (detached): the twin's, or the frozen copy's."""
+        if self.config.reference == "twin":
+            return self.twin_logits(x, encoder, head)
+        if self._frozen is None:
+            raise QdefendError("defense 'divqat' with reference=frozen lost its frozen reference (a run resumed "
+                               "after the divergence started; the copy is not checkpointed): retrain the run "
+                               "from the start, e.g. qdefend train ... --force")
+        with torch.no_grad():
+            fe, fh = self._frozen
+            return fh(fe(x))
+
+    def on_train_start(self, ctx: EpochContext) -> dict[str, float]:
+        if self.config.reference == "frozen" and self.config.start_epoch == 1:
+            self._check(ctx.encoder, ctx.head)
+            self._snapshot(ctx.encoder, ctx.head)
+        return {}
+
     def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         self._check(ctx.encoder, ctx.head)
         c = self.config
         if c.weight == 0 or ctx.epoch + 1 < c.start_epoch:
             return {}
-        fp = self.twin_logits(ctx.x, ctx.encoder, ctx.head)
+        fp = self.reference_logits(ctx.x, ctx.encoder, ctx.head)
         return {"divergence": divergence_loss(ctx.logits, fp, weight=c.weight, temperature=c.temperature,
                                               max_kl=c.max_kl, labels=ctx.y if c.only_correct else None)}
 
     @torch.no_grad()
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
-        """KL (unclipped, at T) and top-1 agreement between the fake-quant network and its float
-        twin on the first ``eval_samples`` validation images (networks in eval mode)."""
-        n = min(self.config.eval_samples, len(ctx.data.val))
+        """KL (unclipped, at T) and top-1 agreement between the fake-quant network and its
+        reference on the first ``eval_samples`` validation images (networks in eval mode). With
+        ``reference = frozen`` the copy is taken here at the end of epoch ``start_epoch - 1``."""
+        c = self.config
+        if c.reference == "frozen" and self._frozen is None and ctx.epoch + 2 == c.start_epoch:
+            self._check(ctx.encoder, ctx.head)
+            self._snapshot(ctx.encoder, ctx.head)
+        n = min(c.eval_samples, len(ctx.data.val))
         if n == 0 or not has_fake_quant(ctx.encoder, ctx.head):
             return {}
 
@@ -202,8 +260,9 @@ class DivQAT(Defense):
             xb = xb[: n - seen]
             x = torch.from_numpy(ctx.data.normalization.apply(xb)).to(dev)
             q = ctx.head(ctx.encoder(x))
-            fp = self.twin_logits(x, ctx.encoder, ctx.head)
-            kls.append(divergence(q, fp, self.config.temperature))
+            fp = (self.twin_logits(x, ctx.encoder, ctx.head) if c.reference == "twin" or self._frozen is None
+                  else self.reference_logits(x, ctx.encoder, ctx.head))
+            kls.append(divergence(q, fp, c.temperature))
             agree += int((q.argmax(1) == fp.argmax(1)).sum())
             seen += len(xb)
             if seen >= n:

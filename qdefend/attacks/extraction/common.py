@@ -8,6 +8,14 @@ weights, architecture or training data. Its own images come from a *query pool*:
 victim trained or selected on. ``pool="val"`` hands the attacker the victim's validation split
 instead (a stronger attacker than the threat model; the result records it); the train split is
 the victim's private data and the test split is where the clone is scored, so neither is allowed.
+``pool=NAME`` of a transfer set (``qdefend.data.TRANSFER_SETS``: ``mnist5k``, 5,000 MNIST digits)
+is the weaker attacker that has no image of the victim's distribution at all: KnockoffNets'
+out-of-distribution transfer sets (Orekondy et al., CVPR 2019). Its images must have the victim's
+input shape (channels, height, width; refused otherwise), they are labelled with the set's own
+classes (the adaptive policy's actions, as in the paper), and the result records the pool as
+out-of-distribution (``extra["pool"]``, and a note) unless the set comes from the victim's own
+data set. Every pool but ``aux`` is its own attack variant, saved beside the default result
+(``ATTACK-TARGET~pool-NAME.json``).
 
 Budgets. ``budgets`` is a list (a curve): the attack collects one query sequence of
 ``max(budgets)`` images, and the clone for budget ``b`` is trained, from scratch, on the first
@@ -21,11 +29,12 @@ first 5,000 by default: fidelity's standard error is then under 0.5 points) keep
 Pool reuse. A budget larger than the pool re-uses pool images: each later use of an image is a
 fresh random augmentation of it (shift by up to ``shift`` pixels with zero padding, and a
 horizontal flip with probability 1/2), queried as a new image. Flips are natural for clothes and
-objects; for digits (``mnist``) they are off unless asked for. ``reuse="none"`` refuses budgets
-above the pool size instead. ``train_augment`` (off by default) also augments transfer-set
-images while training the clone, keeping the answer of the un-augmented query as the target (no
-extra queries); measured on Fashion-MNIST it lowers fidelity (0.89 vs 0.93 at 10k queries),
-because a shifted image's true answer differs from the kept soft label.
+objects; for digits (``mnist``, and the ``mnist5k`` transfer set) they are off unless asked for.
+``reuse="none"`` refuses budgets above the pool size instead. ``train_augment`` (off by default)
+also augments transfer-set images while training the clone, keeping the answer of the
+un-augmented query as the target (no extra queries); measured on Fashion-MNIST it lowers fidelity
+(0.89 vs 0.93 at 10k queries), because a shifted image's true answer differs from the kept soft
+label.
 
 Clone. The attacker does not know the victim's architecture: the default clone is ``cnn``, a
 small LeNet-style float network (conv3x3(16w)-BN-ReLU-pool, conv3x3(32w)-BN-ReLU-pool,
@@ -33,9 +42,10 @@ fc(128w)-ReLU, fc), a different family and ~1/10 the compute of the VGG11 victim
 10k-query curve trains in about two minutes on two CPU cores. Any ``qdefend.models`` name (e.g.
 ``resnet20``, ``mobilenet``) builds that whole network (encoder + head, no bottleneck) instead.
 The clone normalises its [0,1] input with the pool's own per-channel mean/std (the attacker's
-statistics, not the victim's). Training: Adam, cosine learning-rate decay, soft cross-entropy
-against the victim's answers (probabilities, or one-hot labels), ``max(min_steps, epochs x
-batches)`` steps, so small budgets still get enough updates.
+statistics, not the victim's: a transfer set's own, for an out-of-distribution pool). Training:
+Adam, cosine learning-rate decay, soft cross-entropy against the victim's answers (probabilities,
+or one-hot labels), ``max(min_steps, epochs x batches)`` steps, so small budgets still get enough
+updates.
 """
 
 from __future__ import annotations
@@ -55,13 +65,20 @@ from ..base import Attack, AttackError, check_choice, check_positive
 __all__ = [
     "ExtractionConfig", "ExtractionAttack", "QueryOracle", "QueryPool", "Clone", "CloneTrainer",
     "augment", "build_clone", "pool_stats", "train_clone", "predict_labels", "soft_cross_entropy", "query_random",
-    "POOL_SPLITS", "LOCAL_CLONES", "QUICK",
+    "check_pool_shape", "load_pool", "pool_choices", "POOL_SPLITS", "LOCAL_CLONES", "QUICK",
 ]
 
 POOL_SPLITS = ("aux", "val")
 QUICK = {"budgets": [200, 500], "epochs": 4, "min_steps": 40, "eval_limit": 500, "clone_width": 0.5}
 LOCAL_CLONES = ("cnn",)
-_NO_FLIP = ("mnist",)  # data sets whose images are not mirror-symmetric
+_NO_FLIP = ("mnist",)  # data sets whose images are not mirror-symmetric (a transfer set says so itself)
+
+
+def pool_choices() -> tuple[str, ...]:
+    """What ``pool`` may name: a split of the victim's data set, or a transfer set."""
+    from qdefend.data import TRANSFER_SETS
+
+    return (*POOL_SPLITS, *TRANSFER_SETS.names())
 
 
 @dataclass
@@ -70,9 +87,9 @@ class ExtractionConfig:
 
     attack_name: ClassVar[str] = "extraction"
     budgets: list[int] = field(default_factory=lambda: [1000, 2500, 5000, 10000])
-    pool: str = "aux"  # the attacker's images: aux (default) or val
+    pool: str = "aux"  # the attacker's images: aux (default), val or a transfer set (mnist5k)
     reuse: str = "augment"  # budget > pool: "augment" re-uses pool images augmented, "none" refuses
-    flip: bool | None = None  # horizontal flips in augmentation; None = yes except for mnist
+    flip: bool | None = None  # horizontal flips in augmentation; None = yes except for digits (mnist, mnist5k)
     shift: int = 2  # max translation (pixels) in augmentation
     clone: str = "cnn"  # "cnn" or a qdefend.models name (resnet20, mobilenet, vgg11_bn)
     clone_width: float = 1.0
@@ -86,7 +103,10 @@ class ExtractionConfig:
 
     def __post_init__(self):
         self.budgets = _parse_budgets(self.budgets, self.attack_name)
-        check_choice(self, "pool", POOL_SPLITS)
+        if self.pool not in pool_choices():
+            transfer = ", ".join(pool_choices()[len(POOL_SPLITS):]) or "none installed"
+            raise AttackError(f"{self.attack_name}.pool must be a split of the victim's data set (aux, val) or a "
+                              f"transfer set ({transfer}), got {self.pool!r}: e.g. --set pool=aux")
         check_choice(self, "reuse", ("augment", "none"))
         if self.flip is not None and not isinstance(self.flip, bool):
             raise AttackError(f"{self.attack_name}.flip must be true, false or unset, got {self.flip!r}: "
@@ -389,11 +409,42 @@ class _Context:
         return lambda x: augment(x, self.rng, shift=self.cfg.shift, flip=self.flip)
 
 
+def check_pool_shape(pool_shape, victim_shape, pool: str) -> None:
+    """AttackError unless the pool's images (C, H, W) have the victim's input shape: a clone and
+    the victim take one size of image, and resizing a transfer set is not the attacker's default."""
+    a, b = tuple(int(v) for v in pool_shape), tuple(int(v) for v in victim_shape)
+    if a != b:
+        have, need = ("x".join(map(str, t)) for t in (a, b))
+        raise AttackError(f"the '{pool}' pool holds {have} images (channels x height x width) but the victim "
+                          f"takes {need}: pick a pool of the victim's input shape, e.g. --set pool=aux")
+
+
+def load_pool(pool: str, data: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any], bool]:
+    """(images float32 [0,1], labels, JSON-ready description, whether flips are natural) of the
+    query pool ``pool``: a split of the victim's data set ``data`` (a SplitData), or a transfer set
+    of the victim's input shape (``qdefend.data.TRANSFER_SETS``)."""
+    if pool in POOL_SPLITS:
+        split = data.split(pool)
+        info = {"name": pool, "kind": "split", "split": pool, "dataset": data.name, "out_of_distribution": False}
+        return split.floats(), split.labels, info, data.name not in _NO_FLIP
+    from qdefend.data import load_transfer_set
+
+    ts = load_transfer_set(pool)
+    check_pool_shape(ts.images.shape[1:], data.shape, pool)
+    info = {"name": pool, "kind": "transfer_set", "dataset": ts.dataset, "source": ts.source,
+            "classes": len(ts.class_names), "out_of_distribution": ts.dataset != data.name}
+    return ts.images, ts.labels, info, ts.flip
+
+
 class ExtractionAttack(Attack):
     """Collect a query sequence (``collect``, per attack), then train and score a clone per budget."""
 
     family = "extraction"
     answer: ClassVar[str] = "probabilities"  # what the attack reads from the victim
+
+    def variant(self) -> str:
+        """``pool-NAME`` for any pool but the default ``aux`` (another attacker: its own result file)."""
+        return "" if self.config.pool == "aux" else f"pool-{self.config.pool}"
 
     def collect(self, oracle: QueryOracle, pool: QueryPool, ctx: _Context) -> dict | None:
         """Spend up to ``oracle.budget`` queries; return JSON-ready details for ``extra`` (may hold
@@ -403,15 +454,14 @@ class ExtractionAttack(Attack):
     def _run(self, target, data, seed, say):
         cfg = self.config
         rng = np.random.default_rng(seed)
-        split = data.split(cfg.pool)
-        pool_x = split.floats()
-        flip = cfg.flip if cfg.flip is not None else data.name not in _NO_FLIP
+        pool_x, pool_y, pool_info, natural_flip = load_pool(cfg.pool, data)
+        flip = cfg.flip if cfg.flip is not None else natural_flip
         budget = cfg.budgets[-1]
         if cfg.reuse == "none" and budget > len(pool_x):
             raise AttackError(f"budget {budget} exceeds the {len(pool_x)} images of the '{cfg.pool}' pool: lower "
                               f"--set budgets=... to <= {len(pool_x)}, or --set reuse=augment")
         mean, std = pool_stats(pool_x)
-        pool = QueryPool(pool_x, split.labels, rng=rng, reuse=cfg.reuse, flip=flip, shift=cfg.shift, name=cfg.pool)
+        pool = QueryPool(pool_x, pool_y, rng=rng, reuse=cfg.reuse, flip=flip, shift=cfg.shift, name=cfg.pool)
         ctx = _Context(cfg, rng, seed, tuple(data.shape), data.num_classes, mean, std, flip, say)
         oracle = QueryOracle(target, self.answer, budget, data.num_classes, cfg.query_batch)
         timings: dict[str, float] = {}
@@ -456,14 +506,23 @@ class ExtractionAttack(Attack):
             metrics[f"fidelity@{p['budget']}"] = p["fidelity"]
         stats = pool.stats()
         reused = stats["augmented_queries"]
-        notes = [f"query pool: the '{cfg.pool}' split ({len(pool)} images the victim never trained on); "
+        if pool_info["kind"] == "split":
+            what = f"the '{cfg.pool}' split ({len(pool)} images the victim never trained on)"
+        elif pool_info["out_of_distribution"]:
+            what = (f"the out-of-distribution transfer set '{cfg.pool}' ({len(pool)} {pool_info['dataset']} images, "
+                    f"none from the victim's data set {data.name}; labelled with its own {pool_info['classes']} "
+                    "classes)")
+        else:
+            what = (f"the transfer set '{cfg.pool}' ({len(pool)} {pool_info['dataset']} images): the victim's own "
+                    "data set, so not out-of-distribution, and they may overlap its training images")
+        notes = [f"query pool: {what}; "
                  + (f"{reused} of {oracle.used} queries were augmented re-uses of pool images "
                     f"(shift <= {cfg.shift} px{', horizontal flip' if flip else ''})" if reused else
                     "no pool image was queried twice")]
         if cfg.pool == "val":
             notes.append("the pool is the victim's validation split: a stronger attacker than the aux threat model")
         extra = {"curve": curve, "answer": self.answer, "evaluation_queries": int(n_eval),
-                 "victim_calls": oracle.calls, "pool": {"split": cfg.pool, **stats, "flip": flip},
+                 "victim_calls": oracle.calls, "pool": {**pool_info, **stats, "flip": flip},
                  "clone": {"arch": cfg.clone, "width": cfg.clone_width,
                            "params": int(sum(p.numel() for p in clone.parameters())),
                            "normalization": {"mean": mean, "std": std}},

@@ -3,8 +3,9 @@
 The attacker labels its own images with the service's hard answers and trains a clone with
 cross-entropy on them (one-hot targets through the shared soft cross-entropy). The original work
 queried with natural images from outside the problem domain (ImageNet for facial expressions);
-here the query pool is the attacker's split of the victim's distribution (``pool``, see
-``common``), the setting of its problem-domain variant. Queries are drawn as KnockoffNets'
+here the query pool is by default the attacker's split of the victim's distribution (``pool``,
+see ``common``), the setting of its problem-domain variant, and ``pool=mnist5k`` (a transfer set
+from outside the victim's data set) the original's setting. Queries are drawn as KnockoffNets'
 random policy draws them, so copycat vs knockoff isolates what probabilities add over labels.
 
 Paper: Correia-Silva, Berriel, Badue, de Souza, Oliveira-Santos, "Copycat CNN: Stealing

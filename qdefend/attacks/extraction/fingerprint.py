@@ -37,7 +37,29 @@ answer; ties: the first asked). Against target noise that serves the victim more
 the pin, this filters out the other models' answers, at the price of ``vote`` queries an image: the
 extraction budget counts every ask, so the clone trains on budget // vote images. The
 fingerprinting queries are counted apart from the extraction budget and capped by
-``max_fingerprint_queries``. With the operator's ground truth on the target (in-process scoring),
+``max_fingerprint_queries``.
+
+``filter=R`` (R >= 1 asks, or ``auto``; 0 = off) is the *filtering attacker*, against target noise
+that moves the victim's requests to one lower model (``--target-noise drop``): the answers at the
+pin are then the victim's or that model's, and the attacker can tell them apart image by image.
+After the pin it picks a *reference* model from its own map: the model other than the victim
+that its single asks in the victim's band saw most often (with none seen there, the band just
+below the victim's); and a *reference pin*: of the accuracy targets it asked at the loosest
+latency, the one the reference answered most often (ties: the middle of the longest run of
+them), checked with ``pin_repeats`` more asks (fingerprinting queries). The extraction then asks
+each image R times at the pin plus once at the reference pin, from one encoding (the same bytes,
+so one model gives one answer), keeps the first of its R answers that differs (beyond
+``signature_tol``) from the reference's, which is then not the reference model's, and drops the
+image if none differs. Every ask is paid for: the clone trains on the kept answers of budget //
+(R + 1) images, expected (budget / (R + 1)) x (1 - (1 - s)^R) with s the victim's share at the
+pin. ``auto`` estimates s as the share of the victim among the fingerprint's single asks at the
+pinned accuracy (pin candidates and latency scan, any latency), and takes the R in 1..``MAX_FILTER_ASKS`` that maximizes that expectation (no
+filtering when the victim answered every one of them: nothing to filter). Should no answer pass,
+the clone trains on every image's first answer at the pin (recorded as a fallback). The filter
+trusts the reference pin: a reference pin that noise also moves lets the reference model's
+answers through. One budget only (the kept answers are not a query prefix).
+
+With the operator's ground truth on the target (in-process scoring),
 the result also reports the identification accuracy: the share of 201 accuracy targets over the
 range (at the loosest latency) for which the attacker's band map names the model the zoo's
 noise-free policy selects, and whether the pinned model is the zoo's most accurate.
@@ -59,9 +81,11 @@ from ..base import ATTACKS, AttackError, check_choice, check_positive
 from .common import QUICK
 from .knockoff import KnockoffAttack, KnockoffConfig
 
-__all__ = ["FingerprintConfig", "FingerprintAttack", "Fingerprinter", "MajorityVote", "REFUSED"]
+__all__ = ["FingerprintConfig", "FingerprintAttack", "Fingerprinter", "MajorityVote", "ReferenceFilter", "REFUSED",
+           "filter_asks"]
 
 REFUSED = -1  # the outcome of a refused request
+MAX_FILTER_ASKS = 8  # filter=auto: the most asks an image at the pin
 
 
 @dataclass
@@ -81,6 +105,7 @@ class FingerprintConfig(KnockoffConfig):
     pin: str = "steady"  # steady | center
     pin_repeats: int = 3
     vote: int = 1
+    filter: int | str = 0  # asks an image at the pin, plus one at the reference pin; auto; 0 = off
     max_fingerprint_queries: int = 3000
 
     def __post_init__(self):
@@ -92,6 +117,22 @@ class FingerprintConfig(KnockoffConfig):
         if self.vote > 1 and self.mode != "fingerprint":
             raise AttackError(f"fingerprint.vote={self.vote} repeats the pinned extraction queries; mode={self.mode} "
                               "pins nothing: use --set mode=fingerprint, or drop vote")
+        if self.filter != "auto":
+            if isinstance(self.filter, str):
+                raise AttackError(f"fingerprint.filter must be a number of asks an image or auto, got {self.filter!r}: "
+                                  "e.g. --set filter=3 or --set filter=auto")
+            check_positive(self, "filter", integer=True, allow_zero=True, example=3)
+        if self.filter:
+            if self.mode != "fingerprint" or self.vote > 1:
+                raise AttackError(f"fingerprint.filter={self.filter} filters the pinned extraction's answers; it needs "
+                                  f"mode=fingerprint and vote=1 (got mode={self.mode}, vote={self.vote}): drop filter "
+                                  "or vote")
+            if len(self.budgets) > 1:
+                raise AttackError(f"fingerprint.filter trains on the answers its whole budget kept, not on a query "
+                                  f"prefix: give one budget, not {self.budgets}: e.g. --set budgets={self.budgets[-1]}")
+            if self.filter != "auto" and self.filter + 1 > self.budgets[-1]:
+                raise AttackError(f"fingerprint.filter={self.filter} asks each image {self.filter + 1} times, more than "
+                                  f"the budget {self.budgets[-1]}: lower filter or raise --set budgets=...")
         if self.vote > self.budgets[-1]:
             raise AttackError(f"fingerprint.vote={self.vote} asks each image that many times, more than the budget "
                               f"{self.budgets[-1]}: lower vote or raise --set budgets=...")
@@ -194,6 +235,61 @@ class MajorityVote:
         return out
 
 
+class ReferenceFilter:
+    """The filtering attacker's oracle: each image asked ``asks`` times at the pinned targets and
+    once at ``reference`` (a pin only the reference model answers), from one encoding; an image's
+    answer is the first of its pinned answers that differs from the reference's (beyond ``tol``),
+    and ``kept`` records, in query order, whether it had one. A dropped image's answer is the
+    reference's (the caller trains on kept images only)."""
+
+    def __init__(self, target: Any, asks: int, reference: tuple[float, float], tol: float):
+        self.target, self.asks, self.reference, self.tol = target, asks, reference, tol
+        self.kept: list[np.ndarray] = []
+        self.first: list[np.ndarray] = []  # every image's first answer at the pin (the fallback)
+        self.images = 0
+
+    def predict_proba(self, images01: np.ndarray) -> np.ndarray:
+        from qdefend.attacks.zoo import Refused
+
+        feats = self.target.encode(images01)
+        try:
+            pinned = np.stack([self.target.ask(feats, self.target.targets) for _ in range(self.asks)])
+            ref = self.target.ask(feats, self.reference)
+        except Refused:
+            raise AttackError(f"zoo target: the zoo refuses the pinned targets {self.target.targets} or the reference "
+                              f"pin {self.reference}: pin reachable ones") from None
+        differs = np.abs(pinned - ref[None]).max(2) > self.tol  # (asks, images)
+        keep = differs.any(0)
+        out = np.where(keep[:, None], pinned[differs.argmax(0), np.arange(len(ref))], ref)
+        self.kept.append(keep)
+        self.first.append(pinned[0])
+        self.images += len(ref)
+        return out
+
+
+class _Replay:
+    """A target that answers with given rows, in order: hands kept (image, answer) pairs to the
+    extraction's oracle without asking the zoo again."""
+
+    def __init__(self, answers: np.ndarray):
+        self.answers, self.at = answers, 0
+
+    def predict_proba(self, images01: np.ndarray) -> np.ndarray:
+        out = self.answers[self.at:self.at + len(images01)]
+        self.at += len(images01)
+        return out
+
+
+def filter_asks(share: float, most: int = MAX_FILTER_ASKS) -> int:
+    """The asks an image at the pin (1..``most``) that keep the most victim answers per query when
+    the victim answers a share ``share`` of the asks: argmax_R (1 - (1 - share)^R) / (R + 1); 0
+    (no filtering) when it answers every ask."""
+    if share >= 1:
+        return 0
+    s = min(max(share, 1e-3), 1.0)
+    return max(range(1, most + 1), key=lambda r: (1 - (1 - s) ** r) / (r + 1))
+
+
 def _mode(answers: np.ndarray, tol: float) -> tuple[np.ndarray, bool]:
     """The most frequent of (v, K) answers (first asked on ties), and whether all v were one."""
     counts = [int((np.abs(answers - a).max(1) <= tol).sum()) for a in answers]
@@ -256,7 +352,8 @@ def fingerprint(target: Any, probes01: np.ndarray, cfg: FingerprintConfig) -> di
     seen = [lat for a, lat, c in fp.seen if a == pin_acc and c == victim]
     run = mine[-1] if mine else (min(seen), max(seen), victim) if seen else (l_lo, l_hi, victim)
     pin_lat = math.sqrt(run[0] * run[1])
-    out = {"pinned": {"accuracy": pin_acc, "latency_ms": pin_lat}, "victim_cluster": victim,
+    reference = _reference(fp, served, victim, lo, hi, pin_acc, l_hi, cfg) if cfg.filter else None
+    out = {"pinned": {"accuracy": pin_acc, "latency_ms": pin_lat}, "victim_cluster": victim, "reference": reference,
            "pin_candidates": [{"accuracy": a, "victim_answers": k, "of": cfg.pin_repeats}
                               for a, k in zip(candidates, steady)],
            "clusters": len(fp.signatures), "refusals_seen": any(c == REFUSED for *_, c in fp.log),
@@ -264,8 +361,46 @@ def fingerprint(target: Any, probes01: np.ndarray, cfg: FingerprintConfig) -> di
            "latency_runs": [{"from": a, "to": b, "cluster": c} for a, b, c in runs],
            "targets_asked": len(fp.log), "queries": fp.queries}
     if getattr(target, "truth", None) is not None:
-        out.update(_score(target, feats, fp, bands, victim, l_hi, cfg))
+        out.update(_score(target, feats, fp, bands, victim, l_hi, cfg, (reference or {}).get("cluster")))
     return out
+
+
+def _reference(fp: Fingerprinter, served, victim: int, lo: float, hi: float, pin_acc: float, loose: float,
+               cfg: FingerprintConfig) -> dict[str, Any] | None:
+    """The filtering attacker's reference model and pin (see the module docstring), the victim's
+    share at the pin and the asks an image; None when no other model was ever seen."""
+    near = Counter(c for a, lat, c in fp.seen if lo <= a <= hi and c not in (victim, REFUSED))
+    below = [c for b_lo, b_hi, c in served if c != victim and b_hi <= lo + cfg.accuracy_tol]
+    ref = near.most_common(1)[0][0] if near else below[-1] if below else None
+    at_pin = [c for a, lat, c in fp.seen if a == pin_acc]  # the pin candidates' and the latency scan's asks
+    share = float(np.mean([c == victim for c in at_pin]))
+    asks = filter_asks(share) if cfg.filter == "auto" else int(cfg.filter)
+    out = {"victim_share_at_pin": share, "pin_asks_seen": len(at_pin), "asks": asks, "auto": cfg.filter == "auto",
+           "cluster": ref}
+    if ref is None or asks == 0:
+        return {**out, "asks": 0}
+    sightings: dict[float, list[int]] = {}
+    for a, lat, c in fp.seen:
+        if lat == loose:
+            sightings.setdefault(a, []).append(c)
+    accs = sorted(sightings)
+    score = [float(np.mean([c == ref for c in sightings[a]])) for a in accs]
+    best = max(score)
+    if best == 0:  # seen only at tighter latencies: no pin to compare against
+        return {**out, "asks": 0}
+    runs: list[list[float]] = [[]]
+    for a, v in zip(accs, score):  # runs of consecutive asked accuracies at the best share
+        if v == best:
+            runs[-1].append(a)
+        elif runs[-1]:
+            runs.append([])
+    longest = max(runs, key=len)
+    ref_acc = longest[(len(longest) - 1) // 2]
+    fp.repeats, kept = 1, fp.repeats
+    check = [fp.outcome(ref_acc, loose) == ref for _ in range(cfg.pin_repeats)]
+    fp.repeats = kept
+    return {**out, "accuracy": ref_acc, "latency_ms": loose, "share_in_map": best,
+            "reference_answers": int(sum(check)), "of": len(check)}
 
 
 def _victim(fp: Fingerprinter, served: list[tuple[float, float, int]], loose: float) -> tuple[int, float, float]:
@@ -284,7 +419,8 @@ def _victim(fp: Fingerprinter, served: list[tuple[float, float, int]], loose: fl
     return victim, (top_lo if victim == top else lowest[victim]), top_hi
 
 
-def _score(target, feats, fp: Fingerprinter, bands, victim: int, loose: float, cfg) -> dict[str, Any]:
+def _score(target, feats, fp: Fingerprinter, bands, victim: int, loose: float, cfg,
+           ref: int | None = None) -> dict[str, Any]:
     """Identification figures against the operator's truth (the zoo's noise-free policy)."""
     truth = target.truth
     answers = [truth.probabilities(m, feats.q, feats.scale, feats.zero_point, target.sha256)
@@ -296,6 +432,7 @@ def _score(target, feats, fp: Fingerprinter, bands, victim: int, loose: float, c
     grid = np.linspace(*cfg.accuracy_range, 201)
     hits = [member[_band_of(bands, float(a))] == truth.selected(float(a), loose) for a in grid]
     return {"identification_acc": float(np.mean(hits)), "victim_member": member[victim],
+            "reference_member": None if ref is None or member[ref] in (None, "unknown") else truth.names[member[ref]],
             "victim_identified": member[victim] == truth.most_accurate,
             "cluster_members": {str(k): (None if v is None else v if v == "unknown" else truth.names[v])
                                 for k, v in member.items() if k != REFUSED}}
@@ -332,8 +469,18 @@ class FingerprintAttack(KnockoffAttack):
         target.targets = (fp["pinned"]["accuracy"], fp["pinned"]["latency_ms"])
         ctx.say(f"fingerprint: {fp['clusters']} models seen in {fp['queries']} queries; pinned accuracy "
                 f"{target.targets[0]:.4f}, latency {target.targets[1]:.3g} ms")
+        ref = fp.get("reference")
+        if ref and ref["asks"]:
+            return self._filtered(oracle, pool, ctx, fp, ref)
         if cfg.vote == 1:
-            return {**super().collect(oracle, pool, ctx), "mode": "fingerprint", "fingerprint": fp}
+            info = {**super().collect(oracle, pool, ctx), "mode": "fingerprint", "fingerprint": fp}
+            if ref:  # filter asked for, nothing to filter
+                why = ("the victim answered every ask at the pin" if ref["victim_share_at_pin"] >= 1 else
+                       "no other model was seen to compare against")
+                info["filter"] = {**ref, "images": oracle.used, "queries": oracle.used, "kept": oracle.used,
+                                  "kept_share": 1.0, "fallback": False}
+                info["notes"] = [*info.get("notes", []), f"filter: not used ({why}); every answer at the pin kept"]
+            return info
         voter = MajorityVote(target, cfg.vote, cfg.signature_tol)
         oracle.target, oracle.budget = voter, oracle.budget // cfg.vote  # every ask is paid for
         info = super().collect(oracle, pool, ctx)
@@ -343,6 +490,38 @@ class FingerprintAttack(KnockoffAttack):
             *info.get("notes", []), f"vote: each of {voter.images} images asked {cfg.vote} times at the pin, "
             f"its most frequent answer kept; {100 * vote['split_share']:.1f}% of them got differing answers"]}
 
+    def _filtered(self, oracle, pool, ctx, fp, ref):
+        """The filtering attacker's extraction (see the module docstring): KnockoffNets' query
+        policy on budget // (asks + 1) images through a :class:`ReferenceFilter`, then the kept
+        (image, answer) pairs are handed to the extraction's oracle, which the clone trains on."""
+        from .common import QueryOracle
+
+        target, asks = oracle.target, ref["asks"]
+        images = oracle.budget // (asks + 1)
+        if images < 1:
+            raise AttackError(f"fingerprint.filter: {asks} asks + 1 reference an image exceed the budget "
+                              f"{oracle.budget}: raise --set budgets=... or set filter lower")
+        filt = ReferenceFilter(target, asks, (ref["accuracy"], ref["latency_ms"]), self.config.signature_tol)
+        inner = QueryOracle(filt, "probabilities", images, oracle.num_classes, oracle.batch)
+        info = super().collect(inner, pool, ctx)
+        xs, ys = inner.transfer_set()
+        keep = np.concatenate(filt.kept)
+        fallback = not keep.any()
+        x, y = (xs, np.concatenate(filt.first)) if fallback else (xs[keep], ys[keep])
+        oracle.target = _Replay(y)  # no query: the zoo's kept answers
+        oracle(x)
+        oracle.target, oracle.calls, oracle.victim_s = target, inner.calls, inner.victim_s
+        out = {**ref, "images": filt.images, "queries": filt.images * (asks + 1), "kept": int(keep.sum()),
+               "kept_share": float(keep.mean()), "fallback": fallback}
+        ctx.say(f"filter: {filt.images} images x ({asks} + 1 reference) asks; {out['kept']} answers differ from the "
+                f"reference model's" + (" (none: training on the first answers at the pin)" if fallback else ""))
+        note = (f"filter: each of {filt.images} images asked {asks} times at the pin and once at the reference pin "
+                f"(accuracy {ref['accuracy']:.4f}); {out['kept']} kept (their answer differs from the reference "
+                "model's)" + ("; none did, so the clone trained on every image's first answer at the pin"
+                              if fallback else ""))
+        return {**info, "mode": "fingerprint", "fingerprint": fp, "filter": out,
+                "notes": [*info.get("notes", []), note]}
+
     def _run(self, target, data, seed, say):
         res = super()._run(target, data, seed, say)
         fp = res.extra.get("fingerprint")
@@ -351,6 +530,10 @@ class FingerprintAttack(KnockoffAttack):
         if vote:  # the oracle counted images; every ask of them is a query
             res.metrics["queries"] = float(vote["asks"])
             res.metrics["vote_split_share"] = vote["split_share"]
+        filt = res.extra.get("filter")
+        if filt:  # the oracle counted the kept answers; every ask of every image is a query
+            res.metrics["queries"] = float(filt["queries"])
+            res.metrics["filter_kept"] = float(filt["kept"])
         if fp and "identification_acc" in fp:
             res.metrics["identification_acc"] = fp["identification_acc"]
             res.metrics["victim_identified"] = float(fp["victim_identified"])

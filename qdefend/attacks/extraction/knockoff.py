@@ -1,8 +1,9 @@
 """KnockoffNets: steal a classifier's function from its output probabilities.
 
-The attacker queries the service with a *transfer set* of its own images, keeps the probability
-vector of every answer and trains a clone to match them (soft cross-entropy). Two policies pick
-the queries:
+The attacker queries the service with a *transfer set* of its own images (``pool``: by default the
+aux split of the victim's distribution; ``pool=mnist5k`` an out-of-distribution set, as the paper's
+other-data-set transfer sets), keeps the probability vector of every answer and trains a clone to
+match them (soft cross-entropy). Two policies pick the queries:
 
 * ``random``: pool images in random order (each once before any twice; see ``common``).
 * ``adaptive``: a gradient bandit over *actions* = the classes of the attacker's own pool
