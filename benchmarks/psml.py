@@ -1,8 +1,8 @@
 """PSML on Fashion-MNIST: a served model zoo, its fingerprint-then-extract attack, and the noise defense.
 
     python benchmarks/psml.py [--runs-dir runs/psml] [--out benchmarks/results/psml] [--budget 5000]
-        [--noises gaussian:0.02 ... drop:0.8,mid] [--attackers steady,center,vote3] [--load-requests 1500]
-        [--clients 2] [--size full|quick] [--threads 1] [--force]
+        [--noises gaussian:0.02 ... drop:0.8,mid] [--attackers steady,center,vote3,filter] [--load-requests 1500]
+        [--clients 2] [--size full|quick] [--threads 1] [--seeds 0,1,2] [--force]
 
 The zoo: int8 QAT heads over one int8 encoder (``qdefend serve --zoo``). ``base`` is the reference
 split trained on few images (``data.limit_train`` 3,000, 1 epoch), which makes the encoder; every
@@ -20,7 +20,7 @@ clone), seed 0; fidelity is always to the zoo's most accurate head (the victim) 
 5,000 test images:
 
 * ``single``: a zoo of the most accurate head alone (the exposed single model, the upper bound),
-  with a clone per budget in ``CURVE`` too (for the filtering attacker's estimate);
+  with a clone per budget in ``CURVE`` too (what fewer answers of the victim are worth);
 * ``naive``: the whole zoo, each request with targets drawn uniformly from the target box
   (accuracy in [0.5, 1], latency log-uniform in [0.05, 1000] ms; a refused draw is drawn again);
 * ``fingerprint``: the whole zoo, fingerprint (8 probes, majority of 3 asks per target) then
@@ -29,10 +29,11 @@ clone), seed 0; fidelity is always to the zoo's most accurate head (the victim) 
 * ``defense@SPEC``: the same attackers on the zoo with ``--target-noise SPEC`` (accuracy noise
   only; in ``drop:P,NAME`` the level is member NAME's profiled accuracy): ``steady`` (the default
   pin: the point of the victim's band that answers steadiest), ``center`` (pins the band's
-  middle) and ``vote3`` (steady pin, 3 asks an image). Protection = the undefended
-  ``fingerprint`` row minus the *best* of these attackers (the worst case for the defense); a
-  second verdict adds an estimated filtering attacker (:func:`filtering_estimate`), which is not
-  run. Goodput is measured first, under a bounded loopback load of
+  middle), ``vote3`` (steady pin, 3 asks an image) and ``filter`` (steady pin, ``filter=auto``:
+  each image asked R times at the pin plus once at a pin only a lower model answers, keeping the
+  answers that differ from that model's; see ``qdefend.attacks.extraction.fingerprint``).
+  Protection = the undefended ``fingerprint`` row minus the *best* of these attackers (the worst
+  case for the defense). Goodput is measured first, under a bounded loopback load of
   legitimate users only: ``--clients`` threads post ``--load-requests`` one-image requests with
   accuracy targets uniform in [lowest head's accuracy - 0.05, highest head's] and latency
   targets log-uniform in [5, 100] ms. ``goodput@0`` is the same load without noise.
@@ -40,6 +41,16 @@ clone), seed 0; fidelity is always to the zoo's most accurate head (the victim) 
 Output under --out: ``psml.json`` (rows, the zoo's profiles, settings, machine), ``psml.md`` (the
 README tables) and ``psml.png`` (protection against goodput). Rows already in ``psml.json`` with
 the same settings are kept (resumable); ``--force`` recomputes them.
+
+``--seeds 0,1,2``: the defense's sweep over seeds instead (``psml-seeds.json``, ``.md``, ``.png``
+beside the single-seed files, which it leaves alone). A seed s seeds the zoo's target noise
+(``--zoo-seed``), the attack (its pool order and clone) and the users' load; per seed it runs
+``goodput@0``, the undefended ``fingerprint`` attack (the seed's own reference) and the defense
+rows with every attacker. The summary gives, per noise setting, mean ± sample std over the seeds
+of the goodput and of the protection against the best attacker *of each seed*, and the worst
+seed. The goal is met at a noise setting when the mean cut is >= 4 points and the mean goodput
+>= 80%; the verdict also says how many seeds meet both on their own (the worst seed's figures).
+Rows are kept per seed (resumable, ``--force`` recomputes).
 """
 
 from __future__ import annotations
@@ -68,12 +79,14 @@ SIZES = {
 }
 ZOO = ("low", "mid", "high", "adam", "top")
 ATTACKER = {"probes": 8, "repeats": 3}
-ATTACKERS = {"steady": {"pin": "steady"}, "center": {"pin": "center"}, "vote3": {"pin": "steady", "vote": 3}}
+ATTACKERS = {"steady": {"pin": "steady"}, "center": {"pin": "center"}, "vote3": {"pin": "steady", "vote": 3},
+             "filter": {"pin": "steady", "filter": "auto"}}
 # a drop level may name a member (``drop:0.6,mid``: to mid's profiled accuracy)
 NOISES = ("gaussian:0.02", "gaussian:0.03", "gaussian:0.05", "gaussian:0.08", "gaussian:0.12", "drop:0.9",
-          "drop:0.3,mid", "drop:0.5,mid", "drop:0.6,mid", "drop:0.7,mid", "drop:0.8,mid", "drop:0.9,mid")
-CURVE = (250, 500, 1000, 2000)  # the single model's extra budgets (the filtering attacker's estimate)
-MAX_ASKS = 8  # the filtering attacker's asks an image at most
+          "drop:0.3,mid", "drop:0.5,mid", "drop:0.6,mid", "drop:0.7,mid", "drop:0.75,mid", "drop:0.8,mid",
+          "drop:0.9,mid")
+CURVE = (250, 500, 1000, 2000)  # the single model's extra budgets: what fewer answers of the victim are worth
+USERS_STREAM = 7919  # goodput_load's targets: a random stream apart from the zoo's noise of the same seed
 GOAL = {"fidelity_cut": 0.04, "goodput": 0.80}  # the issue's target: a >= 4-point cut at >= 80% goodput
 
 
@@ -88,12 +101,21 @@ def parse_args(argv):
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--size", choices=tuple(SIZES), default="full")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds (zoo noise, attack, load): the defense rows per seed, to psml-seeds.*")
     p.add_argument("--force", action="store_true")
     a = p.parse_args(argv)
     a.attackers = [s for s in a.attackers.split(",") if s]
     bad = [s for s in a.attackers if s not in ATTACKERS]
     if bad:
         p.error(f"--attackers {','.join(bad)}: choose among {', '.join(ATTACKERS)}")
+    if a.seeds is not None:
+        try:
+            a.seeds = list(dict.fromkeys(int(v) for v in a.seeds.split(",") if v.strip()))
+        except ValueError:
+            a.seeds = []
+        if not a.seeds or min(a.seeds) < 0:
+            p.error("--seeds must be non-negative integers separated by commas: e.g. --seeds 0,1,2")
     from qdefend.errors import QdefendError
     from qdefend.serve.zoo import TargetNoise
 
@@ -135,14 +157,14 @@ def build_zoo(runs_dir: Path, size: str, say) -> dict[str, Path]:
 class Server:
     """A zoo behind uvicorn in a thread on 127.0.0.1 (port from the OS)."""
 
-    def __init__(self, members: list[str], noise: str | None, threads: int):
+    def __init__(self, members: list[str], noise: str | None, threads: int, seed: int = 0):
         import uvicorn
 
         from qdefend.serve.app import create_app
         from qdefend.serve.service import ServeConfig
 
         cfg = ServeConfig(run=members[0].rsplit(":", 1)[0], zoo=members, insecure_no_auth=True, threads=threads,
-                          target_noise=noise, zoo_seed=0)
+                          target_noise=noise, zoo_seed=seed)
         app = create_app(cfg)
         self.zoo = app.state.service
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False))
@@ -176,7 +198,10 @@ def goodput_load(server: Server, base: Path, requests: int, clients: int, seed: 
     f = rt.encode(images, seed=0)
     bodies = [wire.pack(f.q[i:i + 1], f.scale, f.zero_point, rt.entry["sha256"]) for i in range(len(f.q))]
     accs = [p.accuracy for p in server.zoo.policy.profiles]
-    rng = np.random.default_rng(seed)
+    # the users' own stream: the zoo's noise is seeded with the same number (``--zoo-seed``), and one
+    # stream for both would draw request i's accuracy target and its noise from the same uniform
+    # (a drop would then never hit the targets above its level, for P below their quantile)
+    rng = np.random.default_rng([USERS_STREAM, seed])
     targets = list(zip(rng.uniform(min(accs) - 0.05, max(accs), requests),
                        np.exp(rng.uniform(math.log(5), math.log(100), requests))))
     port = int(server.url.rsplit(":", 1)[1])
@@ -233,18 +258,19 @@ def agreement(server: Server, base: Path, data, n: int = 5000) -> list[float]:
 
 
 def attack(server: Server, base: Path, data, mode: str, budget: int, accuracy_range: list[float],
-           attacker: str = "steady", curve: bool = False) -> dict:
-    """One attack on the served zoo; ``curve``: also a clone per budget in CURVE (one query sequence)."""
+           attacker: str = "steady", curve: bool = False, seed: int = 0) -> dict:
+    """One attack on the served zoo (``seed``: its pool order, clone and release draws); ``curve``:
+    also a clone per budget in CURVE (one query sequence)."""
     from qdefend.attacks import build_attack
     from qdefend.attacks.zoo import open_zoo_target
     from qdefend.serve.zoo import ZooEvaluator
 
-    target = open_zoo_target(base, f"zoo:{server.url}", truth=ZooEvaluator(server.zoo), deadline_s=1800)
+    target = open_zoo_target(base, f"zoo:{server.url}", truth=ZooEvaluator(server.zoo), deadline_s=1800, seed=seed)
     budgets = sorted({b for b in CURVE if b < budget} | {budget}) if curve else [budget]
     atk = build_attack("fingerprint", mode=mode, budgets=budgets, accuracy_range=accuracy_range,
                        **ATTACKER, **(ATTACKERS[attacker] if mode == "fingerprint" else {}))
     t0 = time.perf_counter()
-    res = atk.run(target, data, seed=0, progress=lambda m: print(f"    {m}", file=sys.stderr, flush=True))
+    res = atk.run(target, data, seed=seed, progress=lambda m: print(f"    {m}", file=sys.stderr, flush=True))
     fp = res.extra.get("fingerprint") or {}
     share = None
     if fp.get("pinned"):  # the operator's view: how often the policy gives the best head at the pinned targets
@@ -259,6 +285,7 @@ def attack(server: Server, base: Path, data, mode: str, budget: int, accuracy_ra
             "fingerprint_queries": int(res.metrics["fingerprint_queries"]),
             "identification_acc": res.metrics.get("identification_acc"),
             "victim_identified": res.metrics.get("victim_identified"), "vote": res.extra.get("vote"),
+            "filter": res.extra.get("filter"), "reference_member": fp.get("reference_member"),
             "pinned": fp.get("pinned"), "clusters": fp.get("clusters"), "pin_candidates": fp.get("pin_candidates"),
             "best_head_share_at_pin": share, "fidelity_to": res.extra.get("fidelity_to"),
             "curve": [{k: c[k] for k in ("queries", "clone_acc", "fidelity")} for c in res.extra["curve"]],
@@ -301,15 +328,11 @@ def _noise(key: str) -> tuple[str, float]:
     return (f"{dist}, latency {rest[0]}" if rest and float(rest[0]) else dist), float(scale)
 
 
-def protection(rows: dict, key: str, budget: int | None = None) -> dict | None:
+def protection(rows: dict, key: str) -> dict | None:
     """The undefended fingerprint attack minus the best attacker on the defended zoo (fidelity and
-    clone accuracy, fractions), with the attacker that was best; with ``budget``, the estimated
-    filtering attacker counts as one more. None before the reference row."""
+    clone accuracy, fractions), with the attacker that was best. None before the reference row."""
     ref = rows.get("fingerprint")
     attacks = dict(rows[key]["attacks"])
-    est = filtering_estimate(rows, key, budget) if budget else None
-    if est:
-        attacks["filter (est.)"] = est
     if not ref or not attacks:
         return None
     fid = max(attacks, key=lambda a: attacks[a]["fidelity"])
@@ -318,36 +341,14 @@ def protection(rows: dict, key: str, budget: int | None = None) -> dict | None:
             "accuracy_cut": ref["clone_acc"] - attacks[acc]["clone_acc"], "accuracy_by": acc}
 
 
-def filtering_estimate(rows: dict, key: str, budget: int) -> dict | None:
-    """What an attacker that filters the best head's answers out of the mix would get (an estimate,
-    optimistic for the attacker): at the pin where the largest share s of the answers come from the
-    best head (the measured attackers' pins, and ``best_pin``: the best of 20 targets in its band),
-    it asks each image r times plus once at a pin that only the other head answers, keeps the
-    answers that differ from that one (the best head's), so budget / (r + 1) x (1 - (1 - s)^r)
-    clean answers (best r <= MAX_ASKS); its fidelity is the single exposed model's at that many
-    queries (``single``'s curve, log-linear). None without the curve or a pin share."""
-    curve = (rows.get("single") or {}).get("curve") or []
-    shares = [a.get("best_head_share_at_pin") for a in rows[key]["attacks"].values()]
-    shares = [v for v in shares + [(rows[key].get("best_pin") or {}).get("share")] if v is not None]
-    if len(curve) < 2 or not shares:
-        return None
-    s = max(shares)
-    n = max(budget / (r + 1) * (1 - (1 - s) ** r) for r in range(1, MAX_ASKS + 1)) if s < 1 else budget
-    q = np.log([c["queries"] for c in curve])
-    out = {"share": s, "clean_answers": round(n)}
-    for metric in ("fidelity", "clone_acc"):
-        out[metric] = float(np.interp(np.log(max(n, 1)), q, [c[metric] for c in curve]))
-    return out
-
-
-def goal_verdict(rows: dict, budget: int | None = None) -> str:
-    """One sentence: is there a noise with goodput >= GOAL and a worst-case fidelity cut >= GOAL?
-    With ``budget``, the estimated filtering attacker is among the attackers."""
-    points = [(k, rows[k]["goodput"]["goodput"], protection(rows, k, budget)) for k in defense_keys(rows)]
+def goal_verdict(rows: dict) -> str:
+    """One sentence: is there a noise with goodput >= GOAL and a worst-case fidelity cut >= GOAL
+    (one seed: ``--seeds`` says whether it holds across seeds)?"""
+    points = [(k, rows[k]["goodput"]["goodput"], protection(rows, k)) for k in defense_keys(rows)]
     points = [(k, g, p) for k, g, p in points if p is not None]
-    who = "the measured attackers and the estimated filtering one" if budget else "the measured attackers"
-    want = (f"a fidelity cut >= {100 * GOAL['fidelity_cut']:g} points against the best of {who} at goodput >= "
-            f"{100 * GOAL['goodput']:g}%")
+    attackers = sorted({a for k, *_ in points for a in rows[k]["attacks"]})
+    want = (f"a fidelity cut >= {100 * GOAL['fidelity_cut']:g} points against the best of the measured attackers "
+            f"({', '.join(attackers) or 'none'}) at goodput >= {100 * GOAL['goodput']:g}%, one seed")
     if not points:
         return f"goal ({want}): not measured (no defense rows)"
     ok = [(k, g, p) for k, g, p in points if g >= GOAL["goodput"] and p["fidelity_cut"] >= GOAL["fidelity_cut"]]
@@ -363,7 +364,7 @@ def goal_verdict(rows: dict, budget: int | None = None) -> str:
             f"points at {100 * g:.1f}% goodput")
 
 
-def markdown(rows: dict, profiles: list[dict], attackers: list[str], budget: int) -> str:
+def markdown(rows: dict, profiles: list[dict], attackers: list[str]) -> str:
     out = ["| zoo head | test accuracy (int8) | latency profile ms (measured) | top-1 agreement with the best |",
            "|---|---|---|---|"]
     out += [f"| `{p['name']}` | {100 * p['accuracy']:.2f}% | {p['latency_ms']:g} ({p['measured_ms']:.3f}) | "
@@ -382,9 +383,8 @@ def markdown(rows: dict, profiles: list[dict], attackers: list[str], budget: int
                        f"{100 * r['clone_acc']:.2f}% | {100 * r['fidelity']:.2f}% |")
     head = " | ".join(f"{a}: fidelity / clone acc" for a in attackers)
     out += ["", f"| target noise | goodput (accuracy misses, latency misses) | {head} | protection: fidelity cut / "
-                "accuracy cut (best measured attacker) | answers by the best head at the steady pin | filtering "
-                "attacker (estimate): clean answers, fidelity / clone acc |",
-            "|---|---|" + "---|" * len(attackers) + "---|---|---|"]
+                "accuracy cut (best measured attacker) | answers by the best head at the steady pin |",
+            "|---|---|" + "---|" * len(attackers) + "---|---|"]
     ref, g0 = rows.get("fingerprint"), rows.get("goodput@0")
 
     def gp(g):
@@ -394,11 +394,12 @@ def markdown(rows: dict, profiles: list[dict], attackers: list[str], budget: int
     if ref and g0:
         cells = " | ".join(f"{100 * ref['fidelity']:.2f}% / {100 * ref['clone_acc']:.2f}%" if a == "steady"
                            else "-" for a in attackers)
-        out.append(f"| none | {gp(g0)} | {cells} | 0 / 0 | 100% | - |")
+        out.append(f"| none | {gp(g0)} | {cells} | 0 / 0 | 100% |")
 
     def cell(r):
         miss = "" if r.get("victim_identified") else " (victim missed)"
-        return f"{100 * r['fidelity']:.2f}% / {100 * r['clone_acc']:.2f}%{miss}"
+        kept = f", {r['filter']['kept']} kept" if (r.get("filter") or {}).get("asks") else ""
+        return f"{100 * r['fidelity']:.2f}% / {100 * r['clone_acc']:.2f}%{miss}{kept}"
 
     for key in defense_keys(rows):
         r, a = rows[key], rows[key]["attacks"]
@@ -406,17 +407,14 @@ def markdown(rows: dict, profiles: list[dict], attackers: list[str], budget: int
         prot = "-" if p is None else (f"{100 * p['fidelity_cut']:+.2f} ({p['fidelity_by']}) / "
                                       f"{100 * p['accuracy_cut']:+.2f} ({p['accuracy_by']})")
         share = (a.get("steady") or {}).get("best_head_share_at_pin")
-        est = filtering_estimate(rows, key, budget)
-        est = "-" if est is None else (f"{est['clean_answers']}, {100 * est['fidelity']:.2f}% / "
-                                       f"{100 * est['clone_acc']:.2f}%")
         out.append(f"| `{key.split('@', 1)[1]}` | {gp(r['goodput'])} | "
                    + " | ".join(cell(a[x]) if x in a else "-" for x in attackers)
-                   + f" | {prot} | {'-' if share is None else f'{100 * share:.0f}%'} | {est} |")
-    out += ["", goal_verdict(rows), "", goal_verdict(rows, budget)]
+                   + f" | {prot} | {'-' if share is None else f'{100 * share:.0f}%'} |")
+    out += ["", goal_verdict(rows)]
     return "\n".join(out) + "\n"
 
 
-def plot(rows: dict, path: Path, budget: int) -> Path | None:
+def plot(rows: dict, path: Path) -> Path | None:
     ref, g0 = rows.get("fingerprint"), rows.get("goodput@0")
     keys = [k for k in defense_keys(rows) if protection(rows, k) is not None]
     if not ref or not g0 or not keys:
@@ -436,9 +434,6 @@ def plot(rows: dict, path: Path, budget: int) -> Path | None:
         acc = [0.0] + [100 * p["accuracy_cut"] for p in prot]
         ax.plot(gp, fid, "o-", color=color, label=f"{dist}: fidelity cut (best measured attacker)")
         ax.plot(gp, acc, "s--", color=color, alpha=0.6, label=f"{dist}: clone accuracy cut (best measured attacker)")
-        est = [protection(rows, k, budget) for k in ks]
-        ax.plot(gp, [0.0] + [100 * p["fidelity_cut"] for p in est], ":", color=color, alpha=0.8,
-                label=f"{dist}: fidelity cut, with the estimated filtering attacker")
         for x, y, k in zip(gp[1:], fid[1:], ks):
             ax.annotate(f"{_noise(k)[1]:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         color=color)
@@ -473,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                 "clients": args.clients, "threads": args.threads, "members": members, "attackers": args.attackers,
                 "schema": 3}
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.seeds is not None:
+        return main_seeds(args, argv, roots, members, {**settings, "attacker_configs": {
+            a: ATTACKERS[a] for a in args.attackers}, "schema": "seeds-1"}, say, t_start)
     path = args.out / "psml.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     rows = old.get("rows", {}) if old.get("settings") == settings and not args.force else {}
@@ -547,12 +545,250 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
         save(profiles)
-    md = markdown(rows, profiles or [], args.attackers, args.budget)
+    md = markdown(rows, profiles or [], args.attackers)
     (args.out / "psml.md").write_text(md)
-    png = plot(rows, args.out / "psml.png", args.budget)
+    png = plot(rows, args.out / "psml.png")
     save(profiles)
     print(md)
     print(f"wrote {path}, {args.out / 'psml.md'}" + (f", {png}" if png else ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------ across seeds
+
+
+def _stats(v: list[float]) -> tuple[float, float]:
+    """(mean, sample std; 0 for one value)."""
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def seed_summary(by_seed: dict[str, dict], seeds: list[int]) -> list[dict]:
+    """Per noise setting (``None``: no noise) over the given seeds that have it and their own
+    undefended ``fingerprint`` row: goodput, the protection against each seed's best attacker, and
+    every attacker's fidelity, as per-seed lists (fractions; in ``seeds`` order)."""
+    have = [(s, by_seed[str(s)]) for s in seeds if str(s) in by_seed]
+    keys = defense_keys({k: None for _, rows in have for k in rows})
+    out = []
+    base = [(s, r) for s, r in have if "goodput@0" in r and "fingerprint" in r]
+    if base:
+        out.append({"noise": None, "seeds": [s for s, _ in base],
+                    "goodput": [r["goodput@0"]["goodput"] for _, r in base],
+                    "fidelity_cut": [0.0] * len(base), "accuracy_cut": [0.0] * len(base), "best_by": [None] * len(base),
+                    "reference_fidelity": [r["fingerprint"]["fidelity"] for _, r in base], "attacks": {}})
+    for key in keys:
+        got = [(s, r) for s, r in have if key in r and protection(r, key) is not None]
+        if not got:
+            continue
+        prot = [protection(r, key) for _, r in got]
+        names = list(dict.fromkeys(a for _, r in got for a in r[key]["attacks"]))
+        attacks = {}
+        for a in names:
+            runs = [r[key]["attacks"][a] for _, r in got if a in r[key]["attacks"]]
+            attacks[a] = {"fidelity": [x["fidelity"] for x in runs], "clone_acc": [x["clone_acc"] for x in runs],
+                          "victim_missed": sum(not x.get("victim_identified") for x in runs),
+                          # per seed; None where no filtering ran (no other model seen at its pin)
+                          "kept": [x["filter"]["kept"] if (x.get("filter") or {}).get("asks") else None for x in runs],
+                          "asks": [x["filter"]["asks"] if (x.get("filter") or {}).get("asks") else None for x in runs]}
+        out.append({"noise": key.split("@", 1)[1], "key": key, "seeds": [s for s, _ in got],
+                    "goodput": [r[key]["goodput"]["goodput"] for _, r in got],
+                    "fidelity_cut": [p["fidelity_cut"] for p in prot], "accuracy_cut": [p["accuracy_cut"] for p in prot],
+                    "best_by": [p["fidelity_by"] for p in prot],
+                    "reference_fidelity": [r["fingerprint"]["fidelity"] for _, r in got], "attacks": attacks})
+    return out
+
+
+def _meets(cut: float, good: float) -> bool:
+    return cut >= GOAL["fidelity_cut"] and good >= GOAL["goodput"]
+
+
+def seeds_verdict(summary: list[dict]) -> list[str]:
+    """Two lines: the goal on the means over seeds (the rule), and in each seed on its own."""
+    points = [p for p in summary if p["noise"]]
+    attackers = sorted({a for p in points for a in p["attacks"]})
+    want = (f"mean over seeds of the fidelity cut against each seed's best attacker ({', '.join(attackers) or 'none'}) "
+            f">= {100 * GOAL['fidelity_cut']:g} points and mean goodput >= {100 * GOAL['goodput']:g}%")
+    if not points:
+        return [f"goal ({want}): not measured (no defense rows)"]
+
+    def describe(p):
+        (c, cs), (g, gs) = _stats(p["fidelity_cut"]), _stats(p["goodput"])
+        worst = int(np.argmin(p["fidelity_cut"]))
+        low = int(np.argmin(p["goodput"]))
+        n_ok = sum(_meets(c_, g_) for c_, g_ in zip(p["fidelity_cut"], p["goodput"]))
+        return (f"`{p['noise']}`, {100 * c:.2f} ± {100 * cs:.2f} points at {100 * g:.1f} ± {100 * gs:.1f}% goodput "
+                f"over {len(p['seeds'])} seeds; worst seed: cut {100 * p['fidelity_cut'][worst]:.2f} (seed "
+                f"{p['seeds'][worst]}), goodput {100 * p['goodput'][low]:.1f}% (seed {p['seeds'][low]}); "
+                f"{n_ok} of {len(p['seeds'])} seeds meet both on their own")
+
+    ok = [p for p in points if _meets(_stats(p["fidelity_cut"])[0], _stats(p["goodput"])[0])]
+    fit = [p for p in points if _stats(p["goodput"])[0] >= GOAL["goodput"]]
+    if ok:
+        best = max(ok, key=lambda p: _stats(p["fidelity_cut"])[0])
+        line = f"goal ({want}): **met** by {len(ok)} noise setting(s); the largest mean cut: {describe(best)}"
+    elif fit:
+        best = max(fit, key=lambda p: _stats(p["fidelity_cut"])[0])
+        line = f"goal ({want}): **not met**; the best point: {describe(best)}"
+    else:
+        line = f"goal ({want}): **not met**: no noise setting kept mean goodput >= {100 * GOAL['goodput']:g}%"
+    every = [p for p in points if all(_meets(c, g) for c, g in zip(p["fidelity_cut"], p["goodput"]))]
+    line2 = ("in every seed on its own: " + (", ".join(f"`{p['noise']}`" for p in every) + " meet(s) the goal in "
+                                              "all their seeds" if every else "no noise setting meets the goal in all "
+                                              "its seeds"))
+    return [line, line2]
+
+
+def seeds_markdown(summary: list[dict], attackers: list[str]) -> str:
+    """The multi-seed table (mean ± sample std over seeds) and the verdicts."""
+    def ms(v, pct=True, digits=2):
+        m, sd = _stats(v)
+        k = 100 if pct else 1
+        return f"{k * m:.{digits}f} ± {k * sd:.{digits}f}"
+
+    head = " | ".join(f"{a}: fidelity %" for a in attackers)
+    out = [f"| target noise | seeds | goodput % (min) | {head} | fidelity cut vs each seed's best attacker, points "
+           "(min) | clone accuracy cut, points | best attacker by seed |",
+           "|---|---|---|" + "---|" * len(attackers) + "---|---|---|"]
+    for p in summary:
+        seeds = ",".join(map(str, p["seeds"]))
+        gp = f"{ms(p['goodput'], digits=1)} ({100 * min(p['goodput']):.1f})"
+        if p["noise"] is None:
+            cells = " | ".join(ms(p["reference_fidelity"]) if a == "steady" else "-" for a in attackers)
+            out.append(f"| none | {seeds} | {gp} | {cells} | 0 | 0 | - |")
+            continue
+        cells = []
+        for a in attackers:
+            x = p["attacks"].get(a)
+            if not x:
+                cells.append("-")
+                continue
+            c = ms(x["fidelity"])
+            if x["victim_missed"]:
+                c += f" (victim missed in {x['victim_missed']})"
+            if any(k is not None for k in x["kept"]):
+                c += (f"; R = {'/'.join('-' if v is None else str(v) for v in x['asks'])}, kept "
+                      f"{'/'.join('-' if v is None else str(v) for v in x['kept'])}")
+            cells.append(c)
+        worst = int(np.argmin(p["fidelity_cut"]))
+        cut = f"{ms(p['fidelity_cut'])} ({100 * p['fidelity_cut'][worst]:.2f}, seed {p['seeds'][worst]})"
+        out.append(f"| `{p['noise']}` | {seeds} | {gp} | " + " | ".join(cells)
+                   + f" | {cut} | {ms(p['accuracy_cut'])} | {', '.join(p['best_by'])} |")
+    return "\n".join(out + [""] + [v for line in seeds_verdict(summary) for v in (line, "")]).rstrip() + "\n"
+
+
+def seeds_plot(summary: list[dict], path: Path) -> Path | None:
+    """Mean protection against mean goodput (error bars: sample std over seeds), per noise family."""
+    points = [p for p in summary if p["noise"]]
+    none = next((p for p in summary if p["noise"] is None), None)
+    if not points or none is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.6, 5.4))
+    fam = lambda p: _noise(p["key"])  # noqa: E731
+    dists = list(dict.fromkeys(fam(p)[0] for p in points))
+    g0 = _stats(none["goodput"])
+    for color, dist in zip(("C0", "C3", "C2", "C1", "C4"), dists):
+        ps = sorted((p for p in points if fam(p)[0] == dist), key=lambda p: fam(p)[1])
+        gm = [g0] + [_stats(p["goodput"]) for p in ps]
+        cm = [(0.0, 0.0)] + [_stats(p["fidelity_cut"]) for p in ps]
+        ax.errorbar([100 * g for g, _ in gm], [100 * c for c, _ in cm], xerr=[100 * s for _, s in gm],
+                    yerr=[100 * s for _, s in cm], fmt="o-", color=color, capsize=3,
+                    label=f"{dist}: fidelity cut vs the best attacker (mean ± std)")
+        for p in ps:
+            ax.scatter([100 * g for g in p["goodput"]], [100 * c for c in p["fidelity_cut"]], s=10, color=color,
+                       alpha=0.35)
+            ax.annotate(f"{fam(p)[1]:g}", (100 * _stats(p["goodput"])[0], 100 * _stats(p["fidelity_cut"])[0]),
+                        textcoords="offset points", xytext=(5, 5), fontsize=7, color=color)
+    ax.axvline(100 * GOAL["goodput"], color="grey", lw=0.8, ls=":")
+    ax.axhline(100 * GOAL["fidelity_cut"], color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("goodput of legitimate users under load (%)")
+    ax.set_ylabel("protection: fidelity cut vs. no noise (points)")
+    seeds = sorted({s for p in summary for s in p["seeds"]})
+    ax.set_title(f"PSML target noise over seeds {','.join(map(str, seeds))} (dots: single seeds)")
+    ax.invert_xaxis()
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main_seeds(args, argv, roots: dict, members: list[str], settings: dict, say, t_start: float) -> int:
+    """``--seeds``: per seed, goodput@0, the undefended reference and the defense rows with every
+    attacker; summary across seeds. Writes psml-seeds.json/.md/.png under --out."""
+    from qdefend.config import RunConfig
+    from qdefend.data import load_dataset
+    from qdefend.machine import load_average, machine_info
+
+    path = args.out / "psml-seeds.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    by_seed = old.get("rows", {}) if old.get("settings") == settings and not args.force else {}
+    profiles = old.get("zoo") if by_seed else None
+    data = load_dataset(RunConfig.load(roots["top"] / "config.toml").data)
+    rng_acc = SIZES[args.size]["accuracy_range"]
+
+    def save():
+        res = {"benchmark": "qdefend.psml.seeds", "schema_version": 1,
+               "command": " ".join(["python", "benchmarks/psml.py", *(argv if argv is not None else sys.argv[1:])]),
+               "settings": settings, "seeds": args.seeds, "noises": args.noises, "goal": GOAL, "zoo": profiles,
+               "rows": by_seed, "summary": seed_summary(by_seed, args.seeds), "machine": machine_info(),
+               "load_average": load_average(), "wall_s": round(time.perf_counter() - t_start, 1)}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        tmp.replace(path)
+
+    if not profiles:
+        server = Server(members, None, args.threads)
+        try:
+            profiles = server.zoo.describe()["members"]
+        finally:
+            server.stop()
+    named = {k: m for k, m in zip(ZOO, members)}
+    accuracy = {k: next(p["accuracy"] for p in profiles if p["name"] == m) for k, m in named.items()}
+    for seed in args.seeds:  # seed-major: an interrupted sweep leaves whole seeds
+        rows = by_seed.setdefault(str(seed), {})
+        jobs = [("goodput@0", None), ("fingerprint", None)] + [(f"defense@{spec}", spec) for spec in args.noises]
+        for key, spec in jobs:
+            if key in rows:
+                say(f"[seed {seed}] [{key}] kept from {path}")
+                continue
+            noise = resolve_noise(spec, accuracy) if spec else None
+            say(f"[seed {seed}] [{key}] noise {noise or 'none'}")
+            server = Server(members, noise, args.threads, seed=seed)
+            try:
+                served = [{k: m[k] for k in ("name", "accuracy", "latency_ms", "measured_ms")}
+                          for m in server.zoo.describe()["members"]]
+                if [m["latency_ms"] for m in served] != [m["latency_ms"] for m in profiles]:
+                    say(f"[seed {seed}] [{key}] WARNING: latency profiles {[m['latency_ms'] for m in served]} differ "
+                        "from the reference zoo's: this row's policy orders the heads differently")
+                if key == "fingerprint":
+                    rows[key] = {**attack(server, roots["base"], data, "fingerprint", args.budget, rng_acc, "steady",
+                                          seed=seed), "profiles": served}
+                else:
+                    gp = goodput_load(server, roots["base"], args.load_requests, args.clients, seed=seed)
+                    say(f"[seed {seed}] [{key}] goodput {gp['goodput']:.3f}")
+                    if spec is None:
+                        rows[key] = {**gp, "profiles": served}
+                    else:
+                        rows[key] = {"goodput": gp, "profiles": served, "noise": server.zoo.describe()["noise"],
+                                     "best_pin": best_pin(server), "attacks": {
+                            a: attack(server, roots["base"], data, "fingerprint", args.budget, rng_acc, a, seed=seed)
+                            for a in args.attackers}}
+                        say(f"[seed {seed}] [{key}] fidelity " + ", ".join(
+                            f"{a} {x['fidelity']:.4f}" for a, x in rows[key]["attacks"].items()))
+            finally:
+                server.stop()
+            save()
+    summary = seed_summary(by_seed, args.seeds)
+    md = seeds_markdown(summary, args.attackers)
+    (args.out / "psml-seeds.md").write_text(md)
+    png = seeds_plot(summary, args.out / "psml-seeds.png")
+    save()
+    print(md)
+    print(f"wrote {path}, {args.out / 'psml-seeds.md'}" + (f", {png}" if png else ""))
     return 0
 
 
