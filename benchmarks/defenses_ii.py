@@ -548,21 +548,15 @@ def _attack_all(root: Path, study: dict, size: dict, threads: int, say) -> dict[
 
 def _frozen_attack(root: Path, ref_root: Path, size: dict, threads: int, say) -> dict:
     """The repurposing attack under the paper's protocol (probes trained on ``ref_root``'s released
-    features, frozen) on the run at ``root``; the runner keeps it as its own result (variant
+    features, frozen) on the run at ``root``: the runner keeps it as its own result (variant
     "frozen") and re-uses it while the config, seed, preset and both runs' checkpoints and
     artifacts are unchanged."""
-    from qdefend.attacks import build_attack
-    from qdefend.attacks.runner import attack_run, cached_result
+    from qdefend.stages import ensure_attacks
 
     preset = size["preset"]
     kw = {**({} if preset else MEDIUM_ATTACKS["repurpose"]), "reference": str(ref_root)}
-    res = cached_result(root, ARTIFACT, build_attack("repurpose", preset=preset, **kw), preset=preset)
-    if res is not None:
-        say(f"attack repurpose (frozen, reference {ref_root}) on {ARTIFACT}: done already, skipped")
-        return res.to_json()
-    say(f"attack repurpose (frozen, reference {ref_root}) on {ARTIFACT}")
-    res, _ = attack_run(root, ARTIFACT, "repurpose", preset=preset, params=kw, threads=threads or None, progress=say)
-    return res.to_json()
+    return ensure_attacks(root, ARTIFACT, ("repurpose",), preset=preset, params={"repurpose": kw},
+                          threads=threads or None, say=say)["repurpose"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

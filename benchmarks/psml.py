@@ -451,6 +451,49 @@ def plot(rows: dict, path: Path) -> Path | None:
     return path
 
 
+def _write_json(path: Path, res: dict) -> None:
+    """Write ``res`` to ``path`` atomically (a temporary file, then a rename)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def measure_row(key: str, members: list[str], noise: str | None, mode: str | None, attacker: str | None,
+                profiles: list[dict], roots: dict, data, args, say, seed: int = 0, tag: str = "") -> dict:
+    """One row, on a fresh server of ``members`` with target noise ``noise`` (resolved): goodput
+    alone (``mode`` None), an attack on the undefended zoo (``noise`` None), or a defense row (the
+    goodput, then every attacker of ``args.attackers``). ``seed``: the zoo's noise, the load and
+    the attacks."""
+    tag = tag or f"[{key}]"
+    say(f"{tag} serving {len(members)} head(s), noise {noise or 'none'}")
+    server = Server(members, noise, args.threads, seed=seed)
+    try:
+        rng_acc = SIZES[args.size]["accuracy_range"]
+        served = [{k: m[k] for k in ("name", "accuracy", "latency_ms", "measured_ms")}
+                  for m in server.zoo.describe()["members"]]
+        if [m["latency_ms"] for m in served] != [m["latency_ms"] for m in profiles]:
+            say(f"{tag} WARNING: latency profiles {[m['latency_ms'] for m in served]} differ from the "
+                "reference zoo's: this row's policy orders the heads differently (raise --latency-resolution-ms)")
+        if mode is None or noise is not None:
+            gp = goodput_load(server, roots["base"], args.load_requests, args.clients, seed=seed)
+            say(f"{tag} goodput {gp['goodput']:.3f} ({gp})")
+        if mode is None:
+            return {**gp, "profiles": served}
+        if noise is None:
+            row = {**attack(server, roots["base"], data, mode, args.budget, rng_acc, attacker or "steady", seed=seed),
+                   "profiles": served}
+            say(f"{tag} {row}")
+            return row
+        row = {"goodput": gp, "profiles": served, "noise": server.zoo.describe()["noise"],
+               "best_pin": best_pin(server), "attacks": {
+                   a: attack(server, roots["base"], data, mode, args.budget, rng_acc, a, seed=seed)
+                   for a in args.attackers}}
+        say(f"{tag} fidelity " + ", ".join(f"{a} {x['fidelity']:.4f}" for a, x in row["attacks"].items()))
+        return row
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -481,9 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                "command": " ".join(["python", "benchmarks/psml.py", *(argv if argv is not None else sys.argv[1:])]),
                "settings": settings, "goal": GOAL, "zoo": profiles, "rows": rows, "machine": machine_info(),
                "load_average": load_average(), "wall_s": round(time.perf_counter() - t_start, 1)}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
-        tmp.replace(path)
+        _write_json(path, res)
 
     profiles = old.get("zoo") if rows else None
     jobs = [("naive", members, None, "naive", None), ("fingerprint", members, None, "fingerprint", "steady"),
@@ -509,31 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         if noise:  # a drop level may name a member: its profiled accuracy
             noise = resolve_noise(noise, {k: next(p["accuracy"] for p in profiles if p["name"] == m)
                                           for k, m in named.items()})
-        say(f"[{key}] serving {len(zoo_members)} head(s), noise {noise or 'none'}")
-        server = Server(zoo_members, noise, args.threads)
-        try:
-            rng_acc = SIZES[args.size]["accuracy_range"]
-            served = [{k: m[k] for k in ("name", "accuracy", "latency_ms", "measured_ms")}
-                      for m in server.zoo.describe()["members"]]
-            if [m["latency_ms"] for m in served] != [m["latency_ms"] for m in profiles]:
-                say(f"[{key}] WARNING: latency profiles {[m['latency_ms'] for m in served]} differ from the "
-                    "reference zoo's: this row's policy orders the heads differently (raise --latency-resolution-ms)")
-            if mode is None or noise is not None:
-                gp = goodput_load(server, roots["base"], args.load_requests, args.clients)
-                say(f"[{key}] goodput {gp['goodput']:.3f} ({gp})")
-            if mode is None:
-                rows[key] = {**gp, "profiles": served}
-            elif noise is None:
-                rows[key] = {**attack(server, roots["base"], data, mode, args.budget, rng_acc, attacker or "steady"),
-                             "profiles": served}
-                say(f"[{key}] {rows[key]}")
-            else:
-                rows[key] = {"goodput": gp, "profiles": served, "noise": server.zoo.describe()["noise"],
-                             "best_pin": best_pin(server), "attacks": {
-                    a: attack(server, roots["base"], data, mode, args.budget, rng_acc, a) for a in args.attackers}}
-                say(f"[{key}] {rows[key]['attacks']}")
-        finally:
-            server.stop()
+        rows[key] = measure_row(key, zoo_members, noise, mode, attacker, profiles, roots, data, args, say)
         save(profiles)
     if "single" not in rows:  # the best head alone: the exposed single model
         best = max(profiles, key=lambda p: p["accuracy"])["name"]
@@ -728,7 +745,6 @@ def main_seeds(args, argv, roots: dict, members: list[str], settings: dict, say,
     by_seed = old.get("rows", {}) if old.get("settings") == settings and not args.force else {}
     profiles = old.get("zoo") if by_seed else None
     data = load_dataset(RunConfig.load(roots["top"] / "config.toml").data)
-    rng_acc = SIZES[args.size]["accuracy_range"]
 
     def save():
         res = {"benchmark": "qdefend.psml.seeds", "schema_version": 1,
@@ -736,9 +752,7 @@ def main_seeds(args, argv, roots: dict, members: list[str], settings: dict, say,
                "settings": settings, "seeds": args.seeds, "noises": args.noises, "goal": GOAL, "zoo": profiles,
                "rows": by_seed, "summary": seed_summary(by_seed, args.seeds), "machine": machine_info(),
                "load_average": load_average(), "wall_s": round(time.perf_counter() - t_start, 1)}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
-        tmp.replace(path)
+        _write_json(path, res)
 
     if not profiles:
         server = Server(members, None, args.threads)
@@ -756,31 +770,9 @@ def main_seeds(args, argv, roots: dict, members: list[str], settings: dict, say,
                 say(f"[seed {seed}] [{key}] kept from {path}")
                 continue
             noise = resolve_noise(spec, accuracy) if spec else None
-            say(f"[seed {seed}] [{key}] noise {noise or 'none'}")
-            server = Server(members, noise, args.threads, seed=seed)
-            try:
-                served = [{k: m[k] for k in ("name", "accuracy", "latency_ms", "measured_ms")}
-                          for m in server.zoo.describe()["members"]]
-                if [m["latency_ms"] for m in served] != [m["latency_ms"] for m in profiles]:
-                    say(f"[seed {seed}] [{key}] WARNING: latency profiles {[m['latency_ms'] for m in served]} differ "
-                        "from the reference zoo's: this row's policy orders the heads differently")
-                if key == "fingerprint":
-                    rows[key] = {**attack(server, roots["base"], data, "fingerprint", args.budget, rng_acc, "steady",
-                                          seed=seed), "profiles": served}
-                else:
-                    gp = goodput_load(server, roots["base"], args.load_requests, args.clients, seed=seed)
-                    say(f"[seed {seed}] [{key}] goodput {gp['goodput']:.3f}")
-                    if spec is None:
-                        rows[key] = {**gp, "profiles": served}
-                    else:
-                        rows[key] = {"goodput": gp, "profiles": served, "noise": server.zoo.describe()["noise"],
-                                     "best_pin": best_pin(server), "attacks": {
-                            a: attack(server, roots["base"], data, "fingerprint", args.budget, rng_acc, a, seed=seed)
-                            for a in args.attackers}}
-                        say(f"[seed {seed}] [{key}] fidelity " + ", ".join(
-                            f"{a} {x['fidelity']:.4f}" for a, x in rows[key]["attacks"].items()))
-            finally:
-                server.stop()
+            mode = None if key == "goodput@0" else "fingerprint"
+            rows[key] = measure_row(key, members, noise, mode, "steady", profiles, roots, data, args, say, seed=seed,
+                                    tag=f"[seed {seed}] [{key}]")
             save()
     summary = seed_summary(by_seed, args.seeds)
     md = seeds_markdown(summary, args.attackers)

@@ -40,7 +40,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .checks import check_choice
+from .checks import check_choice, check_number
 from .edge.release import WIRE_BITS, WIRE_GRANULARITIES, WIRE_ORDERS, code_range, grid_params
 from .errors import QdefendError
 
@@ -104,9 +104,8 @@ class QuantConfig:
                      fix="--wire-granularity channel")
         check_choice(self.wire_order, "quant.wire_order", WIRE_ORDERS, fix="--wire-order wire_then_release")
         check_choice(self.act_scales, "quant.act_scales", ACT_SCALES, fix="--set quant.act_scales=learned")
-        if isinstance(self.act_warmup, bool) or not isinstance(self.act_warmup, int) or self.act_warmup < 1:
-            raise QdefendError(f"quant.act_warmup must be a positive number of training steps, got "
-                               f"{self.act_warmup!r}: e.g. --set quant.act_warmup=100")
+        self.act_warmup = check_number(self.act_warmup, "quant.act_warmup (training steps)", lo=1, integer=True,
+                                       fix="--set quant.act_warmup=100")
         if self.scheme == "none" and self.act_scales != "observed":
             raise QdefendError("quant.act_scales=learned needs fake quantization: train with --qat int8")
         if self.scheme == "none" and self.quantize_head:
@@ -466,8 +465,8 @@ def make_quantizer(is_qat: bool, act_scales: str = "observed", act_warmup: int =
             MovingAveragePerChannelMinMaxObserver,
         )
 
-        extra = {"warmup": act_warmup} if act_scales == "learned" else {}
-        act_cls = learned_scale_fake_quantize() if act_scales == "learned" else activation_fake_quantize()
+        act_cls, extra = ((learned_scale_fake_quantize(), {"warmup": act_warmup}) if act_scales == "learned"
+                          else (activation_fake_quantize(), {}))
         act = act_cls.with_args(observer=MovingAverageMinMaxObserver, eps=2**-12, **extra)
         config = dataclasses.replace(
             config,

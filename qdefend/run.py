@@ -158,10 +158,10 @@ def build_run(cfg: RunConfig, *, data: SplitData | None = None, float_init: dict
     z_shape = tuple(feature_shape(model, data.shape))
     encoder, head = model.encoder, model.head
     if q:
-        scales = dict(act_scales=cfg.quant.act_scales, act_warmup=cfg.quant.act_warmup)
-        encoder = quant.prepare_qat(encoder, torch.randn(2, *data.shape), quant.make_quantizer(True, **scales))
+        quantizer = quant.make_quantizer(True, act_scales=cfg.quant.act_scales, act_warmup=cfg.quant.act_warmup)
+        encoder = quant.prepare_qat(encoder, torch.randn(2, *data.shape), quantizer)
         if cfg.quant.quantize_head:
-            head = quant.prepare_qat(head, torch.rand(2, *z_shape), quant.make_quantizer(True, **scales))
+            head = quant.prepare_qat(head, torch.rand(2, *z_shape), quantizer)
     wire = None
     if cfg.quant.custom_wire:
         wire = quant.WireQuantizer(cfg.quant.wire_bits, cfg.quant.wire_granularity, cfg.quant.wire_order, z_shape[0])

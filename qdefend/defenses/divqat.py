@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_number, require
+from ..checks import check_choice, check_number, require
 from .. import quant as _quant  # noqa: F401  (sets TORCHAO_FORCE_SKIP_LOADING_SO_FILES before torchao loads)
 from ..errors import QdefendError
 from .base import Defense, EpochContext, StepContext
@@ -105,8 +105,7 @@ class DivQATConfig:
         require(isinstance(self.only_correct, bool),
                 f"{p}.only_correct must be true or false, got {self.only_correct!r}: e.g. --set {p}.only_correct=true")
         self.eval_samples = check_number(self.eval_samples, f"{p}.eval_samples", lo=0, integer=True, example=1000)
-        require(self.reference in REFERENCES, f"{p}.reference must be one of {', '.join(REFERENCES)}, got "
-                f"{self.reference!r}: e.g. --set {p}.reference=frozen")
+        check_choice(self.reference, f"{p}.reference", REFERENCES, fix=f"--set {p}.reference=frozen")
 
 
 # ------------------------------------------------------------------------------ the divergence
@@ -212,23 +211,23 @@ class DivQAT(Defense):
             return head(encoder(x))
 
     def _snapshot(self, encoder: nn.Module, head: nn.Module) -> None:
+        self._check(encoder, head)
         self._frozen = (frozen_float_copy(encoder), frozen_float_copy(head))
 
     def reference_logits(self, x: torch.Tensor, encoder: nn.Module, head: nn.Module) -> torch.Tensor:
-        """The reference's logits on ``x`` (detached): the twin's, or the frozen copy's."""
-        if self.config.reference == "twin":
-            return self.twin_logits(x, encoder, head)
-        if self._frozen is None:
+        """The reference's logits on ``x`` (detached): the frozen copy's once taken, else the twin's."""
+        if self._frozen is not None:
+            fe, fh = self._frozen
+            with torch.no_grad():
+                return fh(fe(x))
+        if self.config.reference == "frozen":
             raise QdefendError("defense 'divqat' with reference=frozen lost its frozen reference (a run resumed "
                                "after the divergence started; the copy is not checkpointed): retrain the run "
-                               "from the start, e.g. qdefend train ... --force")
-        with torch.no_grad():
-            fe, fh = self._frozen
-            return fh(fe(x))
+                               "from the start into a new --out directory, without --resume")
+        return self.twin_logits(x, encoder, head)
 
     def on_train_start(self, ctx: EpochContext) -> dict[str, float]:
         if self.config.reference == "frozen" and self.config.start_epoch == 1:
-            self._check(ctx.encoder, ctx.head)
             self._snapshot(ctx.encoder, ctx.head)
         return {}
 
@@ -248,7 +247,6 @@ class DivQAT(Defense):
         ``reference = frozen`` the copy is taken here at the end of epoch ``start_epoch - 1``."""
         c = self.config
         if c.reference == "frozen" and self._frozen is None and ctx.epoch + 2 == c.start_epoch:
-            self._check(ctx.encoder, ctx.head)
             self._snapshot(ctx.encoder, ctx.head)
         n = min(c.eval_samples, len(ctx.data.val))
         if n == 0 or not has_fake_quant(ctx.encoder, ctx.head):
@@ -260,8 +258,9 @@ class DivQAT(Defense):
             xb = xb[: n - seen]
             x = torch.from_numpy(ctx.data.normalization.apply(xb)).to(dev)
             q = ctx.head(ctx.encoder(x))
-            fp = (self.twin_logits(x, ctx.encoder, ctx.head) if c.reference == "twin" or self._frozen is None
-                  else self.reference_logits(x, ctx.encoder, ctx.head))
+            # before a frozen copy is taken (epochs ahead of start_epoch) the report is against the twin
+            fp = self.reference_logits(x, ctx.encoder, ctx.head) if self._frozen is not None else \
+                self.twin_logits(x, ctx.encoder, ctx.head)
             kls.append(divergence(q, fp, c.temperature))
             agree += int((q.argmax(1) == fp.argmax(1)).sum())
             seen += len(xb)
