@@ -512,10 +512,7 @@ def plots(aggs: list[dict], out: Path) -> list[Path]:
 
 def _attack_all(root: Path, study: dict, size: dict, threads: int, say) -> dict[str, dict[str, dict]]:
     """Attack results keyed by service-output tag ("" = none) then attack name."""
-    from qdefend.attacks.runner import attack_run, cached_result
     from qdefend.stages import ensure_attacks
-    from qdefend.attacks import build_attack
-    from qdefend.run import load_run
 
     preset = size["preset"]
     params = {} if preset else MEDIUM_ATTACKS
@@ -528,21 +525,10 @@ def _attack_all(root: Path, study: dict, size: dict, threads: int, say) -> dict[
             continue
         for so, pool in study.get("variants", {}).get(attack, [(None, "aux")]):
             tag = "+".join(t for t in (so, "" if pool == "aux" else pool) if t)
-            kw = dict(params.get(attack, {}))
-            if pool != "aux":
-                kw["pool"] = pool
-            atk = build_attack(attack, preset=preset, **kw)
-            where = spec + (f"@{so}" if so else "") + (f" ({pool} pool)" if pool != "aux" else "")
-            res = cached_result(root, spec, atk, preset=preset, service_output=so)
-            if res is not None:
-                say(f"attack {attack} on {where}: done already, skipped")
-            else:
-                if "run" not in holder:
-                    holder["run"] = load_run(root)
-                say(f"attack {attack} on {where}")
-                res, _ = attack_run(root, spec, attack, preset=preset, params=kw, run=holder["run"],
-                                    threads=threads or None, service_output=so)
-            out.setdefault(tag, {})[attack] = res.to_json()
+            kw = dict(params.get(attack, {}), **({} if pool == "aux" else {"pool": pool}))
+            out.setdefault(tag, {}).update(ensure_attacks(root, spec, (attack,), preset=preset, params={attack: kw},
+                                                          threads=threads or None, say=say, run_holder=holder,
+                                                          service_output=so))
     return out
 
 

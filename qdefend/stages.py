@@ -147,24 +147,28 @@ def ensure_exported(root: str | Path, artifacts: list[str] | None = None, *, say
 def ensure_attacked(root: str | Path, artifact: str, attack: str, *, preset: str | None = None,
                     params: dict[str, Any] | None = None, seed: int = 0, run: Any = None,
                     threads: int | None = None, force: bool = False, say: Say = _quiet,
-                    progress: Say | None = None) -> tuple[Any, Path, bool]:
-    """``(result, path, reused)`` of ``attack`` on ``artifact`` of the run at ``root``: the saved
-    result when it still stands (see the module docstring), else a fresh run of the attack."""
+                    progress: Say | None = None, service_output: str | None = None) -> tuple[Any, Path, bool]:
+    """``(result, path, reused)`` of ``attack`` on ``artifact`` of the run at ``root`` (behind the
+    service-side output defense ``service_output``, e.g. "round:2"): the saved result when it still
+    stands (see the module docstring), else a fresh run of the attack."""
 
+    where = artifact + (f"@{service_output}" if service_output else "")
     if not force:
-        path, saved = saved_result(root, artifact, attack, preset=preset, params=params, seed=seed)
+        path, saved = saved_result(root, artifact, attack, preset=preset, params=params, seed=seed,
+                                   service_output=service_output)
         if saved is not None:
-            say(f"{attack} on {artifact}: done already, skipped (re-using {path})")
+            say(f"{attack} on {where}: done already, skipped (re-using {path})")
             return saved, path, True
-    say(f"{attack} on {artifact} (preset {preset or 'default'})")
+    say(f"{attack} on {where} (preset {preset or 'default'})")
     res, path = attack_run(root, artifact, attack, preset=preset, params=params, seed=seed, run=run,
-                           threads=threads, progress=progress)
+                           threads=threads, progress=progress, service_output=service_output)
     return res, path, False
 
 
 def ensure_attacks(root: str | Path, artifact: str, attacks: Iterable[str], *, preset: str | None = None,
                    params: dict[str, dict] | None = None, seed: int = 0, threads: int | None = None,
-                   say: Say = _quiet, run_holder: dict | None = None) -> dict[str, dict]:
+                   say: Say = _quiet, run_holder: dict | None = None,
+                   service_output: str | None = None) -> dict[str, dict]:
     """:func:`ensure_attacked` for several attacks on one target: their results as JSON dicts by
     attack name, the run loaded once (and kept in ``run_holder["run"]`` across calls) only if an
     attack really runs. ``params``: attack name -> parameter overrides on top of the preset."""
@@ -173,15 +177,17 @@ def ensure_attacks(root: str | Path, artifact: str, attacks: Iterable[str], *, p
     out = {}
     for attack in attacks:
         kw = dict((params or {}).get(attack, {}))
-        path, saved = saved_result(root, artifact, attack, preset=preset, params=kw, seed=seed)
+        path, saved = saved_result(root, artifact, attack, preset=preset, params=kw, seed=seed,
+                                   service_output=service_output)
         if saved is not None:
-            say(f"attack {attack} on {artifact}: done already, skipped (re-using {path})")
+            say(f"attack {attack} on {artifact}{'@' + service_output if service_output else ''}: done already, "
+                f"skipped (re-using {path})")
             out[attack] = saved.to_json()
             continue
         if "run" not in holder:
             holder["run"] = load_run(root)
         result, _, _ = ensure_attacked(root, artifact, attack, preset=preset, params=kw, seed=seed, run=holder["run"],
-                                       threads=threads, force=True, say=say)
+                                       threads=threads, force=True, say=say, service_output=service_output)
         shown = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         say(f"attack {attack}: " + " ".join(f"{k} {v:.4g}" for k, v in list(shown.items())[:4])
             + f" in {result.timings.get('total_s', 0):.0f} s")

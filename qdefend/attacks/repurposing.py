@@ -335,7 +335,7 @@ class RepurposeAttack(Attack):
 
     def variant(self) -> str:
         """"frozen" for the paper's protocol (``reference`` set): a result of its own beside the adaptive one."""
-        return "frozen" if self.config.reference else ""
+        return "" if self.config.protocol == "adaptive" else self.config.protocol
 
     def reference_runs(self) -> dict[str, str]:
         """The frozen protocol depends on the reference run too (its probes are trained there)."""

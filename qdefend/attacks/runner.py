@@ -187,10 +187,12 @@ def attack_run(run_dir: str | Path, spec: str, attack: str, *, preset: str | Non
 
 
 def saved_result(run_dir: str | Path, artifact: str, attack: str, *, preset: str | None = None,
-                 params: dict[str, Any] | None = None, seed: int = 0) -> tuple[Path, AttackResult | None]:
+                 params: dict[str, Any] | None = None, seed: int = 0,
+                 service_output: str | None = None) -> tuple[Path, AttackResult | None]:
     """``(path, result)``: where ``attack`` (built from its name, preset and params) on ``artifact``
-    is saved, and the saved result if it still stands (:func:`cached_result`), else None."""
+    (behind ``service_output``) is saved, and the saved result if it still stands
+    (:func:`cached_result`), else None."""
     atk = build_attack(attack, preset=preset, **dict(params or {}))
     spec, _ = resolve_spec(atk, artifact)
-    return (result_path(run_dir, attack, spec, atk.variant()),
-            cached_result(run_dir, spec, atk, seed=seed, preset=preset))
+    return (_service_result_path(run_dir, attack, spec, parse_output_defense(service_output), atk.variant()),
+            cached_result(run_dir, spec, atk, seed=seed, preset=preset, service_output=service_output))
