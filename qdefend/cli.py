@@ -19,6 +19,10 @@ app = typer.Typer(
 )
 
 LISTABLE = ("datasets", "models", "defenses", "attacks", "devices")
+# The defended model `qdefend demo` trains beside the undefended one: the config of the README's
+# privacy-utility frontier with the most decoder MSE within 2 accuracy points (a defense stack at its
+# default parameters, and the cut: convs on the device; the undefended model keeps the reference cut).
+DEMO_DEFENDED = {"defense": "nopeek", "cut": 4}
 _ARGV: list[str] = []  # this invocation's arguments (set by main)
 
 
@@ -285,20 +289,34 @@ def compare(
     force: bool = typer.Option(False, "--force", help="re-run attacks whose results already exist"),
     jobs: int = typer.Option(0, "--jobs", help="worker processes, one target each (0 = one per CPU)"),
     presets: list[str] = typer.Option([], "--preset", help="ATTACK=PRESET (repeatable), e.g. --preset decoder=fast"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="one of the runs (the undefended one): the report "
+                                            "also says what every other run's defense buys against it, at what accuracy"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress lines"),
 ):
-    """Float vs int8: run the attacks on each run's artifacts; write report.md, report.json, figures."""
+    """Float vs int8: run the attacks on each run's artifacts; write report.md, report.json, figures.
+    With --baseline, also each defended run against the undefended one."""
     from . import api
     from .attacks.report import parse_presets
 
     console = _console()
     rep = api.compare(runs, out=out, progress=None if quiet else (lambda m: console.print(m)),
                       attacks=[a for a in attacks.split(",") if a], artifacts=[a for a in artifacts.split(",") if a],
-                      quick=quick, seed=seed, force=force, jobs=jobs, presets=parse_presets(presets))
-    for entry in rep.data["runs"]:
+                      quick=quick, seed=seed, force=force, jobs=jobs, presets=parse_presets(presets),
+                      baseline=str(baseline) if baseline else None)
+    _print_verdicts(console, rep.data)
+    console.print(f"report: {rep.out}/report.md")
+
+
+def _print_verdicts(console, report: dict) -> None:
+    """Each run's int8-vs-float verdicts, then what each defense buys against the baseline (if any)."""
+    for entry in report["runs"]:
         for v in entry["verdicts"]:
             console.print(f"{entry['name']} {v['attack']}: {v['text']}")
-    console.print(f"report: {rep.out}/report.md")
+    for entry in report["runs"]:
+        for g in entry.get("gains", []):
+            cost = "" if g["acc_change_points"] is None else f" at {g['acc_change_points']:+.2f} accuracy points"
+            console.print(f"{entry['name']} vs {Path(report['baseline']).name}, {g['attack']} on {g['artifact']}"
+                          f"{cost}: {g['text']}")
 
 
 @app.command()
@@ -333,41 +351,58 @@ def partition(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory of the demo"),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory of the undefended model"),
     epochs: int = typer.Option(2, "--epochs"),
+    defense: str = typer.Option(DEMO_DEFENDED["defense"], "--defense", help="the defended model's defense stack, "
+                                "at its default parameters (e.g. nopeek, noise+nopeek, none)"),
+    cut: int = typer.Option(DEMO_DEFENDED["cut"], "--cut", help="where the defended model is cut: convs on the device "
+                            "(the undefended model keeps the reference cut, 2); --defense none --cut 2: undefended only"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     quick: bool = typer.Option(False, "--quick", "--quick-attacks", help="the attacks' quick presets (a smoke run), as `compare --quick`"),
 ):
     """The main job on the default data (Fashion-MNIST): QAT int8 training of the reference split,
-    int8 export to ONNX and TFLite with verification, then the float-vs-int8 attack comparison
-    (decoder, extract-then-invert, KnockoffNets) written to RUN/report/report.md.
+    undefended and with the recommended defense, int8 export of both to ONNX and TFLite with
+    verification, then the attack comparison (decoder, extract-then-invert, KnockoffNets) written to
+    OUT/report/report.md: does each model's privacy survive int8, and what does the defense buy
+    against the undefended model, at what accuracy.
 
     Re-running continues where it stopped: an interrupted training resumes, finished stages are kept.
     """
     from .config import RunConfig
+    from .defenses import parse_stack
+    from .models import reference_cut
     from .stages import ensure_exported, ensure_trained
 
     console = _console()
-    console.print(f"[bold]qdefend demo[/bold] -> {out}: train (int8 QAT, {epochs} epochs)")
-    trained = ensure_trained(out, RunConfig.from_dict({"train": {"epochs": epochs}}), console=console,
-                             progress=not quiet, say=lambda m: console.print(f"  {m}"))
-    _print_test(console, trained.test)
+    # what is wrong fails here, before anything is trained
+    stack = "+".join(parse_stack(defense)) or "none"
+    ref = reference_cut(RunConfig().model.name)
+    defended = RunConfig.from_dict({"train": {"epochs": epochs}, "defense": {"stack": stack}, "model": {"cut": cut}})
+    runs = [(out, RunConfig.from_dict({"train": {"epochs": epochs}}), "undefended")]
+    if stack != "none" or cut != ref:
+        name = "-".join([out.name] + ([stack.replace("+", "_")] if stack != "none" else []) + ([f"cut{cut}"] if cut != ref else []))
+        runs.append((out.with_name(name), defended, f"defense {stack}, cut {cut} (the reference cut is {ref})"))
+    for root, cfg, what in runs:
+        console.print(f"[bold]qdefend demo[/bold] -> {root}: train (int8 QAT, {epochs} epochs, {what})")
+        trained = ensure_trained(root, cfg, console=console, progress=not quiet, say=lambda m: console.print(f"  {m}"))
+        _print_test(console, trained.test)
 
-    console.print(f"[bold]qdefend demo[/bold] -> {out}: export (int8 ONNX + TFLite, verified)")
-    m = ensure_exported(out, say=lambda line: console.print(f"  {line}"),
-                        progress=lambda line: console.print(f"  {line}"))
-    _print_export(console, out, m)
+        console.print(f"[bold]qdefend demo[/bold] -> {root}: export (int8 ONNX + TFLite, verified)")
+        m = ensure_exported(root, say=lambda line: console.print(f"  {line}"),
+                            progress=lambda line: console.print(f"  {line}"))
+        _print_export(console, root, m)
 
     from . import api
     from .attacks.report import DEMO_PRESETS, preset_gap
 
-    console.print(f"[bold]qdefend demo[/bold] -> {out}: compare float vs int8 under attack "
-                  f"(decoder, clone_rmle, knockoff{'; quick presets' if quick else ''})")
+    console.print(f"[bold]qdefend demo[/bold] -> {out / 'report'}: compare float vs int8 under attack "
+                  f"(decoder, clone_rmle, knockoff{'; quick presets' if quick else ''})"
+                  + ("" if len(runs) == 1 else f", and {runs[1][0].name} against the undefended model"))
     if not quick:
         console.print(f"note: {preset_gap('decoder', DEMO_PRESETS['decoder'])}")
-    rep = api.compare([out], quick=quick, presets=dict(DEMO_PRESETS), progress=None if quiet else console.print)
-    for v in rep.verdicts:
-        console.print(f"{v['attack']}: {v['text']}")
+    rep = api.compare([r for r, _, _ in runs], out=out / "report", quick=quick, presets=dict(DEMO_PRESETS),
+                      baseline=str(out) if len(runs) > 1 else None, progress=None if quiet else console.print)
+    _print_verdicts(console, rep.data)
     console.print(f"report: {rep.out}/report.md")
 
 

@@ -17,7 +17,7 @@ import pytest
 from qdefend.attacks import ATTACKS, AttackError, AttackResult, build_attack, open_target
 from qdefend.attacks.grid import save_grid
 from qdefend.attacks.metrics import bootstrap_ci, image_metrics, mean_image_baseline
-from qdefend.attacks.report import fidelity_verdict, paired_verdict
+from qdefend.attacks.report import fidelity_gain, fidelity_verdict, gain_verdict, paired_verdict
 from qdefend.attacks.runner import attack_run, parse_params
 from qdefend.config import RunConfig
 from qdefend.errors import QdefendError
@@ -78,6 +78,23 @@ def test_paired_verdict_directions():
     assert tiny["keeps_privacy"] and "negligible" in tiny["text"]
     fid = fidelity_verdict("fidelity", 0.90, 0.95, 5000)
     assert not fid["keeps_privacy"] and fid["ci"][0] > 0
+
+
+def test_gain_verdict_says_what_a_defense_buys():
+    rng = np.random.default_rng(2)
+    base = rng.random(300) * 0.02 + 0.01
+    more = gain_verdict("mse", base, base * 1.8 + rng.normal(0, 1e-4, 300))
+    assert more["gains_privacy"] and more["ratio"] == pytest.approx(1.8, rel=0.02)
+    assert more["text"].startswith("more private than the baseline") and "1.80x the baseline's" in more["text"]
+    same = gain_verdict("ssim", base + 0.6, base + 0.6 + rng.normal(0, 1e-3, 300))
+    assert not same["gains_privacy"] and same["text"].startswith("no significant privacy gain")
+    worse = gain_verdict("ssim", base + 0.5, base + 0.6)  # higher SSIM when defended: easier to invert
+    assert not worse["gains_privacy"] and worse["text"].startswith("less private")
+    fid = fidelity_gain("fidelity", 0.92, 0.60, 1000)
+    assert fid["gains_privacy"] and fid["ci"][1] < 0 and "-32.00 points" in fid["text"]
+    assert not fidelity_gain("fidelity", 0.92, 0.915, 1000)["gains_privacy"]
+    with pytest.raises(ValueError, match="differ in shape"):
+        gain_verdict("mse", base, base[:10])
 
 
 def test_the_demo_says_how_far_its_lighter_preset_is_from_full_strength(tmp_path):
@@ -256,6 +273,30 @@ def test_compare_quick_writes_report_with_verdicts(small_run, tmp_path):
     assert "| converged |" in md and "**no: lower bound**" in md and "not a privacy figure" in md
     assert (tmp_path / "rep" / "figures" / "small-reconstructions.png").is_file()
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["runs"][0]["name"] == "small"
+
+
+def test_compare_with_a_baseline_says_what_each_run_buys_against_it(small_run, tmp_path):
+    """The same run under another name is no defense: every gain is ~1x and none is significant."""
+    import shutil
+
+    from qdefend.attacks.report import CompareConfig, compare
+
+    root, _ = small_run
+    twin = tmp_path / "twin"
+    compare([root], CompareConfig(attacks=["decoder", "knockoff"], quick=True), tmp_path / "first")
+    shutil.copytree(root, twin)  # its attack results come along and are re-used (same checkpoint, same bytes)
+    rep = compare([root, twin], CompareConfig(attacks=["decoder", "knockoff"], quick=True, baseline=str(root)),
+                  tmp_path / "rep")
+    assert rep["baseline"] == str(root) and "gains" not in rep["runs"][0]
+    gains = rep["runs"][1]["gains"]
+    assert {(g["artifact"], g["attack"], g["metric"]) for g in gains} == {
+        (a, "decoder", m) for a in ("encoder.float.onnx", "encoder.int8.tflite") for m in ("mse", "ssim")} | {
+        (a, "knockoff", "fidelity") for a in ("encoder.float.onnx", "encoder.int8.tflite")}
+    assert all(not g["gains_privacy"] and g["acc_change_points"] == 0 for g in gains)
+    assert all(g["ratio"] == pytest.approx(1.0) for g in gains if g["metric"] == "mse")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"## What each defense buys, against `{root}`" in md and "| twin | `encoder.int8.tflite` |" in md
+    assert (tmp_path / "rep" / "figures" / "defenses-encoder_int8_tflite.png").is_file()
 
 
 def test_saved_results_are_reused_only_for_the_same_target_files(small_run):

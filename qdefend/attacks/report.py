@@ -41,7 +41,8 @@ from qdefend.edge.manifest import load_manifest
 from qdefend.run import RunPaths, load_run
 from .runner import attack_run, saved_result
 
-__all__ = ["CompareConfig", "DEFAULT_ATTACKS", "DEFAULT_ARTIFACTS", "compare", "paired_verdict", "fidelity_verdict"]
+__all__ = ["CompareConfig", "DEFAULT_ATTACKS", "DEFAULT_ARTIFACTS", "compare", "paired_verdict", "fidelity_verdict",
+           "gain_verdict", "fidelity_gain"]
 
 DEFAULT_ATTACKS = ("decoder", "clone_rmle", "knockoff")
 DEFAULT_ARTIFACTS = ("encoder.float.onnx", "encoder.int8.tflite")
@@ -83,6 +84,7 @@ class CompareConfig:
     force: bool = False  # re-run attacks whose results are already in runs/NAME/attacks
     jobs: int = 0  # worker processes (one target each); 0 = one per CPU
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per attack --set overrides
+    baseline: str | None = None  # one of the runs (the undefended one): what every other run's defense buys
 
     def __post_init__(self):
         for a in self.attacks:
@@ -140,13 +142,28 @@ def _judge(metric: str, lo: float, hi: float, diff: float, ref: float, verb: str
     return f"int8 keeps privacy and more (harder to {verb} than float)", True
 
 
-def paired_verdict(metric: str, float_vals, int8_vals, *, floor: float | None = None, seed: int = 0) -> dict:
-    """Verdict on an inversion metric from per-image values of the same images on both artifacts."""
-    f, q = np.asarray(float_vals, np.float64), np.asarray(int8_vals, np.float64)
+def _paired_diff(ref_vals, vals, seed: int, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """(ref, vals, vals - ref, and the 95% percentile-bootstrap interval of the mean difference) for
+    per-image values of the same images."""
+    f, q = np.asarray(ref_vals, np.float64), np.asarray(vals, np.float64)
     if f.shape != q.shape or f.size == 0:
-        raise ValueError(f"paired_verdict: per-image values differ in shape {f.shape} vs {q.shape}")
+        raise ValueError(f"{what}: per-image values differ in shape {f.shape} vs {q.shape}")
     d = q - f
     lo, hi = bootstrap_ci(d, n=2000, seed=seed)
+    return f, q, d, lo, hi
+
+
+def _proportion_diff(p_ref: float, p: float, n: int) -> tuple[float, float, float]:
+    """(p - p_ref, and the normal 95% interval of that difference) for two independent proportions
+    over ``n`` test images each."""
+    d = p - p_ref
+    se = math.sqrt(max(p_ref * (1 - p_ref), 0) / n + max(p * (1 - p), 0) / n)
+    return d, d - 1.96 * se, d + 1.96 * se
+
+
+def paired_verdict(metric: str, float_vals, int8_vals, *, floor: float | None = None, seed: int = 0) -> dict:
+    """Verdict on an inversion metric from per-image values of the same images on both artifacts."""
+    f, q, d, lo, hi = _paired_diff(float_vals, int8_vals, seed, "paired_verdict")
     word, keeps = _judge(metric, lo, hi, float(d.mean()), float(f.mean()), "invert")
     text = (f"{word}: {metric.upper()} {_fmt(q.mean(), metric)} int8 vs {_fmt(f.mean(), metric)} float, "
             f"difference {d.mean():+.3g}, 95% interval [{lo:+.3g}, {hi:+.3g}] over {f.size} test images")
@@ -163,14 +180,85 @@ def paired_verdict(metric: str, float_vals, int8_vals, *, floor: float | None = 
 
 def fidelity_verdict(metric: str, p_float: float, p_int8: float, n: int) -> dict:
     """Verdict on an extraction proportion (fidelity, clone accuracy) of two independent clones."""
-    d = p_int8 - p_float
-    se = math.sqrt(max(p_float * (1 - p_float), 0) / n + max(p_int8 * (1 - p_int8), 0) / n)
-    lo, hi = d - 1.96 * se, d + 1.96 * se
+    d, lo, hi = _proportion_diff(p_float, p_int8, n)
     word, keeps = _judge(metric, lo, hi, d, p_float, "extract")
     text = (f"{word}: {metric} {_fmt(p_int8, metric)} int8 vs {_fmt(p_float, metric)} float, difference "
             f"{100 * d:+.2f} points, 95% interval [{100 * lo:+.2f}, {100 * hi:+.2f}] over {n} test images")
     return {"metric": metric, "int8": p_int8, "float": p_float, "diff": d, "ci": [lo, hi], "keeps_privacy": keeps,
             "n": n, "text": text}
+
+
+# ---------------------------------------------------------------------------------------- what a defense buys
+
+
+def _gain_words(metric: str, lo: float, hi: float) -> tuple[str, bool]:
+    """The words for a 95% interval [lo, hi] of defended - baseline on ``metric``, and whether the
+    defended model is significantly more private."""
+    g_lo, g_hi = sorted((PRIVACY_SIGN[metric] * lo, PRIVACY_SIGN[metric] * hi))
+    if g_lo <= 0 <= g_hi:
+        return "no significant privacy gain", False
+    if g_hi < 0:
+        return "less private than the baseline", False
+    return "more private than the baseline", True
+
+
+def gain_verdict(metric: str, base_vals, defended_vals, *, seed: int = 0) -> dict:
+    """What a defense buys on an inversion metric: per-image values of the same test images attacked
+    through the baseline's and the defended model's artifact (same attack settings)."""
+    b, q, d, lo, hi = _paired_diff(base_vals, defended_vals, seed, "gain_verdict")
+    word, gains = _gain_words(metric, lo, hi)
+    ratio = float(q.mean() / b.mean()) if b.mean() > 0 else None
+    times = f" ({ratio:.2f}x the baseline's)" if metric == "mse" and ratio is not None else ""
+    text = (f"{word}: {metric.upper()} {_fmt(q.mean(), metric)} vs {_fmt(b.mean(), metric)} undefended{times}, "
+            f"difference {d.mean():+.3g}, 95% interval [{lo:+.3g}, {hi:+.3g}] over {b.size} test images")
+    return {"metric": metric, "defended": float(q.mean()), "baseline": float(b.mean()), "ratio": ratio,
+            "diff": float(d.mean()), "ci": [lo, hi], "gains_privacy": gains, "n": int(b.size), "text": text}
+
+
+def fidelity_gain(metric: str, p_base: float, p_defended: float, n: int) -> dict:
+    """What a defense buys on an extraction proportion (fidelity, clone accuracy): two independent
+    clones, each scored on ``n`` test images."""
+    d, lo, hi = _proportion_diff(p_base, p_defended, n)
+    word, gains = _gain_words(metric, lo, hi)
+    text = (f"{word}: {metric} {_fmt(p_defended, metric)} vs {_fmt(p_base, metric)} undefended, difference "
+            f"{100 * d:+.2f} points, 95% interval [{100 * lo:+.2f}, {100 * hi:+.2f}] over {n} test images")
+    return {"metric": metric, "defended": p_defended, "baseline": p_base,
+            "ratio": p_defended / p_base if p_base else None, "diff": d, "ci": [lo, hi], "gains_privacy": gains,
+            "n": n, "text": text}
+
+
+def _device_acc(ver: dict) -> float | None:
+    """An artifact's test accuracy as a device delivers it: with its release (noise, dropout) when the
+    export measured that, else plain."""
+    return ver.get("test_acc_release", ver.get("test_acc"))
+
+
+def _gains(cfg: CompareConfig, base: dict, base_results: dict, entry: dict, results: dict, seed: int) -> list[dict]:
+    """Per artifact and attack metric: the defended run (``entry``/``results``) against the
+    baseline run, with the accuracy each delivers on that artifact."""
+    out = []
+    for art in cfg.artifacts:
+        acc_b, acc_d = base["artifacts"][art]["device_acc"], entry["artifacts"][art]["device_acc"]
+        cost = None if acc_b is None or acc_d is None else 100 * (acc_d - acc_b)
+        for attack in cfg.attacks:
+            b, q = base_results.get((attack, art)), results.get((attack, art))
+            if b is None or q is None:
+                continue
+            row = {"attack": attack, "artifact": art, "acc_baseline": acc_b, "acc_defended": acc_d,
+                   "acc_change_points": cost}
+            fam = ATTACKS.get(attack).family
+            if fam == "inversion":
+                pb, pq = b.extra.get("per_image", {}), q.extra.get("per_image", {})
+                if b.extra.get("test_indices") != q.extra.get("test_indices"):
+                    continue  # not the same private images: no paired comparison
+                out += [{**row, **gain_verdict(m, pb[m], pq[m], seed=seed)} for m in ("mse", "ssim")
+                        if m in pb and m in pq]
+            elif fam == "extraction":
+                n = int(b.extra.get("evaluation_queries") or 0)
+                if n and n == int(q.extra.get("evaluation_queries") or 0) and "fidelity" in b.metrics \
+                        and "fidelity" in q.metrics:
+                    out.append({**row, **fidelity_gain("fidelity", b.metrics["fidelity"], q.metrics["fidelity"], n)})
+    return out
 
 
 # ---------------------------------------------------------------------------------------- compare
@@ -189,6 +277,7 @@ def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str |
     runs = [Path(r) for r in runs]
     if not runs:
         raise AttackError("compare needs at least one run directory, e.g. qdefend compare runs/demo")
+    base_dir = _baseline(cfg, runs)
     for r in runs:
         RunPaths(r).require_trained()
         if not RunPaths(r).manifest.is_file():
@@ -220,6 +309,7 @@ def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str |
     else:
         for r, art in todo:
             _attack_target(str(r), art, asdict(cfg), None, say)
+    per_run: dict[str, dict] = {}
     for r in runs:
         manifest = load_manifest(r)
         ver = manifest.get("verification", {}).get("artifacts", {})
@@ -234,18 +324,42 @@ def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str |
                 results[(attack, art)] = res
                 a = entry["artifacts"].setdefault(art, {"precision": _precision(art),
                                                         "test_acc": ver.get(art, {}).get("test_acc"),
+                                                        "test_acc_release": ver.get(art, {}).get("test_acc_release"),
+                                                        "device_acc": _device_acc(ver.get(art, {})),
                                                         "attacks": {}})
                 a["attacks"][attack] = {"metrics": res.metrics, "timings": res.timings, "json": str(path),
                                         "notes": res.notes}
         entry["verdicts"] = _verdicts(cfg, results, seed=cfg.seed)
         entry["figures"] = _figures(cfg, results, out / "figures", r.name)
         report["runs"].append(entry)
+        per_run[entry["run"]] = results
+    if base_dir is not None:
+        base = next(e for e in report["runs"] if e["run"] == str(base_dir))
+        report["baseline"] = base["run"]
+        for e in report["runs"]:
+            if e is not base:
+                e["gains"] = _gains(cfg, base, per_run[base["run"]], e, per_run[e["run"]], seed=cfg.seed)
+        report["gain_figures"] = _gain_figures(cfg, report["runs"], per_run, base["run"], out / "figures")
     report["timings"] = {"total_s": round(time.perf_counter() - t_all, 1)}
     (out / "report.json").write_text(json.dumps(plain(report), indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report, out))
     say(f"compare: wrote {out / 'report.md'} ({report['timings']['total_s']:.0f} s)")
     report["out"] = str(out)
     return report
+
+
+def _baseline(cfg: CompareConfig, runs: list[Path]) -> Path | None:
+    """The run ``cfg.baseline`` names, checked before anything runs."""
+    if cfg.baseline is None:
+        return None
+    hit = [r for r in runs if r.resolve() == Path(cfg.baseline).resolve()]
+    if not hit:
+        raise AttackError(f"--baseline {cfg.baseline} is not one of the runs compared ({', '.join(map(str, runs))}): "
+                          f"name one of them, e.g. --baseline {runs[0]}")
+    if len(runs) < 2:
+        raise AttackError(f"--baseline needs a defended run to compare with it: e.g. qdefend compare {runs[0]} "
+                          f"runs/defended --baseline {runs[0]}")
+    return hit[0]
 
 
 def _cpus() -> int:
@@ -344,6 +458,26 @@ def _figures(cfg: CompareConfig, results: dict, fig_dir: Path, name: str) -> lis
     return [str(path)]
 
 
+def _gain_figures(cfg: CompareConfig, entries: list[dict], per_run: dict, base: str, fig_dir: Path) -> list[str]:
+    """One grid per int8 artifact: the private images, then each inversion attack on every run."""
+    paths = []
+    for art in [a for a in cfg.artifacts if _precision(a) == "int8"]:
+        rows, origs, idx = [], None, None
+        for attack in cfg.attacks:
+            for e in sorted(entries, key=lambda e: e["run"] != base):
+                r = per_run[e["run"]].get((attack, art))
+                if r is None or r.reconstructions is None:
+                    continue
+                if idx is not None and r.extra.get("test_indices") != idx:
+                    continue
+                origs, idx = (r.originals, r.extra.get("test_indices")) if origs is None else (origs, idx)
+                rows.append((f"{attack} / {e['name']}", r.reconstructions))
+        if len(rows) > 1:
+            paths.append(str(save_grid([("private test images", origs), *rows],
+                                       fig_dir / f"defenses-{art.replace('.', '_')}.png", n=12)))
+    return paths
+
+
 # ---------------------------------------------------------------------------------------- markdown
 
 
@@ -409,5 +543,35 @@ def render_markdown(report: dict, out: Path) -> str:
         notes = sorted({n for a in entry["artifacts"].values() for r in a["attacks"].values() for n in r["notes"]})
         if notes:
             lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    if report.get("baseline"):
+        lines += _render_gains(report, out)
     lines.append(f"Total time {report['timings']['total_s']:.0f} s.")
     return "\n".join(lines) + "\n"
+
+
+def _render_gains(report: dict, out: Path) -> list[str]:
+    """The section "what each defense buys": every defended run against the baseline, per artifact."""
+    base = report["baseline"]
+    lines = [f"## What each defense buys, against `{base}`", "",
+             "Same attack settings and the same private test images on both models. Test accuracy is what a device "
+             "delivers (release transform applied); an unconverged attack on either side makes the gain an estimate "
+             "from lower bounds on both leaks.", "",
+             "| run | artifact | test acc (vs baseline) | attack | metric | defended | baseline | change | significant gain |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    texts = []
+    for e in report["runs"]:
+        for g in e.get("gains", []):
+            acc = _fmt(g["acc_defended"], "acc")
+            if g["acc_change_points"] is not None:
+                acc += f" ({g['acc_change_points']:+.2f} pts)"
+            change = f"{g['ratio']:.2f}x" if g["metric"] == "mse" and g["ratio"] else (
+                f"{100 * g['diff']:+.2f} pts" if g["metric"] == "fidelity" else f"{g['diff']:+.3f}")
+            lines.append(f"| {e['name']} | `{g['artifact']}` | {acc} | {g['attack']} | {g['metric']} | "
+                         f"{_fmt(g['defended'], g['metric'])} | {_fmt(g['baseline'], g['metric'])} | {change} | "
+                         f"{'yes' if g['gains_privacy'] else 'no'} |")
+            texts.append(f"- **{e['name']}**, {g['attack']} on `{g['artifact']}`: {g['text']}")
+    lines += [""] + texts + [""]
+    for fig in report.get("gain_figures", []):
+        rel = Path(fig).relative_to(out) if Path(fig).is_relative_to(out) else Path(fig)
+        lines += [f"![reconstructions, every run]({rel.as_posix()})", ""]
+    return lines
