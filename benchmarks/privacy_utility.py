@@ -4,8 +4,9 @@
                                          [--artifacts encoder.int8.tflite] [--threads N]
                                          [--out DIR] [--runs-dir DIR]
 
-For every defense config (the README's defense table: none, Gaussian noise at two sigmas, noise+CEM,
-NoPeek, noise+NoPeek+CEM, feature dropout, ARL) it trains a QAT int8 run
+For every defense config (none, Gaussian noise at two sigmas, noise+CEM, NoPeek at alpha 1/2/4,
+noise+NoPeek, noise+NoPeek+CEM, feature dropout, ARL, PATROL, and the undefended model cut deeper:
+``cut-3``/``cut-4``, three or four convs on the device instead of two) it trains a QAT int8 run
 (``qdefend.train.Trainer``), exports it (``qdefend.export.export_run``), and attacks each released
 encoder artifact with the black-box inverse network (``decoder``, noise-aware; Paper: He et al.,
 "Model inversion attacks against collaborative inference", ACSAC 2019) and the encoder clone +
@@ -22,8 +23,9 @@ whose output already exists (training, export, each attack) and only adds what i
 
 Output under --out: ``privacy_utility.json`` (rows, machine, settings), ``privacy_utility.csv``
 (rows), ``privacy_utility.md`` (the README table) and ``privacy_utility.png`` (accuracy vs decoder
-MSE, drawn with Pillow). ``--size quick`` is a CI smoke test (512 training images, 1 epoch of batch 32, attack preset "quick", 2 configs); ``--size
-full`` trains 2 epochs on the whole data with the attacks' default settings, every config.
+MSE with the Pareto front, matplotlib); the Markdown marks the rows on that front. ``--size quick``
+is a CI smoke test (512 training images, 1 epoch of batch 32, attack preset "quick", 2 configs);
+``--size full`` trains 2 epochs on the whole data with the attacks' default settings, every config.
 """
 
 from __future__ import annotations
@@ -53,12 +55,23 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "noise": {"stack": "noise", "params": {"noise": {"sigma": 0.1}}},
     "noise+cem": {"stack": "noise+cem", "params": {"noise": {"sigma": 0.1}, "cem": {}}},
     "nopeek": {"stack": "nopeek", "params": {"nopeek": {"alpha": 1.0}}},
+    "nopeek-2": {"stack": "nopeek", "params": {"nopeek": {"alpha": 2.0}}},
+    "nopeek-4": {"stack": "nopeek", "params": {"nopeek": {"alpha": 4.0}}},
+    "noise+nopeek": {"stack": "noise+nopeek", "params": {"noise": {"sigma": 0.1}, "nopeek": {"alpha": 1.0}}},
     "noise+nopeek+cem": {"stack": "noise+nopeek+cem",
                          "params": {"noise": {"sigma": 0.1}, "nopeek": {"alpha": 1.0}, "cem": {}}},
     "dropout": {"stack": "dropout", "params": {"dropout": {"p": 0.2}}},
     "arl": {"stack": "arl", "params": {"arl": {"alpha": 1.0, "tau": 0.5}}},
     "patrol": {"stack": "patrol", "params": {"patrol": {"alpha": 1.0, "tau": 0.5, "ratio": 0.05, "prune_epoch": 1}}},
+    "cut-3": {"stack": "none", "params": {}},
+    "cut-4": {"stack": "none", "params": {}},
+    "cut-6": {"stack": "none", "params": {}},
+    "cut-4+nopeek": {"stack": "nopeek", "params": {"nopeek": {"alpha": 1.0}}},
 }
+# name -> ModelConfig fields that differ from the reference split (qdefend.models): where to cut is a
+# defense too (a deeper cut releases features that more layers have abstracted; the device computes more)
+MODEL_CHANGES: dict[str, dict[str, Any]] = {"cut-3": {"cut": 3}, "cut-4": {"cut": 4}, "cut-6": {"cut": 6},
+                                            "cut-4+nopeek": {"cut": 4}}
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"data": {"limit_train": 512, "limit_test": 300, "val_size": 200, "aux_size": 1000},
@@ -66,7 +79,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {"data": {}, "train": {"epochs": 2}, "preset": None, "verify_images": None, "configs": list(CONFIGS)},
 }
 
-COLUMNS = ["config", "stack", "params", "artifact", "test_acc", "test_acc_source", "test_acc_int8",
+COLUMNS = ["config", "seed", "stack", "params", "artifact", "test_acc", "test_acc_source", "test_acc_int8",
            "test_acc_fakequant", "test_acc_artifact", "test_acc_release", "decoder_mse", "decoder_psnr",
            "decoder_ssim", "decoder_baseline_mse", "clone_rmle_mse", "clone_rmle_ssim", "clone_rmle_baseline_mse",
            "epochs", "train_time_s", "decoder_time_s", "clone_rmle_time_s"]
@@ -88,22 +101,25 @@ def parse_configs(text: str | None, size: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def run_config(name: str, size: str) -> dict[str, Any]:
-    """The RunConfig dict of config `name` at `size`: QAT int8 on Fashion-MNIST with its defense."""
+def run_config(name: str, size: str, seed: int = 0) -> dict[str, Any]:
+    """The RunConfig dict of config `name` at `size`: QAT int8 on Fashion-MNIST with its defense,
+    trained with ``seed``."""
     s = SIZES[size]
     return {"data": {"name": "fashion-mnist", **s["data"]}, "quant": {"scheme": "int8"},
-            "train": dict(s["train"]), "defense": json.loads(json.dumps(CONFIGS[name]))}
+            "train": {**s["train"], "seed": seed}, "defense": json.loads(json.dumps(CONFIGS[name])),
+            **({"model": dict(MODEL_CHANGES[name])} if name in MODEL_CHANGES else {})}
 
 
-def run_dirname(name: str) -> str:
-    return name.replace("+", "_")
+def run_dirname(name: str, seed: int = 0) -> str:
+    """``noise+cem`` -> ``noise_cem`` (seed 0), ``noise_cem-s1`` (seed 1)."""
+    return name.replace("+", "_") + (f"-s{seed}" if seed else "")
 
 
 # ----------------------------------------------------------------------------------- rows
 
 
 def build_row(name: str, defense: dict[str, Any], artifact: str, records: list[dict], manifest: dict,
-              attacks: dict[str, dict]) -> dict[str, Any]:
+              attacks: dict[str, dict], seed: int = 0) -> dict[str, Any]:
     """One result row from a run's metrics records, manifest and attack result JSONs (by attack name).
 
     ``test_acc`` is what a device user gets: the artifact with its release (noise, dropout) when
@@ -111,7 +127,7 @@ def build_row(name: str, defense: dict[str, Any], artifact: str, records: list[d
     from qdefend.run import train_summary
 
     ver = manifest.get("verification", {}).get("artifacts", {}).get(artifact, {})
-    row: dict[str, Any] = {"config": name, "stack": defense.get("stack", "none"),
+    row: dict[str, Any] = {"config": name, "seed": seed, "stack": defense.get("stack", "none"),
                            "params": defense.get("params", {}), "artifact": artifact, **train_summary(records),
                            "test_acc_artifact": ver.get("test_acc"), "test_acc_release": ver.get("test_acc_release")}
     for key in ("test_acc_release", "test_acc_artifact", "test_acc_int8"):
@@ -139,26 +155,68 @@ def write_csv(rows: list[dict], path: Path) -> None:
                         for k, v in r.items()})
 
 
+MEANS = ("test_acc", "decoder_mse", "decoder_ssim", "clone_rmle_mse", "clone_rmle_baseline_mse", "train_time_s")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per config x artifact (in first-seen order) over its seeds: ``seeds`` (their list),
+    the mean of each of :data:`MEANS` and its sample std (``KEY_std``; None with one seed or a
+    missing value)."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["artifact"]), []).append(r)
+    out = []
+    for (config, artifact), rs in groups.items():
+        agg: dict[str, Any] = {"config": config, "artifact": artifact, "seeds": [r.get("seed", 0) for r in rs]}
+        for k in MEANS:
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            full = len(vals) == len(rs)
+            agg[k] = statistics.fmean(vals) if vals and full else None
+            agg[f"{k}_std"] = statistics.stdev(vals) if full and len(vals) > 1 else None
+        out.append(agg)
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
-    """The README table: one line per row, decoder MSE also as a ratio to the undefended row's.
+    """The README table: one line per config x artifact (mean ± std over its seeds), decoder MSE also
+    as a ratio to the undefended row's, accuracy as points against it, and the rows on the Pareto
+    front of (decoder MSE, accuracy).
 
     A ``clone_rmle`` MSE at or above its mean-image floor is marked: the attack learned nothing
     about the individual image there, which says the attack failed, not that the defense holds."""
+    from qdefend.analysis.plot import pareto_front
+
+    rows = aggregate(rows)
     ref = {r["artifact"]: r["decoder_mse"] for r in rows if r["config"] == "none" and r["decoder_mse"]}
-    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    out = ["| config | artifact | test acc | decoder MSE (x none) | decoder SSIM | clone_rmle MSE | train min |",
-           "|---|---|---|---|---|---|---|"]
+    ref_acc = {r["artifact"]: r["test_acc"] for r in rows if r["config"] == "none" and r["test_acc"] is not None}
+    on_front = set()
+    for art in {r["artifact"] for r in rows}:
+        mine = [r for r in rows if r["artifact"] == art and r["decoder_mse"] is not None and r["test_acc"] is not None]
+        on_front |= {id(mine[i]) for i in pareto_front([(r["decoder_mse"], r["test_acc"]) for r in mine])}
+
+    def f(r: dict, key: str, spec: str, scale: float = 1.0) -> str:
+        if r[key] is None:
+            return "-"
+        std = r.get(f"{key}_std")
+        return format(scale * r[key], spec) + ("" if std is None else f" ± {format(scale * std, spec)}")
+
+    out = ["| config | seeds | artifact | test acc % (vs none) | decoder MSE (x none) | decoder SSIM | clone_rmle MSE | "
+           "Pareto front | train min |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = ref.get(r["artifact"])
         ratio = f" ({r['decoder_mse'] / base:.2f}x)" if base and r["decoder_mse"] is not None else ""
-        clone = f(r["clone_rmle_mse"], ".4f")
+        clone = f(r, "clone_rmle_mse", ".4f")
         if r["clone_rmle_mse"] is not None and r["clone_rmle_baseline_mse"] is not None \
                 and r["clone_rmle_mse"] >= r["clone_rmle_baseline_mse"]:
             clone += " (above floor: attack failed)"
-        acc = "-" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f}%"
-        mins = "-" if r["train_time_s"] is None else f"{r['train_time_s'] / 60:.1f}"
-        out.append(f"| {r['config']} | {r['artifact']} | {acc} | {f(r['decoder_mse'], '.4f')}{ratio} | "
-                   f"{f(r['decoder_ssim'], '.3f')} | {clone} | {mins} |")
+        acc = f(r, "test_acc", ".2f", 100)
+        if r["test_acc"] is not None and ref_acc.get(r["artifact"]) is not None:
+            acc += f" ({100 * (r['test_acc'] - ref_acc[r['artifact']]):+.2f})"
+        mins = f(r, "train_time_s", ".1f", 1 / 60)
+        out.append(f"| {r['config']} | {len(r['seeds'])} | {r['artifact']} | {acc} | {f(r, 'decoder_mse', '.4f')}{ratio} | "
+                   f"{f(r, 'decoder_ssim', '.3f')} | {clone} | {'yes' if id(r) in on_front else ''} | {mins} |")
     return "\n".join(out) + "\n"
 
 
@@ -179,6 +237,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", action="append", default=[], metavar="ATTACK=PRESET",
                    help="an attack's preset instead of the size's (e.g. --preset decoder=fast: the demo's lighter "
                         "decoder); the settings and each result record it")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0); each seed but 0 trains "
+                   "into RUNS_DIR/NAME-sS, and the table gives mean ± std over them")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "privacy_utility")
     p.add_argument("--runs-dir", type=Path, default=Path("runs") / "privacy_utility")
@@ -193,6 +253,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--artifacts: expected encoder artifacts such as encoder.int8.tflite,encoder.int8.onnx, got {bad or '(none)'}")
     if args.threads < 0:
         p.error("--threads must be >= 0 (0 = torch's default)")
+    try:
+        args.seeds = list(dict.fromkeys(int(x) for x in args.seeds.split(",") if x.strip()))
+    except ValueError:
+        args.seeds = []
+    if not args.seeds or min(args.seeds) < 0:
+        p.error(f"--seeds: expected comma-separated seeds >= 0 such as 0,1,2, got {args.seeds!r}")
     args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     if not args.attacks or any(a not in ATTACKS for a in args.attacks):
         p.error(f"--attacks: choose from {', '.join(ATTACKS)}, got {args.attacks or '(none)'}")
@@ -225,10 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     started, t_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     rows: list[dict] = []
     try:
-        for i, name in enumerate(args.configs, 1):
-            root = args.runs_dir / run_dirname(name)
-            say = lambda msg, tag=f"[{i}/{len(args.configs)} {name}]": print(f"{tag} {msg}", file=sys.stderr, flush=True)  # noqa: E731
-            ensure_trained(root, run_config(name, args.size), threads=args.threads, say=say)
+        jobs = [(name, seed) for name in args.configs for seed in args.seeds]
+        for i, (name, seed) in enumerate(jobs, 1):
+            root = args.runs_dir / run_dirname(name, seed)
+            say = lambda msg, tag=f"[{i}/{len(jobs)} {name} seed {seed}]": print(f"{tag} {msg}", file=sys.stderr, flush=True)  # noqa: E731
+            ensure_trained(root, run_config(name, args.size, seed), threads=args.threads, say=say)
             manifest = ensure_exported(root, args.artifacts, verify_images=size["verify_images"], say=say)
             records = RunPaths(root).read_metrics()
             holder: dict = {}
@@ -237,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 for attack in args.attacks:
                     results.update(ensure_attacks(root, art, [attack], preset=args.preset.get(attack, size["preset"]),
                                                   threads=args.threads or None, say=say, run_holder=holder))
-                row = build_row(name, CONFIGS[name], art, records, manifest, results)
+                row = build_row(name, CONFIGS[name], art, records, manifest, results, seed=seed)
                 rows.append(row)
                 say(f"row: acc {row['test_acc']} ({row['test_acc_source']}), decoder mse {row['decoder_mse']}")
     except (QdefendError, AttackError, ArtifactError) as e:
@@ -247,25 +314,27 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "qdefend.privacy_utility", "schema_version": 1, "started": started,
               "command": " ".join(["python", "benchmarks/privacy_utility.py", *(argv if argv is not None else sys.argv[1:])]),
               "machine": machine_info(), "load_average_end": load_average(),
-              "settings": {"size": args.size, "configs": args.configs, "artifacts": args.artifacts,
+              "settings": {"size": args.size, "configs": args.configs, "seeds": args.seeds, "artifacts": args.artifacts,
                            "data": size["data"], "train": size["train"], "attack_preset": size["preset"] or "default",
                            "attack_presets": {a: args.preset.get(a, size["preset"] or "default") for a in args.attacks},
                            "attacks": args.attacks, "verify_images": size["verify_images"],
                            "threads": args.threads or torch.get_num_threads(), "runs_dir": str(args.runs_dir),
                            "defenses": {n: CONFIGS[n] for n in args.configs},
+                           "model_changes": {n: MODEL_CHANGES[n] for n in args.configs if n in MODEL_CHANGES},
                            "wall_s": round(time.perf_counter() - t_start, 1)},
               "rows": rows}
     (args.out / "privacy_utility.json").write_text(json.dumps(result, indent=2) + "\n")
     write_csv(rows, args.out / "privacy_utility.csv")
     (args.out / "privacy_utility.md").write_text(markdown(rows))
     pts = [(f"{r['config']} ({r['artifact'].split('.')[-1]})" if len(args.artifacts) > 1 else r["config"],
-            r["decoder_mse"], r["test_acc"]) for r in rows
+            r["decoder_mse"], r["test_acc"], r["decoder_mse_std"], r["test_acc_std"]) for r in aggregate(rows)
            if r["decoder_mse"] is not None and r["test_acc"] is not None]
-    scatter_plot(pts, args.out / "privacy_utility.png")
-    print(f"{'config':18s} {'artifact':22s} {'acc':>7s} {'dec mse':>8s} {'dec ssim':>8s} {'clone mse':>9s} {'train s':>8s}")
+    scatter_plot(pts, args.out / "privacy_utility.png", front=True,
+                 title=f"privacy vs utility (int8, Fashion-MNIST; seeds {','.join(map(str, args.seeds))})")
+    print(f"{'config':18s} {'seed':>4s} {'artifact':22s} {'acc':>7s} {'dec mse':>8s} {'dec ssim':>8s} {'clone mse':>9s} {'train s':>8s}")
     for r in rows:
         f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-        print(f"{r['config']:18s} {r['artifact']:22s} {f(r['test_acc'], '7.4f')} {f(r['decoder_mse'], '8.4f')} "
+        print(f"{r['config']:18s} {r['seed']:4d} {r['artifact']:22s} {f(r['test_acc'], '7.4f')} {f(r['decoder_mse'], '8.4f')} "
               f"{f(r['decoder_ssim'], '8.3f')} {f(r['clone_rmle_mse'], '9.4f')} {f(r['train_time_s'], '8.1f')}")
     print(f"wrote {args.out / 'privacy_utility.json'}, .csv, .png")
     return 0

@@ -293,3 +293,19 @@ def test_scatter_plot_draws_the_finite_points_with_error_bars(tmp_path):
     _, bars = marker_pixels(scatter_plot([("a", 0.02, 0.9, 0.002, 0.01)], tmp_path / "err.png", size=(400, 300)))
     assert bars > 20  # with seed error bars
     scatter_plot([], tmp_path / "empty.png")
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes(tmp_path):
+    from PIL import Image
+
+    from qdefend.analysis.plot import pareto_front, scatter_plot
+
+    pts = [(0.010, 0.89), (0.012, 0.88), (0.011, 0.87), (0.030, 0.80), (0.030, 0.80), (float("nan"), 0.99),
+           (0.009, 0.89)]
+    # (0.011, 0.87) loses to (0.012, 0.88); (0.009, 0.89) to (0.010, 0.89); the tied pair both stay
+    assert pareto_front(pts) == [0, 1, 3, 4]
+    assert pareto_front([]) == []
+    red = lambda path: int((np.asarray(Image.open(path).convert("RGB")) == (214, 39, 40)).all(-1).sum())  # noqa: E731
+    labelled = [(str(i), x, y) for i, (x, y) in enumerate(pts)]
+    assert red(scatter_plot(labelled, tmp_path / "f.png", front=True)) > 30
+    assert red(scatter_plot(labelled, tmp_path / "n.png")) == 0

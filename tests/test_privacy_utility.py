@@ -31,16 +31,23 @@ def test_config_table_builds_valid_runs_and_defenses(pu):
     from qdefend.config import RunConfig
     from qdefend.defenses import build_defense
 
-    assert set(pu.CONFIGS) == {"none", "noise-0.05", "noise", "noise+cem", "nopeek", "noise+nopeek+cem",
-                               "dropout", "arl", "patrol"}
+    assert set(pu.CONFIGS) == {"none", "noise-0.05", "noise", "noise+cem", "nopeek", "nopeek-2", "nopeek-4",
+                               "noise+nopeek", "noise+nopeek+cem", "dropout", "arl", "patrol", "cut-3", "cut-4", "cut-6",
+                               "cut-4+nopeek"}
     for size in pu.SIZES:
         for name in pu.CONFIGS:
             cfg = RunConfig.from_dict(pu.run_config(name, size))
             assert cfg.quant.scheme == "int8" and cfg.data.name == "fashion-mnist"
             stack = build_defense(cfg.defense)
-            assert [d.name for d in stack.defenses] == ([] if name == "none" else cfg.defense.stack.split("+"))
+            assert [d.name for d in stack.defenses] == ([] if cfg.defense.stack == "none" else cfg.defense.stack.split("+"))
     sigmas = {n: c["params"]["noise"]["sigma"] for n, c in pu.CONFIGS.items() if "noise" in c["params"]}
-    assert sigmas == {"noise-0.05": 0.05, "noise": 0.1, "noise+cem": 0.1, "noise+nopeek+cem": 0.1}
+    assert sigmas == {"noise-0.05": 0.05, "noise": 0.1, "noise+cem": 0.1, "noise+nopeek": 0.1, "noise+nopeek+cem": 0.1}
+    assert {n: c["params"]["nopeek"]["alpha"] for n, c in pu.CONFIGS.items() if n.startswith("nopeek")} == {
+        "nopeek": 1.0, "nopeek-2": 2.0, "nopeek-4": 4.0}
+    assert RunConfig.from_dict(pu.run_config("cut-4", "full")).model.cut == 4
+    assert RunConfig.from_dict(pu.run_config("none", "full", seed=2)).train.seed == 2
+    assert (pu.run_dirname("noise+cem"), pu.run_dirname("noise+cem", 2)) == ("noise_cem", "noise_cem-s2")
+    assert RunConfig.from_dict(pu.run_config("nopeek", "full")).model.cut is None  # the reference split
     quick = RunConfig.from_dict(pu.run_config("noise", "quick"))
     assert (quick.data.limit_train, quick.data.limit_test, quick.train.epochs) == (512, 300, 1)
     full = RunConfig.from_dict(pu.run_config("noise", "full"))
@@ -64,7 +71,7 @@ ATTACKS = {"decoder": {"metrics": {"mse": 0.03, "psnr": 15.2, "ssim": 0.4, "base
 def test_build_row_from_fixed_results(pu, tmp_path):
     defense = pu.CONFIGS["noise"]
     row = pu.build_row("noise", defense, "encoder.int8.tflite", RECORDS, MANIFEST, ATTACKS)
-    assert list(row) == pu.COLUMNS
+    assert list(row) == pu.COLUMNS and row["seed"] == 0
     assert row["stack"] == "noise" and row["params"] == {"noise": {"sigma": 0.1}}
     assert (row["test_acc_int8"], row["test_acc_fakequant"], row["test_acc_artifact"], row["test_acc_release"]) == \
         (0.81, 0.82, 0.8, 0.75)
@@ -88,8 +95,22 @@ def test_build_row_from_fixed_results(pu, tmp_path):
     ref = dict(bare, decoder_mse=0.02, clone_rmle_mse=0.05, clone_rmle_baseline_mse=0.08)
     md = pu.markdown([ref, row]).splitlines()
     assert md[0].startswith("| config |") and len(md) == 4
-    assert md[2].startswith("| none | encoder.int8.tflite | 81.00% | 0.0200 (1.00x) |")
-    assert "| noise | encoder.int8.tflite | 75.00% | 0.0300 (1.50x) | 0.400 | 0.1000 (above floor: attack failed) | 0.3 |" == md[3]
+    assert md[2].startswith("| none | 1 | encoder.int8.tflite | 81.00 (+0.00) | 0.0200 (1.00x) |")
+    # both on the Pareto front: none is more accurate, noise harder to invert
+    assert md[3] == ("| noise | 1 | encoder.int8.tflite | 75.00 (-6.00) | 0.0300 (1.50x) | 0.400 | "
+                     "0.1000 (above floor: attack failed) | yes | 0.3 |")
+    worse = dict(row, config="worse", decoder_mse=0.025, test_acc=0.70)
+    assert pu.markdown([ref, row, worse]).splitlines()[4].endswith("| 0.1000 (above floor: attack failed) |  | 0.3 |")
+
+    # seeds: one line per config, mean ± sample std, the ratio and the points against none's means
+    seeds = [dict(row, seed=1, test_acc=0.77, decoder_mse=0.036), dict(ref, seed=1, test_acc=0.83, decoder_mse=0.02)]
+    agg = {r["config"]: r for r in pu.aggregate([ref, row, *seeds])}
+    assert agg["noise"]["seeds"] == [0, 1] and agg["noise"]["decoder_mse"] == pytest.approx(0.033)
+    assert agg["noise"]["decoder_mse_std"] == pytest.approx(0.0042426, rel=1e-4) and agg["none"]["test_acc"] == pytest.approx(0.82)
+    assert pu.aggregate([bare])[0]["decoder_mse_std"] is None  # one seed: no spread
+    md = pu.markdown([ref, row, *seeds]).splitlines()
+    assert len(md) == 4 and md[3].startswith("| noise | 2 | encoder.int8.tflite | 76.00 ± 1.41 (-6.00) | "
+                                             "0.0330 ± 0.0042 (1.65x) |")
 
 
 @pytest.mark.slow

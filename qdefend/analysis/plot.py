@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["Series", "Panel", "line_plot", "scatter_plot", "COLORS"]
+__all__ = ["Series", "Panel", "line_plot", "scatter_plot", "pareto_front", "COLORS"]
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 
@@ -74,17 +74,32 @@ def line_plot(xs: Sequence[float], panels: Sequence[Panel], path: str | Path, *,
     return path
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates, both axes to be maximised (e.g. decoder MSE
+    and accuracy), ordered by x; a point equal to another is kept. Non-finite points never count."""
+    ok = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
+    front = [i for i in ok if not any(points[j][0] >= points[i][0] and points[j][1] >= points[i][1]
+                                      and points[j] != points[i] for j in ok)]
+    return sorted(front, key=lambda i: points[i][0])
+
+
 def scatter_plot(points: Sequence[tuple], path: str | Path, *, size: tuple[int, int] = (720, 480),
                  xlabel: str = "decoder MSE (higher = more private)", ylabel: str = "test accuracy",
-                 title: str = "privacy vs utility (int8, Fashion-MNIST)") -> Path:
+                 title: str = "privacy vs utility (int8, Fashion-MNIST)", front: bool = False) -> Path:
     """Scatter of labelled points with matplotlib: ``(label, x, y)`` or ``(label, x, y, x_std,
-    y_std)`` (error bars: the standard deviation over seeds); non-finite points are left out."""
+    y_std)`` (error bars: the standard deviation over seeds); non-finite points are left out.
+    ``front``: join the Pareto front (more x and more y both better) with a dashed line."""
     from matplotlib.figure import Figure
 
     pts = [p for p in points if math.isfinite(p[1]) and math.isfinite(p[2])]
     dpi = 100
     fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
     ax = fig.subplots()
+    if front and pts:
+        idx = pareto_front([(p[1], p[2]) for p in pts])
+        ax.plot([pts[i][1] for i in idx], [pts[i][2] for i in idx], "--", color="#d62728", lw=1.2, zorder=2,
+                label="Pareto front")
+        ax.legend(fontsize=8, loc="lower left")
     for lab, x, y, *err in pts:
         xe, ye = (err + [None, None])[:2]
         if xe or ye:
