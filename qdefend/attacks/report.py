@@ -16,7 +16,11 @@ Then ``report.md``, ``report.json`` and ``figures/*.png`` are written:
   "int8 keeps privacy" (no significant change, or harder to invert), and "int8 leaks more".
   Extraction fidelity uses the normal interval of a difference of two proportions. Each verdict
   also says whether the float model was private to begin with (how far the attack beats the
-  mean-image floor), so "keeps" is never read as "has".
+  mean-image floor), so "keeps" is never read as "has";
+* with ``baseline`` (one of the runs, the undefended one): what every other run's defense buys
+  against it, per artifact and attack: inversion MSE / SSIM paired over the same private images
+  (ratio and 95% interval of the difference), KnockoffNets fidelity (two proportions), and the
+  accuracy a device gets on each, in points; plus one grid of every run's reconstructions.
 """
 
 from __future__ import annotations
