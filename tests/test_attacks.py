@@ -90,6 +90,9 @@ def test_gain_verdict_says_what_a_defense_buys():
     assert not same["gains_privacy"] and same["text"].startswith("no significant privacy gain")
     worse = gain_verdict("ssim", base + 0.5, base + 0.6)  # higher SSIM when defended: easier to invert
     assert not worse["gains_privacy"] and worse["text"].startswith("less private")
+    failed = gain_verdict("mse", base, base + 0.1, floor=0.09)  # the defended side is above the floor
+    assert failed["gains_privacy"] and failed["attack_failed"] and "failed there" in failed["text"]
+    assert not more["attack_failed"]
     fid = fidelity_gain("fidelity", 0.92, 0.60, 1000)
     assert fid["gains_privacy"] and fid["ci"][1] < 0 and "-32.00 points" in fid["text"]
     assert not fidelity_gain("fidelity", 0.92, 0.915, 1000)["gains_privacy"]
@@ -296,6 +299,7 @@ def test_compare_with_a_baseline_says_what_each_run_buys_against_it(small_run, t
     assert all(g["ratio"] == pytest.approx(1.0) for g in gains if g["metric"] == "mse")
     md = (tmp_path / "rep" / "report.md").read_text()
     assert f"## What each defense buys, against `{root}`" in md and "| twin | `encoder.int8.tflite` |" in md
+    assert "Trained with: defense none, cut 2 of vgg11_bn (its reference cut)." in md
     assert (tmp_path / "rep" / "figures" / "defenses-encoder_int8_tflite.png").is_file()
 
 

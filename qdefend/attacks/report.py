@@ -206,17 +206,24 @@ def _gain_words(metric: str, lo: float, hi: float) -> tuple[str, bool]:
     return "more private than the baseline", True
 
 
-def gain_verdict(metric: str, base_vals, defended_vals, *, seed: int = 0) -> dict:
+def gain_verdict(metric: str, base_vals, defended_vals, *, seed: int = 0, floor: float | None = None) -> dict:
     """What a defense buys on an inversion metric: per-image values of the same test images attacked
-    through the baseline's and the defended model's artifact (same attack settings)."""
+    through the baseline's and the defended model's artifact (same attack settings). ``floor``: the
+    mean-image MSE on the defended side; an attack whose MSE does not beat it failed there, which
+    is said, since a failed attack is not proof that the defense holds."""
     b, q, d, lo, hi = _paired_diff(base_vals, defended_vals, seed, "gain_verdict")
     word, gains = _gain_words(metric, lo, hi)
     ratio = float(q.mean() / b.mean()) if b.mean() > 0 else None
     times = f" ({ratio:.2f}x the baseline's)" if metric == "mse" and ratio is not None else ""
     text = (f"{word}: {metric.upper()} {_fmt(q.mean(), metric)} vs {_fmt(b.mean(), metric)} undefended{times}, "
             f"difference {d.mean():+.3g}, 95% interval [{lo:+.3g}, {hi:+.3g}] over {b.size} test images")
+    failed = metric == "mse" and floor is not None and q.mean() >= floor
+    if failed:
+        text += (f"; on the defended model this attack does not beat the mean-image floor {floor:.4f}: it failed "
+                 "there, which is not proof that the defense holds against a stronger one")
     return {"metric": metric, "defended": float(q.mean()), "baseline": float(b.mean()), "ratio": ratio,
-            "diff": float(d.mean()), "ci": [lo, hi], "gains_privacy": gains, "n": int(b.size), "text": text}
+            "diff": float(d.mean()), "ci": [lo, hi], "gains_privacy": gains, "attack_failed": failed,
+            "n": int(b.size), "text": text}
 
 
 def fidelity_gain(metric: str, p_base: float, p_defended: float, n: int) -> dict:
@@ -255,8 +262,8 @@ def _gains(cfg: CompareConfig, base: dict, base_results: dict, entry: dict, resu
                 pb, pq = b.extra.get("per_image", {}), q.extra.get("per_image", {})
                 if b.extra.get("test_indices") != q.extra.get("test_indices"):
                     continue  # not the same private images: no paired comparison
-                out += [{**row, **gain_verdict(m, pb[m], pq[m], seed=seed)} for m in ("mse", "ssim")
-                        if m in pb and m in pq]
+                out += [{**row, **gain_verdict(m, pb[m], pq[m], seed=seed, floor=q.metrics.get("baseline_mse"))}
+                        for m in ("mse", "ssim") if m in pb and m in pq]
             elif fam == "extraction":
                 n = int(b.extra.get("evaluation_queries") or 0)
                 if n and n == int(q.extra.get("evaluation_queries") or 0) and "fidelity" in b.metrics \
@@ -318,6 +325,7 @@ def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str |
         manifest = load_manifest(r)
         ver = manifest.get("verification", {}).get("artifacts", {})
         entry: dict[str, Any] = {"run": str(r), "name": r.name, "defense": manifest.get("release", {}),
+                                 "trained_with": _trained_with(r),
                                  "artifacts": {}, "verdicts": [], "figures": []}
         results: dict[tuple[str, str], AttackResult] = {}
         for attack in cfg.attacks:
@@ -350,6 +358,20 @@ def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str |
     say(f"compare: wrote {out / 'report.md'} ({report['timings']['total_s']:.0f} s)")
     report["out"] = str(out)
     return report
+
+
+def _trained_with(run_dir: Path) -> str:
+    """The run's defense stack with its parameters and its cut, from its config.toml: "defense
+    nopeek {'alpha': 1.0}, cut 4 of vgg11_bn"."""
+    from qdefend.config import RunConfig
+    from qdefend.models import reference_cut
+
+    cfg = RunConfig.load(RunPaths(run_dir).config)
+    stack = cfg.defense.stack
+    params = {k: v for k, v in cfg.defense.params.items() if k in stack.split("+")}
+    cut = cfg.model.cut if cfg.model.cut is not None else reference_cut(cfg.model.name)
+    return (f"defense {stack}" + (f" {json.dumps(params)}" if params else "")
+            + f", cut {cut} of {cfg.model.name}" + (" (its reference cut)" if cut == reference_cut(cfg.model.name) else ""))
 
 
 def _baseline(cfg: CompareConfig, runs: list[Path]) -> Path | None:
@@ -502,7 +524,8 @@ def render_markdown(report: dict, out: Path) -> str:
     for entry in report["runs"]:
         lines += [f"## {entry['run']}", ""]
         steps = entry.get("defense", {}).get("steps", [])
-        lines += [f"Release transform: {', '.join(json.dumps(s) for s in steps) if steps else 'none (undefended)'}", ""]
+        lines += [f"Trained with: {entry.get('trained_with') or '-'}. Release transform on the device: "
+                  f"{', '.join(json.dumps(s) for s in steps) if steps else 'none'}.", ""]
         lines += ["| artifact | test acc | attack | MSE | PSNR | SSIM | floor MSE | converged | clone acc | fidelity "
                   "| time s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         unconverged = False
@@ -572,7 +595,8 @@ def _render_gains(report: dict, out: Path) -> list[str]:
                 f"{100 * g['diff']:+.2f} pts" if g["metric"] == "fidelity" else f"{g['diff']:+.3f}")
             lines.append(f"| {e['name']} | `{g['artifact']}` | {acc} | {g['attack']} | {g['metric']} | "
                          f"{_fmt(g['defended'], g['metric'])} | {_fmt(g['baseline'], g['metric'])} | {change} | "
-                         f"{'yes' if g['gains_privacy'] else 'no'} |")
+                         f"{'yes' if g['gains_privacy'] else 'no'}"
+                         f"{' (the attack failed: above the floor)' if g.get('attack_failed') else ''} |")
             texts.append(f"- **{e['name']}**, {g['attack']} on `{g['artifact']}`: {g['text']}")
     lines += [""] + texts + [""]
     for fig in report.get("gain_figures", []):
