@@ -361,8 +361,8 @@ def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str |
 
 
 def _trained_with(run_dir: Path) -> str:
-    """The run's defense stack with its parameters and its cut, from its config.toml: "defense
-    nopeek {'alpha': 1.0}, cut 4 of vgg11_bn"."""
+    """The run's defense stack with its parameters and its cut, from its config.toml, e.g. 'defense
+    nopeek {"nopeek": {"alpha": 1.0, ...}}, cut 4 of vgg11_bn'."""
     from qdefend.config import RunConfig
     from qdefend.models import reference_cut
 
