@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import statistics
@@ -77,6 +76,8 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
+
+from qdefend.analysis.seeds import aggregate_seeds, mean_pm as _pm  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -298,28 +299,8 @@ def build_row(study: str, name: str, seed: int, root: Path, manifest: dict,
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds of every numeric field, per (study, config)."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["study"], r["config"]), []).append(r)
-    out = []
-    for (study, name), rs in groups.items():
-        agg: dict[str, Any] = {"study": study, "config": name, "seeds": [r["seed"] for r in rs]}
-        keys = [k for k in rs[0] if k not in ("study", "config", "seed", "defense")]
-        for k in keys:
-            vals = [r.get(k) for r in rs]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals):
-                agg[k] = statistics.fmean(vals)
-                agg[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        out.append(agg)
-    return out
-
-
-def _pm(a: dict, key: str, spec: str, scale: float = 1.0) -> str:
-    if key not in a:
-        return "-"
-    v, s, n = a[key] * scale, a.get(f"{key}_std", 0.0) * scale, len(a["seeds"])
-    return format(v, spec) + (f" ± {format(s, spec)}" if n > 1 else "")
+    """Mean and sample standard deviation over seeds of every numeric field, per (study, config)."""
+    return aggregate_seeds([{k: v for k, v in r.items() if k != "defense"} for r in rows], by=("study", "config"))
 
 
 def divqat_table(aggs: list[dict]) -> list[str]:

@@ -162,21 +162,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
     """One row per config x artifact (in first-seen order) over its seeds: ``seeds`` (their list),
     the mean of each of :data:`MEANS` and its sample std (``KEY_std``; None with one seed or a
     missing value)."""
-    import statistics
+    from qdefend.analysis.seeds import aggregate_seeds
 
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["config"], r["artifact"]), []).append(r)
-    out = []
-    for (config, artifact), rs in groups.items():
-        agg: dict[str, Any] = {"config": config, "artifact": artifact, "seeds": [r.get("seed", 0) for r in rs]}
-        for k in MEANS:
-            vals = [r[k] for r in rs if r.get(k) is not None]
-            full = len(vals) == len(rs)
-            agg[k] = statistics.fmean(vals) if vals and full else None
-            agg[f"{k}_std"] = statistics.stdev(vals) if full and len(vals) > 1 else None
-        out.append(agg)
-    return out
+    blank = {k: None for m in MEANS for k in (m, f"{m}_std")}
+    return [{**blank, **a} for a in aggregate_seeds(rows, by=("config", "artifact"), keys=MEANS)]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -187,6 +176,7 @@ def markdown(rows: list[dict]) -> str:
     A ``clone_rmle`` MSE at or above its mean-image floor is marked: the attack learned nothing
     about the individual image there, which says the attack failed, not that the defense holds."""
     from qdefend.analysis.plot import pareto_front
+    from qdefend.analysis.seeds import mean_pm as f
 
     rows = aggregate(rows)
     ref = {r["artifact"]: r["decoder_mse"] for r in rows if r["config"] == "none" and r["decoder_mse"]}
@@ -195,12 +185,6 @@ def markdown(rows: list[dict]) -> str:
     for art in {r["artifact"] for r in rows}:
         mine = [r for r in rows if r["artifact"] == art and r["decoder_mse"] is not None and r["test_acc"] is not None]
         on_front |= {id(mine[i]) for i in pareto_front([(r["decoder_mse"], r["test_acc"]) for r in mine])}
-
-    def f(r: dict, key: str, spec: str, scale: float = 1.0) -> str:
-        if r[key] is None:
-            return "-"
-        std = r.get(f"{key}_std")
-        return format(scale * r[key], spec) + ("" if std is None else f" ± {format(scale * std, spec)}")
 
     out = ["| config | seeds | artifact | test acc % (vs none) | decoder MSE (x none) | decoder SSIM | clone_rmle MSE | "
            "Pareto front | train min |", "|---|---|---|---|---|---|---|---|---|"]

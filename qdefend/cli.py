@@ -370,13 +370,17 @@ def demo(
     """
     from .config import RunConfig
     from .defenses import parse_stack
-    from .models import reference_cut
+    from .models import reference_cut, valid_cuts
     from .stages import ensure_exported, ensure_trained
 
     console = _console()
     # what is wrong fails here, before anything is trained
     stack = "+".join(parse_stack(defense)) or "none"
-    ref = reference_cut(RunConfig().model.name)
+    model = RunConfig().model.name
+    ref, cuts = reference_cut(model), valid_cuts(model)
+    if cut not in cuts:
+        raise QdefendError(f"--cut {cut} is not a cut of {model}: use --cut {cuts[0]}..{cuts[-1]} (convs on the "
+                           f"device; the default {DEMO_DEFENDED['cut']}, the reference {ref}).")
     defended = RunConfig.from_dict({"train": {"epochs": epochs}, "defense": {"stack": stack}, "model": {"cut": cut}})
     runs = [(out, RunConfig.from_dict({"train": {"epochs": epochs}}), "undefended")]
     if stack != "none" or cut != ref:

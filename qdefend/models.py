@@ -117,8 +117,8 @@ class ModelConfig:
         if self.cut is not None and self.cut not in family.cuts:
             raise QdefendError(
                 f"cut={self.cut} is not valid for model '{self.name}'. Valid cuts: "
-                f"{family.cuts[0]}..{family.cuts[-1]} (reference: "
-                f"ModelConfig(name='{self.name}', cut={family.reference_cut}))."
+                f"{family.cuts[0]}..{family.cuts[-1]} (convs on the device; the reference is "
+                f"{family.reference_cut}, e.g. --set model.cut={family.reference_cut})."
             )
         check_number(self.bottleneck_channels, "model.bottleneck_channels (0 = no bottleneck conv)", lo=0,
                      integer=True, fix="--set model.bottleneck_channels=8 (the reference)")

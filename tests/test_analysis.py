@@ -309,3 +309,24 @@ def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes(tmp_path):
     labelled = [(str(i), x, y) for i, (x, y) in enumerate(pts)]
     assert red(scatter_plot(labelled, tmp_path / "f.png", front=True)) > 30
     assert red(scatter_plot(labelled, tmp_path / "n.png")) == 0
+
+
+def test_aggregate_seeds_means_sample_std_and_drops_partial_keys():
+    from qdefend.analysis.seeds import aggregate_seeds, mean_pm
+
+    rows = [{"config": "a", "seed": 0, "acc": 0.80, "mse": 0.01, "note": "x", "gap": None},
+            {"config": "b", "seed": 0, "acc": 0.70, "mse": float("nan")},
+            {"config": "a", "seed": 1, "acc": 0.84, "mse": 0.03, "note": "y", "gap": 1.0},
+            {"config": "a", "seed": 2, "acc": 0.82, "mse": 0.02, "note": "z", "gap": 2.0}]
+    a, b = aggregate_seeds(rows, by=("config",))
+    assert a["config"] == "a" and a["seeds"] == [0, 1, 2] and b["seeds"] == [0]
+    assert a["acc"] == pytest.approx(0.82) and a["acc_std"] == pytest.approx(0.02)  # n - 1 in the denominator
+    assert a["mse"] == pytest.approx(0.02) and a["mse_std"] == pytest.approx(0.01)
+    # a text field, and a key one seed lacks, are not averaged over the seeds that have them
+    assert "note" not in a and "gap" not in a and "mse" not in b
+    assert b["acc"] == 0.70 and b["acc_std"] is None  # one seed: no spread
+    assert mean_pm(a, "acc", ".2f", 100) == "82.00 ± 2.00" and mean_pm(b, "acc", ".1f", 100) == "70.0"
+    assert mean_pm(b, "mse", ".4f") == "-"
+    # explicit keys; the seed field may be absent (counted as seed 0)
+    (c,) = aggregate_seeds([{"config": "c", "acc": True, "mse": 1}], by=("config",), keys=("acc", "mse"))
+    assert c == {"config": "c", "seeds": [0], "mse": 1.0, "mse_std": None}  # a bool is not a number

@@ -37,7 +37,7 @@ def test_list_commands(capsys):
         (["compare", "{tmp}/a", "{tmp}/b", "--baseline", "{tmp}/c"], "is not one of the runs compared"),
         (["compare", "{tmp}/a", "--baseline", "{tmp}/a"], "needs a defended run to compare with it"),
         (["demo", "--defense", "nopeek+zap", "--out", "{tmp}/d"], "Valid defenses:"),
-        (["demo", "--cut", "9", "--out", "{tmp}/d"], "Valid cuts: 1..8"),
+        (["demo", "--cut", "9", "--out", "{tmp}/d"], "--cut 9 is not a cut of vgg11_bn: use --cut 1..8"),
         (["attack", "{tmp}/nothing", "--attack", "decoder", "--set", "attacker.protocol=test_time"],
          "protocol must be one of infer_time, train_time"),
         (["attack", "{tmp}/nothing", "--attack", "gan", "--set", "decoder_preset=huge"], "decoder_preset must be one of"),

@@ -119,7 +119,7 @@ def test_invalid_cut_lists_the_valid_cuts(name):
     for bad in (0, last + 1):
         with pytest.raises(QdefendError, match=re.escape(f"Valid cuts: 1..{last}")) as e:
             ModelConfig(name, cut=bad)
-        assert f"cut={reference_cut(name)}" in str(e.value)  # the corrected call
+        assert f"--set model.cut={reference_cut(name)}" in str(e.value)  # the corrected setting
 
 
 def test_unknown_model_lists_valid_names():

@@ -7,10 +7,11 @@ Modules (import the one you need; nothing heavy is imported here)::
     similarity.py  KL between float and int8 representations, and between adjacent cuts
     partition.py   PartitionConfig + analyze_partition: everything per cut (``qdefend partition``)
     report.py      the rich table, JSON and PNG files of a partition analysis
-    plot.py        Pillow line plots (stacked panels over a shared x axis)
+    plot.py        matplotlib figures: line plots over a shared x axis, scatters, Pareto front
+    seeds.py       results over training seeds: mean ± sample std per group, and its table cell
 
 Paper: Liu et al., arXiv 2506.15412 (GPZ); Xia et al., arXiv 2503.00383 (CEM bound);
 Sanyal et al., ICLR 2026 (KLAS).
 """
 
-__all__ = ["radius", "entropy", "similarity", "partition", "report", "plot"]
+__all__ = ["radius", "entropy", "similarity", "partition", "report", "plot", "seeds"]
