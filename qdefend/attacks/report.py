@@ -257,19 +257,29 @@ def _gains(cfg: CompareConfig, base: dict, base_results: dict, entry: dict, resu
                 continue
             row = {"attack": attack, "artifact": art, "acc_baseline": acc_b, "acc_defended": acc_d,
                    "acc_change_points": cost}
-            fam = ATTACKS.get(attack).family
+            fam, on = _comparable(attack, b, q)
             if fam == "inversion":
-                pb, pq = b.extra.get("per_image", {}), q.extra.get("per_image", {})
-                if b.extra.get("test_indices") != q.extra.get("test_indices"):
-                    continue  # not the same private images: no paired comparison
+                pb, pq = on
                 out += [{**row, **gain_verdict(m, pb[m], pq[m], seed=seed, floor=q.metrics.get("baseline_mse"))}
                         for m in ("mse", "ssim") if m in pb and m in pq]
-            elif fam == "extraction":
-                n = int(b.extra.get("evaluation_queries") or 0)
-                if n and n == int(q.extra.get("evaluation_queries") or 0) and "fidelity" in b.metrics \
-                        and "fidelity" in q.metrics:
-                    out.append({**row, **fidelity_gain("fidelity", b.metrics["fidelity"], q.metrics["fidelity"], n)})
+            elif fam == "extraction" and "fidelity" in b.metrics and "fidelity" in q.metrics:
+                out.append({**row, **fidelity_gain("fidelity", b.metrics["fidelity"], q.metrics["fidelity"], on)})
     return out
+
+
+def _comparable(attack: str, a: AttackResult, b: AttackResult) -> tuple[str | None, Any]:
+    """What two results of one attack can be tested against each other on: an inversion attack's
+    per-image metrics (``(family, (a's, b's))``) when both inverted the same private images, an
+    extraction attack's evaluation query count (``(family, n)``) when both were scored on the same
+    number of queries; ``(None, None)`` when they cannot be paired."""
+    fam = ATTACKS.get(attack).family
+    if fam == "inversion" and a.extra.get("test_indices") == b.extra.get("test_indices"):
+        return fam, (a.extra.get("per_image", {}), b.extra.get("per_image", {}))
+    if fam == "extraction":
+        n = int(a.extra.get("evaluation_queries") or 0)
+        if n and n == int(b.extra.get("evaluation_queries") or 0):
+            return fam, n
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------- compare
@@ -451,21 +461,18 @@ def _verdicts(cfg: CompareConfig, results: dict, seed: int) -> list[dict]:
             f, q = results.get((attack, fa)), results.get((attack, qa))
             if f is None or q is None:
                 continue
-            fam = ATTACKS.get(attack).family
+            fam, on = _comparable(attack, f, q)
             if fam == "inversion":
-                pf, pq = f.extra.get("per_image", {}), q.extra.get("per_image", {})
-                if f.extra.get("test_indices") != q.extra.get("test_indices"):
-                    continue
+                pf, pq = on
                 for m in ("mse", "psnr", "ssim"):
                     if m in pf and m in pq:
                         v = paired_verdict(m, pf[m], pq[m], floor=f.metrics.get("baseline_mse") if m == "mse" else None,
                                            seed=seed)
                         out.append({"attack": attack, "float_artifact": fa, "int8_artifact": qa, **v})
             elif fam == "extraction":
-                n = int(f.extra.get("evaluation_queries") or 0)
                 for m in ("fidelity", "clone_acc"):
-                    if n and m in f.metrics and m in q.metrics:
-                        v = fidelity_verdict(m, f.metrics[m], q.metrics[m], n)
+                    if m in f.metrics and m in q.metrics:
+                        v = fidelity_verdict(m, f.metrics[m], q.metrics[m], on)
                         out.append({"attack": attack, "float_artifact": fa, "int8_artifact": qa, **v})
     return out
 
