@@ -278,15 +278,15 @@ def attack_metrics(attack: str, res: dict) -> dict[str, Any]:
 
 def build_row(study: str, name: str, seed: int, root: Path, manifest: dict,
               results: dict[str, dict[str, dict]]) -> dict[str, Any]:
+    from qdefend.edge.manifest import device_accuracy
     from qdefend.run import RunPaths, train_summary
 
     records = RunPaths(root).read_metrics()
-    ver = manifest.get("verification", {}).get("artifacts", {}).get(ARTIFACT, {})
     summ = train_summary(records)
     checkpoint = next((r.get("checkpoint") for r in reversed(records) if r.get("event") == "test"), None)
     # test_acc: the converted int8 network with the release transform on the whole test split (the
     # trainer's final evaluation); the artifact's own figure covers only the verification images
-    artifact_acc = next((v for v in (ver.get("test_acc_release"), ver.get("test_acc")) if v is not None), None)
+    artifact_acc = device_accuracy(manifest, ARTIFACT)
     row = {"study": study, "config": name, "seed": seed, "defense": CONFIGS[name], "checkpoint": checkpoint,
            "test_acc": summ["test_acc_int8"] if summ["test_acc_int8"] is not None else artifact_acc,
            "test_acc_artifact": artifact_acc, "train_time_s": summ["train_time_s"],

@@ -199,3 +199,14 @@ def test_int8_params_always_hold_zero():
     p = int8_params(0.5, 2.0)  # widened to [0, 2]
     assert p["zero_point"] == -128 and p["scale"] == pytest.approx(2 / 255)
     assert int8_params(0.0, 0.0)["scale"] == 1.0
+
+
+def test_device_accuracy_prefers_the_release_then_the_plain_artifact():
+    from qdefend.edge.manifest import device_accuracy
+
+    m = {"verification": {"artifacts": {"a.tflite": {"test_acc": 0.88, "test_acc_release": 0.86},
+                                        "b.onnx": {"test_acc": 0.87, "test_acc_release": None},
+                                        "c.onnx": {}}}}
+    assert device_accuracy(m, "a.tflite") == 0.86  # what a device gets: noise / dropout applied
+    assert device_accuracy(m, "b.onnx") == 0.87  # no release measured: the plain artifact
+    assert device_accuracy(m, "c.onnx") is None and device_accuracy(m, "d.onnx") is None and device_accuracy({}, "a") is None

@@ -41,7 +41,7 @@ from .base import ATTACKS, AttackError, AttackResult
 from .grid import save_grid
 from .metrics import bootstrap_ci
 from qdefend.config import parse_assignment
-from qdefend.edge.manifest import load_manifest
+from qdefend.edge.manifest import device_accuracy, load_manifest
 from qdefend.run import RunPaths, load_run
 from .runner import attack_run, saved_result
 
@@ -238,12 +238,6 @@ def fidelity_gain(metric: str, p_base: float, p_defended: float, n: int) -> dict
             "n": n, "text": text}
 
 
-def _device_acc(ver: dict) -> float | None:
-    """An artifact's test accuracy as a device delivers it: with its release (noise, dropout) when the
-    export measured that, else plain."""
-    return ver.get("test_acc_release", ver.get("test_acc"))
-
-
 def _gains(cfg: CompareConfig, base: dict, base_results: dict, entry: dict, results: dict, seed: int) -> list[dict]:
     """Per artifact and attack metric: the defended run (``entry``/``results``) against the
     baseline run, with the accuracy each delivers on that artifact."""
@@ -347,7 +341,7 @@ def compare(runs: list[str | Path], cfg: CompareConfig | None = None, out: str |
                 a = entry["artifacts"].setdefault(art, {"precision": _precision(art),
                                                         "test_acc": ver.get(art, {}).get("test_acc"),
                                                         "test_acc_release": ver.get(art, {}).get("test_acc_release"),
-                                                        "device_acc": _device_acc(ver.get(art, {})),
+                                                        "device_acc": device_accuracy(manifest, art),
                                                         "attacks": {}})
                 a["attacks"][attack] = {"metrics": res.metrics, "timings": res.timings, "json": str(path),
                                         "notes": res.notes}

@@ -50,7 +50,7 @@ except ImportError:  # copied flat into a device bundle
 __all__ = [
     "SCHEMA", "SCHEMA_VERSION", "MANIFEST_NAME", "FORMATS", "ROLES", "PRECISIONS", "DTYPES",
     "ArtifactError", "sha256_file", "artifact_entry", "validate_manifest",
-    "write_manifest", "manifest_path", "load_manifest", "verify_artifact", "artifact_path",
+    "write_manifest", "manifest_path", "load_manifest", "verify_artifact", "artifact_path", "device_accuracy",
 ]
 
 SCHEMA = "qdefend.manifest"
@@ -313,3 +313,11 @@ def verify_artifact(run_dir: str | os.PathLike, manifest: dict, name: str) -> Pa
     if sha256_file(path) != entry["sha256"]:
         raise ArtifactError(f"{name} is corrupted or was modified (sha256 mismatch): {hint}")
     return path
+
+
+def device_accuracy(manifest: dict, name: str) -> float | None:
+    """Artifact `name`'s test accuracy as a device delivers it, from the export's verification: with
+    the release transform (noise, dropout) when verification measured that, else the artifact's
+    plain accuracy; None when neither was measured."""
+    ver = manifest.get("verification", {}).get("artifacts", {}).get(name, {})
+    return next((v for v in (ver.get("test_acc_release"), ver.get("test_acc")) if v is not None), None)
