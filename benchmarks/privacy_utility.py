@@ -5,8 +5,8 @@
                                          [--out DIR] [--runs-dir DIR]
 
 For every defense config (none, Gaussian noise at two sigmas, noise+CEM, NoPeek at alpha 1/2/4,
-noise+NoPeek, noise+NoPeek+CEM, feature dropout, ARL, PATROL, and the undefended model cut deeper:
-``cut-3``/``cut-4``, three or four convs on the device instead of two) it trains a QAT int8 run
+noise+NoPeek, noise+NoPeek+CEM, feature dropout, ARL, PATROL, and the model cut deeper: ``cut-3``,
+``cut-4``, ``cut-6``, N convs on the device instead of two, and ``cut-4+nopeek``) it trains a QAT int8 run
 (``qdefend.train.Trainer``), exports it (``qdefend.export.export_run``), and attacks each released
 encoder artifact with the black-box inverse network (``decoder``, noise-aware; Paper: He et al.,
 "Model inversion attacks against collaborative inference", ACSAC 2019) and the encoder clone +

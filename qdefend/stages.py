@@ -144,6 +144,11 @@ def ensure_exported(root: str | Path, artifacts: list[str] | None = None, *, say
     return export_run(root, **export_kw)
 
 
+def _target_name(artifact: str, service_output: str | None) -> str:
+    """How progress lines name an attack's target: ``encoder.int8.tflite@round:2`` behind an output defense."""
+    return artifact + (f"@{service_output}" if service_output else "")
+
+
 def ensure_attacked(root: str | Path, artifact: str, attack: str, *, preset: str | None = None,
                     params: dict[str, Any] | None = None, seed: int = 0, run: Any = None,
                     threads: int | None = None, force: bool = False, say: Say = _quiet,
@@ -152,7 +157,7 @@ def ensure_attacked(root: str | Path, artifact: str, attack: str, *, preset: str
     service-side output defense ``service_output``, e.g. "round:2"): the saved result when it still
     stands (see the module docstring), else a fresh run of the attack."""
 
-    where = artifact + (f"@{service_output}" if service_output else "")
+    where = _target_name(artifact, service_output)
     if not force:
         path, saved = saved_result(root, artifact, attack, preset=preset, params=params, seed=seed,
                                    service_output=service_output)
@@ -180,8 +185,7 @@ def ensure_attacks(root: str | Path, artifact: str, attacks: Iterable[str], *, p
         path, saved = saved_result(root, artifact, attack, preset=preset, params=kw, seed=seed,
                                    service_output=service_output)
         if saved is not None:
-            say(f"attack {attack} on {artifact}{'@' + service_output if service_output else ''}: done already, "
-                f"skipped (re-using {path})")
+            say(f"attack {attack} on {_target_name(artifact, service_output)}: done already, skipped (re-using {path})")
             out[attack] = saved.to_json()
             continue
         if "run" not in holder:

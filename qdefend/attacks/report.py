@@ -373,9 +373,10 @@ def _trained_with(run_dir: Path) -> str:
     cfg = RunConfig.load(RunPaths(run_dir).config)
     stack = cfg.defense.stack
     params = {k: v for k, v in cfg.defense.params.items() if k in stack.split("+")}
-    cut = cfg.model.cut if cfg.model.cut is not None else reference_cut(cfg.model.name)
+    ref = reference_cut(cfg.model.name)
+    cut = cfg.model.cut if cfg.model.cut is not None else ref
     return (f"defense {stack}" + (f" {json.dumps(params)}" if params else "")
-            + f", cut {cut} of {cfg.model.name}" + (" (its reference cut)" if cut == reference_cut(cfg.model.name) else ""))
+            + f", cut {cut} of {cfg.model.name}" + (" (its reference cut)" if cut == ref else ""))
 
 
 def _baseline(cfg: CompareConfig, runs: list[Path]) -> Path | None:
@@ -495,9 +496,10 @@ def _gain_figures(cfg: CompareConfig, entries: list[dict], per_run: dict, base: 
                 r = per_run[e["run"]].get((attack, art))
                 if r is None or r.reconstructions is None:
                     continue
-                if idx is not None and r.extra.get("test_indices") != idx:
+                if origs is None:
+                    origs, idx = r.originals, r.extra.get("test_indices")
+                elif idx is not None and r.extra.get("test_indices") != idx:
                     continue
-                origs, idx = (r.originals, r.extra.get("test_indices")) if origs is None else (origs, idx)
                 rows.append((f"{attack} / {e['name']}", r.reconstructions))
         if len(rows) > 1:
             paths.append(str(save_grid([("private test images", origs), *rows],
