@@ -69,6 +69,10 @@ def cells() -> dict[str, tuple[str, str | None, dict[str, Any]]]:
     c["fast-preset"] = ("decoder", "fast", {})
     c["gan"] = ("gan", None, {})
     c["gan-fast"] = ("gan", "fast", {})  # the fast decoder refined for 20 epochs: the CPU check of (d)
+    # the fast preset's former generator schedule (cosine period 40 epochs: lr still 5e-4 / 2 at the
+    # end), and the same at lr 1e-4
+    c["gan-fast-t40"] = ("gan", "fast", {"t_max": 40})
+    c["gan-fast-lr1e-4"] = ("gan", "fast", {"lr_g": 1e-4, "t_max": 40})
     return c
 
 
@@ -95,6 +99,9 @@ def build_cache(run_dir: str, artifact: str, name: str, cache_dir: Path) -> Path
     cfg = RunConfig.load(RunPaths(run_dir).config)
     data = load_dataset(cfg.data)
     target = open_target(run_dir, artifact)
+    from qdefend.edge.manifest import sha256_file
+
+    sha = sha256_file(Path(run_dir) / "artifacts" / artifact)
     parts = {"aux": data.aux, "train": data.train, "test": data.test}
     arrays: dict[str, np.ndarray] = {}
     t0 = time.perf_counter()
@@ -103,7 +110,7 @@ def build_cache(run_dir: str, artifact: str, name: str, cache_dir: Path) -> Path
         arrays[f"{k}_images"] = split.images[:n]
         arrays[f"{k}_labels"] = split.labels[:n]
         arrays[f"{k}_z"] = target.encoder_output(split.images[:n])
-    meta = {"run": str(run_dir), "artifact": artifact, "name": name, "release": target.release, "wire": target.wire,
+    meta = {"run": str(run_dir), "artifact": artifact, "sha256": sha, "name": name, "release": target.release, "wire": target.wire,
             "feature_shape": list(target.feature_shape), "input_shape": list(target.input_shape),
             "num_classes": data.num_classes, "class_names": list(data.class_names), "dataset": data.name,
             "normalization": data.normalization.to_dict(), "notes": target.notes,
@@ -188,7 +195,7 @@ def run_cell(job: tuple[str, str, str, dict]) -> dict[str, Any]:
     atk = build_attack(attack, preset=preset, **params)
     t0 = time.perf_counter()
     res = atk.run(t, data, seed=0)
-    row = {"target": t.meta["name"], "artifact": t.meta["artifact"], "cell": cell, "attack": attack,
+    row = {"target": t.meta["name"], "artifact": t.meta["artifact"], "artifact_sha256": t.meta.get("sha256"), "cell": cell, "attack": attack,
            "preset": preset or "default", "config": res.config, "metrics": res.metrics,
            "training": res.extra.get("training"), "attacker": res.extra.get("attacker"),
            "seconds": round(time.perf_counter() - t0, 1)}
@@ -257,16 +264,20 @@ def _row(rows, target, cell):
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| target | cell | attacker images | epochs run | MSE | SSIM | converged | vs best MSE | s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| target | artifact | cell | attacker images | epochs run | MSE | SSIM | converged | vs best MSE | GAN: its "
+           "decoder's MSE, sharpness GAN / decoder | s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for target in sorted({r["target"] for r in rows}):
         mine = [r for r in rows if r["target"] == target]
         best = min(r["metrics"]["mse"] for r in mine)
         for r in sorted(mine, key=lambda r: list(cells()).index(r["cell"]) if r["cell"] in cells() else 99):
             m, tr = r["metrics"], r.get("training") or {}
-            out.append(f"| {target} | {r['cell']} | {(r.get('attacker') or {}).get('attacker_images', '-')} | "
+            gan = (f"{m['decoder_mse']:.5f}, {m['sharpness']:.3f} / {m['decoder_sharpness']:.3f}"
+                   if "decoder_mse" in m else "-")
+            out.append(f"| {target} | {(r.get('artifact_sha256') or '-')[:8]} | {r['cell']} | "
+                       f"{(r.get('attacker') or {}).get('attacker_images', '-')} | "
                        f"{tr.get('epochs_run', '-')} | {m['mse']:.5f} | {m['ssim']:.4f} | "
-                       f"{'yes' if m.get('converged') else 'no'} | {m['mse'] / best:.3f}x | {r['seconds']:.0f} |")
+                       f"{'yes' if m.get('converged') else 'no'} | {m['mse'] / best:.3f}x | {gan} | {r['seconds']:.0f} |")
     return "\n".join(out) + "\n"
 
 
@@ -286,7 +297,8 @@ def plot(rows: list[dict]) -> None:
                 ax.set_xscale("log")
                 ax.set_xlabel(axis)
                 ax.set_ylabel("decoder MSE on private images (lower = stronger)")
-        order = ["plain-preset", "plain-50", "cem-batch256", "fast-preset", "gan-fast", "default", "gan"]
+        order = ["plain-preset", "plain-50", "cem-batch256", "fast-preset", "gan-fast-t40", "gan-fast-lr1e-4", "gan-fast",
+                 "default", "gan"]
         labels = [c for c in order if any(_row(rows, t, c) for t in targets)]
         have = [(i, _row(rows, target, c)) for i, c in enumerate(labels) if _row(rows, target, c)]
         width = 0.8 / len(targets)
@@ -307,13 +319,14 @@ def plot(rows: list[dict]) -> None:
     # originals / decoder / GAN reconstructions
     panels = []
     for target in targets:
-        for cell in ("fast-preset", "gan-fast", "default", "gan"):
-            p = ROWS / f"{target}--{cell}.npz"
+        for cell in ("fast-preset", "gan-fast-t40", "gan-fast", "default", "gan"):
+            p, row = ROWS / f"{target}--{cell}.npz", _row(rows, target, cell)
             if p.is_file():
+                sha = (row or {}).get("artifact_sha256")
                 with np.load(p) as f:
                     if not panels or panels[-1][0] != target:
                         panels.append((target, "private", f["originals"]))
-                    panels.append((target, cell, f["reconstructions"]))
+                    panels.append((target, cell + (f" (artifact {sha[:8]})" if sha else ""), f["reconstructions"]))
     if panels:
         n = 10
         fig, axs = plt.subplots(len(panels), n, figsize=(n * 0.9, len(panels) * 1.0))
