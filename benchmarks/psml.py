@@ -1,7 +1,7 @@
 """PSML on Fashion-MNIST: a served model zoo, its fingerprint-then-extract attack, and the noise defense.
 
     python benchmarks/psml.py [--runs-dir runs/psml] [--out benchmarks/results/psml] [--budget 5000]
-        [--noises gaussian:0.02 ... drop:0.8,mid] [--attackers steady,center,vote3,filter] [--load-requests 1500]
+        [--noises gaussian:0.02 ... drop:0.8,mid] [--attackers steady,center,vote3,filter,tag] [--load-requests 1500]
         [--clients 2] [--size full|quick] [--threads 1] [--seeds 0,1,2] [--force]
 
 The zoo: int8 QAT heads over one int8 encoder (``qdefend serve --zoo``). ``base`` is the reference
@@ -29,9 +29,11 @@ clone), seed 0; fidelity is always to the zoo's most accurate head (the victim) 
 * ``defense@SPEC``: the same attackers on the zoo with ``--target-noise SPEC`` (accuracy noise
   only; in ``drop:P,NAME`` the level is member NAME's profiled accuracy): ``steady`` (the default
   pin: the point of the victim's band that answers steadiest), ``center`` (pins the band's
-  middle), ``vote3`` (steady pin, 3 asks an image) and ``filter`` (steady pin, ``filter=auto``:
+  middle), ``vote3`` (steady pin, 3 asks an image), ``filter`` (steady pin, ``filter=auto``:
   each image asked R times at the pin plus once at a pin only a lower model answers, keeping the
-  answers that differ from that model's; see ``qdefend.attacks.extraction.fingerprint``).
+  answers that differ from that model's) and ``tag`` (steady pin, ``tag=true``: every request
+  carries the 8 probes, whose answers name the head that answered it; the requests the victim
+  answered are kept; see ``qdefend.attacks.extraction.fingerprint``).
   Protection = the undefended ``fingerprint`` row minus the *best* of these attackers (the worst
   case for the defense). Goodput is measured first, under a bounded loopback load of
   legitimate users only: ``--clients`` threads post ``--load-requests`` one-image requests with
@@ -80,11 +82,11 @@ SIZES = {
 ZOO = ("low", "mid", "high", "adam", "top")
 ATTACKER = {"probes": 8, "repeats": 3}
 ATTACKERS = {"steady": {"pin": "steady"}, "center": {"pin": "center"}, "vote3": {"pin": "steady", "vote": 3},
-             "filter": {"pin": "steady", "filter": "auto"}}
+             "filter": {"pin": "steady", "filter": "auto"}, "tag": {"pin": "steady", "tag": True}}
 # a drop level may name a member (``drop:0.6,mid``: to mid's profiled accuracy)
 NOISES = ("gaussian:0.02", "gaussian:0.03", "gaussian:0.05", "gaussian:0.08", "gaussian:0.12", "drop:0.9",
           "drop:0.3,mid", "drop:0.5,mid", "drop:0.6,mid", "drop:0.7,mid", "drop:0.75,mid", "drop:0.8,mid",
-          "drop:0.9,mid")
+          "drop:0.9,mid", "drop:0.95,high")
 CURVE = (250, 500, 1000, 2000)  # the single model's extra budgets: what fewer answers of the victim are worth
 USERS_STREAM = 7919  # goodput_load's targets: a random stream apart from the zoo's noise of the same seed
 GOAL = {"fidelity_cut": 0.04, "goodput": 0.80}  # the issue's target: a >= 4-point cut at >= 80% goodput
@@ -285,7 +287,7 @@ def attack(server: Server, base: Path, data, mode: str, budget: int, accuracy_ra
             "fingerprint_queries": int(res.metrics["fingerprint_queries"]),
             "identification_acc": res.metrics.get("identification_acc"),
             "victim_identified": res.metrics.get("victim_identified"), "vote": res.extra.get("vote"),
-            "filter": res.extra.get("filter"), "reference_member": fp.get("reference_member"),
+            "filter": res.extra.get("filter"), "tag": res.extra.get("tag"), "reference_member": fp.get("reference_member"),
             "pinned": fp.get("pinned"), "clusters": fp.get("clusters"), "pin_candidates": fp.get("pin_candidates"),
             "best_head_share_at_pin": share, "fidelity_to": res.extra.get("fidelity_to"),
             "curve": [{k: c[k] for k in ("queries", "clone_acc", "fidelity")} for c in res.extra["curve"]],
@@ -398,7 +400,8 @@ def markdown(rows: dict, profiles: list[dict], attackers: list[str]) -> str:
 
     def cell(r):
         miss = "" if r.get("victim_identified") else " (victim missed)"
-        kept = f", {r['filter']['kept']} kept" if (r.get("filter") or {}).get("asks") else ""
+        kept = _kept(r)
+        kept = "" if kept is None else f", {kept} kept"
         return f"{100 * r['fidelity']:.2f}% / {100 * r['clone_acc']:.2f}%{miss}{kept}"
 
     for key in defense_keys(rows):
@@ -604,7 +607,7 @@ def seed_summary(by_seed: dict[str, dict], seeds: list[int]) -> list[dict]:
             attacks[a] = {"fidelity": [x["fidelity"] for x in runs], "clone_acc": [x["clone_acc"] for x in runs],
                           "victim_missed": sum(not x.get("victim_identified") for x in runs),
                           # per seed; None where no filtering ran (no other model seen at its pin)
-                          "kept": [x["filter"]["kept"] if (x.get("filter") or {}).get("asks") else None for x in runs],
+                          "kept": [_kept(x) for x in runs],
                           "asks": [x["filter"]["asks"] if (x.get("filter") or {}).get("asks") else None for x in runs]}
         out.append({"noise": key.split("@", 1)[1], "key": key, "seeds": [s for s, _ in got],
                     "goodput": [r[key]["goodput"]["goodput"] for _, r in got],
@@ -612,6 +615,13 @@ def seed_summary(by_seed: dict[str, dict], seeds: list[int]) -> list[dict]:
                     "best_by": [p["fidelity_by"] for p in prot],
                     "reference_fidelity": [r["fingerprint"]["fidelity"] for _, r in got], "attacks": attacks})
     return out
+
+
+def _kept(run: dict) -> int | None:
+    """The answers a filtering or tagging attacker kept of its queries (None for the others)."""
+    if (run.get("filter") or {}).get("asks"):
+        return run["filter"]["kept"]
+    return (run.get("tag") or {}).get("kept")
 
 
 def _meets(cut: float, good: float) -> bool:
@@ -682,8 +692,9 @@ def seeds_markdown(summary: list[dict], attackers: list[str]) -> str:
             if x["victim_missed"]:
                 c += f" (victim missed in {x['victim_missed']})"
             if any(k is not None for k in x["kept"]):
-                c += (f"; R = {'/'.join('-' if v is None else str(v) for v in x['asks'])}, kept "
-                      f"{'/'.join('-' if v is None else str(v) for v in x['kept'])}")
+                asks = "" if all(v is None for v in x["asks"]) else \
+                    f"R = {'/'.join('-' if v is None else str(v) for v in x['asks'])}, "
+                c += f"; {asks}kept {'/'.join('-' if v is None else str(v) for v in x['kept'])}"
             cells.append(c)
         worst = int(np.argmin(p["fidelity_cut"]))
         cut = f"{ms(p['fidelity_cut'])} ({100 * p['fidelity_cut'][worst]:.2f}, seed {p['seeds'][worst]})"

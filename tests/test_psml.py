@@ -497,7 +497,8 @@ def test_benchmark_across_seeds_uses_each_seeds_best_attacker_and_reports_the_wo
     def seed(ref, good0, good, steady, filt):
         return {"goodput@0": load(good0, 0, 1), "fingerprint": row(ref, 0.85),
                 "defense@drop:0.8,mid": {"goodput": load(good, 18, 0), "attacks": {
-                    "steady": row(steady, 0.82), "filter": row(filt, 0.83, filter={"asks": 3, "kept": 600})}}}
+                    "steady": row(steady, 0.82), "filter": row(filt, 0.83, filter={"asks": 3, "kept": 600}),
+                    "tag": row(0.80, 0.78, tag={"kept": 248, "requests": 20})}}}
 
     # cuts: seed 0 0.91 - 0.86 = 5, seed 1 0.90 - 0.87 (filter) = 3, seed 2 0.91 - 0.86 = 5 points
     by_seed = {"0": seed(0.91, 0.99, 0.82, 0.86, 0.85), "1": seed(0.90, 0.98, 0.79, 0.85, 0.87),
@@ -507,6 +508,8 @@ def test_benchmark_across_seeds_uses_each_seeds_best_attacker_and_reports_the_wo
     assert none["noise"] is None and none["seeds"] == [0, 1, 2] and none["reference_fidelity"] == [0.91, 0.90, 0.91]
     assert drop["noise"] == "drop:0.8,mid" and drop["best_by"] == ["steady", "filter", "steady"]
     assert np.allclose(drop["fidelity_cut"], [0.05, 0.03, 0.05]) and drop["attacks"]["filter"]["kept"] == [600] * 3 and drop["attacks"]["steady"]["kept"] == [None] * 3
+    assert drop["attacks"]["tag"]["kept"] == [248] * 3 and drop["attacks"]["tag"]["asks"] == [None] * 3
+    assert "| 80.00 ± 0.00; kept 248/248/248 |" in psml_bench.seeds_markdown(summary, ["steady", "filter", "tag"])
     md = psml_bench.seeds_markdown(summary, ["steady", "filter"])
     assert "| none | 0,1,2 | 98.7 ± 0.6 (98.0) | 90.67 ± 0.58 | - | 0 | 0 | - |" in md
     assert ("| `drop:0.8,mid` | 0,1,2 | 81.7 ± 2.5 (79.0) | 85.67 ± 0.58 | 85.33 ± 1.53; R = 3/3/3, kept 600/600/600 "
@@ -546,9 +549,10 @@ def test_filter_is_paid_for_and_checked():
     assert build_attack("fingerprint", filter="auto", budgets=[500]).config.filter == "auto"
 
 
-def test_filtering_attacker_keeps_only_the_victims_answers_behind_drop_noise(narrow_members, token_file):
-    """drop:0.7 sends 70% of the requests for c (0.88) to b (0.85): the attacker finds b as its
-    reference from its own map, pins b where noise never moves it, and keeps only c's answers."""
+def _collect_behind_drop(narrow_members, token_file, pool_size, **attack):
+    """The fingerprint attack's query phase (budget 480, 6 probes) against the narrow zoo behind
+    drop:0.7; returns (collect's info, the transfer set's answers, the best member's answers to
+    every encoding sent after the probes, images sent, requests sent)."""
     from types import SimpleNamespace
 
     from qdefend.attacks import build_attack
@@ -561,15 +565,23 @@ def test_filtering_attacker_keeps_only_the_victims_answers_behind_drop_noise(nar
         encode = target.encode
         target.encode = lambda x: sent.append(encode(x)) or sent[-1]
         atk = build_attack("fingerprint", budgets=[480], probes=6, accuracy_steps=6, latency_steps=4,
-                           accuracy_tol=0.005, filter="auto", query_batch=40)
-        pool = QueryPool(np.random.default_rng(4).random((300, 1, 28, 28), dtype=np.float32), None,
+                           accuracy_tol=0.005, **attack)
+        pool = QueryPool(np.random.default_rng(4).random((pool_size, 1, 28, 28), dtype=np.float32), None,
                          rng=np.random.default_rng(5))
         oracle = QueryOracle(target, "probabilities", 480, 10, 40)
         info = atk.collect(oracle, pool, SimpleNamespace(say=lambda m: None, seed=0, rng=np.random.default_rng(6)))
-        best = [target.truth.probabilities(2, f.q, f.scale, f.zero_point, target.sha256) for f in sent[1:]]
-        samples, requests = target.samples, target.requests
+        best = np.concatenate([target.truth.probabilities(2, f.q, f.scale, f.zero_point, target.sha256)
+                               for f in sent[1:]])
+        return info, oracle.transfer_set()[1], best, target.samples, target.requests
     finally:
         server.stop()
+
+
+def test_filtering_attacker_keeps_only_the_victims_answers_behind_drop_noise(narrow_members, token_file):
+    """drop:0.7 sends 70% of the requests for c (0.88) to b (0.85): the attacker finds b as its
+    reference from its own map, pins b where noise never moves it, and keeps only c's answers."""
+    info, ys, best, samples, requests = _collect_behind_drop(narrow_members, token_file, 300, filter="auto",
+                                                             query_batch=40)
     fp, filt = info["fingerprint"], info["filter"]
     ref = fp["reference"]
     assert fp["victim_identified"] and fp["reference_member"].endswith("m1:float")
@@ -579,10 +591,8 @@ def test_filtering_attacker_keeps_only_the_victims_answers_behind_drop_noise(nar
     assert filt["images"] == 480 // asks and filt["queries"] == filt["images"] * asks <= 480
     assert samples == fp["queries"] + filt["queries"]  # every ask is paid for
     assert requests == fp["queries"] // 6 + filt["images"] // 40 * asks  # one request per 40 images and ask
-    xs, ys = oracle.transfer_set()
     assert 0 < filt["kept"] == len(ys) < filt["images"] and not filt["fallback"]
     # every kept answer is c's for its image (the truth's answers of the encodings sent)
-    best = np.concatenate(best)
     assert all(np.abs(best - y).max(1).min() <= 1e-6 for y in ys)
 
 
@@ -628,3 +638,43 @@ def test_filtering_attack_runs_end_to_end_and_reports_what_it_paid(narrow_member
     assert m["queries"] == filt["queries"] == filt["images"] * (filt["asks"] + 1) <= 480
     assert m["filter_kept"] == filt["kept"] > 0 and res.extra["curve"][0]["queries"] == filt["kept"]
     assert any(n.startswith("filter: each of") for n in res.extra["notes"])
+
+
+# ------------------------------------------------------------------------------ the tagging attacker
+
+
+def test_tag_images_pay_for_the_probes_of_every_request():
+    from qdefend.attacks.extraction.fingerprint import tag_images
+
+    assert tag_images(5000, 8, 256) == (4840, 20)  # 20 requests: 160 probes + 4,840 images
+    assert tag_images(480, 6, 64) == (432, 8)
+    assert tag_images(100, 6, 64) == (88, 2)  # the last request is not full
+    for budget, n, b in [(5000, 8, 256), (480, 6, 64), (100, 6, 64), (7, 6, 64)]:
+        images, requests = tag_images(budget, n, b)
+        assert images + n * requests <= budget and images <= requests * (b - n)
+
+
+def test_tag_is_checked():
+    from qdefend.attacks import build_attack
+
+    for kw, words in [({"tag": True, "vote": 3}, "needs mode=fingerprint, vote=1 and filter=0"),
+                      ({"tag": True, "filter": "auto", "budgets": [500]}, "needs mode=fingerprint, vote=1 and filter=0"),
+                      ({"tag": True, "mode": "naive"}, "needs mode=fingerprint, vote=1 and filter=0"),
+                      ({"tag": True, "policy": "adaptive"}, "needs policy=random and one budget"),
+                      ({"tag": True, "budgets": [500, 1000]}, "needs policy=random and one budget.*--set budgets=1000")]:
+        with pytest.raises(AttackError, match=words):
+            build_attack("fingerprint", **kw)
+
+
+def test_tagging_attacker_keeps_the_requests_the_victim_answered(narrow_members, token_file):
+    """drop:0.7 sends 70% of the requests for c (0.88) to b (0.85); the probes carried in every
+    request name the head that answered it, so the attacker keeps c's requests only, paying for
+    the probes."""
+    info, ys, best, samples, requests = _collect_behind_drop(narrow_members, token_file, 600, tag=True)
+    fp, tag = info["fingerprint"], info["tag"]
+    assert fp["victim_identified"] and "victim_signature" not in fp
+    assert (tag["images"], tag["requests"], tag["probes"]) == (432, 8, 6)  # max_batch 64: 58 images a request
+    assert samples == fp["queries"] + tag["queries"] and tag["queries"] == 432 + 6 * 8 <= 480  # probes paid for
+    assert requests == fp["queries"] // 6 + 8
+    assert 0 < tag["kept_requests"] < 8 and len(ys) == tag["kept"] < 432 and not tag["fallback"]
+    assert all(np.abs(best - y).max(1).min() <= 1e-6 for y in ys)  # every kept answer is c's

@@ -74,6 +74,11 @@ class ZooTarget(Target):
         self._rng = np.random.default_rng(seed)
         self._max_batch = (self.client.manifest().get("limits") or {}).get("max_batch", 256)
 
+    @property
+    def max_batch(self) -> int:
+        """The most images the zoo takes in one request (its manifest's limits)."""
+        return int(self._max_batch)
+
     # ------------------------------------------------------------------ the wire
 
     def encode(self, images01: np.ndarray):

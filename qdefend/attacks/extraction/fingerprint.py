@@ -59,6 +59,17 @@ the clone trains on every image's first answer at the pin (recorded as a fallbac
 trusts the reference pin: a reference pin that noise also moves lets the reference model's
 answers through. One budget only (the kept answers are not a query prefix).
 
+``tag=true`` is the *tagging attacker*, against any noise that picks one model per request: every
+extraction request carries the fingerprint's probe features (the same bytes as when fingerprinting)
+besides up to ``max_batch - probes`` images, and the probes' answers name the model that answered
+the whole request: requests whose probes come back with the victim's signature are kept, the rest
+dropped. The probes are paid for (budget = images + probes x requests), so the clone trains on
+about budget x (1 - probes / max_batch) x s images, s the victim's share of requests at the pin:
+more than the filter keeps at any s, with no reference model to trust. It needs the random query
+policy (whole requests) and one budget; should no request pass, the clone trains on every answer
+(a recorded fallback). A zoo that picked a model per *image* would defeat it (the filter would
+still apply).
+
 With the operator's ground truth on the target (in-process scoring),
 the result also reports the identification accuracy: the share of 201 accuracy targets over the
 range (at the loosest latency) for which the attacker's band map names the model the zoo's
@@ -81,8 +92,8 @@ from ..base import ATTACKS, AttackError, check_choice, check_positive
 from .common import QUICK
 from .knockoff import KnockoffAttack, KnockoffConfig
 
-__all__ = ["FingerprintConfig", "FingerprintAttack", "Fingerprinter", "MajorityVote", "ReferenceFilter", "REFUSED",
-           "filter_asks"]
+__all__ = ["FingerprintConfig", "FingerprintAttack", "Fingerprinter", "MajorityVote", "ReferenceFilter", "ProbeTag",
+           "REFUSED", "filter_asks"]
 
 REFUSED = -1  # the outcome of a refused request
 MAX_FILTER_ASKS = 8  # filter=auto: the most asks an image at the pin
@@ -106,6 +117,7 @@ class FingerprintConfig(KnockoffConfig):
     pin_repeats: int = 3
     vote: int = 1
     filter: int | str = 0  # asks an image at the pin, plus one at the reference pin; auto; 0 = off
+    tag: bool = False  # every extraction request carries the probes; keep the requests the victim answered
     max_fingerprint_queries: int = 3000
 
     def __post_init__(self):
@@ -133,6 +145,16 @@ class FingerprintConfig(KnockoffConfig):
             if self.filter != "auto" and self.filter + 1 > self.budgets[-1]:
                 raise AttackError(f"fingerprint.filter={self.filter} asks each image {self.filter + 1} times, more than "
                                   f"the budget {self.budgets[-1]}: lower filter or raise --set budgets=...")
+        if self.tag:
+            if self.mode != "fingerprint" or self.vote > 1 or self.filter:
+                raise AttackError(f"fingerprint.tag keeps whole requests by their probes' answers; it needs "
+                                  f"mode=fingerprint, vote=1 and filter=0 (got mode={self.mode}, vote={self.vote}, "
+                                  f"filter={self.filter}): drop tag, vote or filter")
+            if self.policy != "random" or len(self.budgets) > 1:
+                raise AttackError(f"fingerprint.tag sends whole requests of images (the random policy) and trains on "
+                                  f"what its whole budget kept: it needs policy=random and one budget (got "
+                                  f"policy={self.policy}, budgets={self.budgets}): e.g. --set budgets="
+                                  f"{self.budgets[-1]}")
         if self.vote > self.budgets[-1]:
             raise AttackError(f"fingerprint.vote={self.vote} asks each image that many times, more than the budget "
                               f"{self.budgets[-1]}: lower vote or raise --set budgets=...")
@@ -267,6 +289,43 @@ class ReferenceFilter:
         return out
 
 
+class ProbeTag:
+    """The tagging attacker's oracle: each request carries the ``probes`` features (encoded once)
+    and up to ``room`` images under the pinned targets; the zoo picks one model per request, so a
+    request is kept when the probes' answers match ``signature`` (the victim's, within ``tol``).
+    ``kept`` records, in query order, whether each image's request was kept."""
+
+    def __init__(self, target: Any, probes, signature: np.ndarray, room: int, tol: float):
+        self.target, self.probes, self.signature, self.room, self.tol = target, probes, signature, room, tol
+        self.kept: list[np.ndarray] = []
+        self.images = self.requests = self.kept_requests = 0
+
+    def predict_proba(self, images01: np.ndarray) -> np.ndarray:
+        from qdefend.attacks.zoo import Refused
+
+        f, n, out = self.target.encode(images01), len(self.probes.q), []
+        for i in range(0, len(f.q), self.room):
+            q = np.concatenate([self.probes.q, f.q[i:i + self.room]])
+            try:
+                ans = self.target.ask(type(f)(q, f.scale, f.zero_point, f.bits), self.target.targets)
+            except Refused:
+                raise AttackError(f"zoo target: the zoo refuses the pinned targets {self.target.targets}: pin "
+                                  "reachable ones") from None
+            ok = bool(np.abs(ans[:n] - self.signature).max() <= self.tol)
+            self.kept.append(np.full(len(ans) - n, ok))
+            self.requests, self.kept_requests = self.requests + 1, self.kept_requests + ok
+            out.append(ans[n:])
+        self.images += len(f.q)
+        return np.concatenate(out)
+
+
+def tag_images(budget: int, probes: int, max_batch: int) -> tuple[int, int]:
+    """(images, requests) of the tagging attacker's budget: requests of ``max_batch`` queries, each
+    ``probes`` of them the probes, images + probes x requests <= budget."""
+    requests = -(-budget // max_batch)
+    return min(budget - probes * requests, requests * (max_batch - probes)), requests
+
+
 class _Replay:
     """A target that answers with given rows, in order: hands kept (image, answer) pairs to the
     extraction's oracle without asking the zoo again."""
@@ -316,11 +375,13 @@ def _band_of(bands: list[tuple[float, float, int]], a: float) -> int:
     return bands[-1][2] if a > bands[-1][1] else bands[0][2]
 
 
-def fingerprint(target: Any, probes01: np.ndarray, cfg: FingerprintConfig) -> dict[str, Any]:
-    """Map the zoo's target space with the probe images; returns the pinned targets and the map."""
+def fingerprint(target: Any, probes01: np.ndarray, cfg: FingerprintConfig, feats=None) -> dict[str, Any]:
+    """Map the zoo's target space with the probe images (``feats``: their features, encoded once,
+    else encoded here); returns the pinned targets and the map, and under ``victim_signature`` the
+    victim's answers to the probes (an array: not for the JSON record)."""
     from qdefend.attacks.zoo import Refused
 
-    feats = target.encode(probes01)
+    feats = target.encode(probes01) if feats is None else feats
 
     def ask(targets):
         try:
@@ -359,7 +420,7 @@ def fingerprint(target: Any, probes01: np.ndarray, cfg: FingerprintConfig) -> di
            "clusters": len(fp.signatures), "refusals_seen": any(c == REFUSED for *_, c in fp.log),
            "accuracy_bands": [{"from": a, "to": b, "cluster": c} for a, b, c in bands],
            "latency_runs": [{"from": a, "to": b, "cluster": c} for a, b, c in runs],
-           "targets_asked": len(fp.log), "queries": fp.queries}
+           "targets_asked": len(fp.log), "queries": fp.queries, "victim_signature": fp.signatures[victim]}
     if getattr(target, "truth", None) is not None:
         out.update(_score(target, feats, fp, bands, victim, l_hi, cfg, (reference or {}).get("cluster")))
     return out
@@ -465,10 +526,14 @@ class FingerprintAttack(KnockoffAttack):
                 "naive: each request carried targets drawn uniformly from the target box (log-uniform latency), "
                 "so answers came from whichever models those targets select"]}
         n = min(cfg.probes, len(pool))
-        fp = fingerprint(target, pool.x[:n], cfg)
+        probes = target.encode(pool.x[:n])
+        fp = fingerprint(target, pool.x[:n], cfg, feats=probes)
+        signature = fp.pop("victim_signature")
         target.targets = (fp["pinned"]["accuracy"], fp["pinned"]["latency_ms"])
         ctx.say(f"fingerprint: {fp['clusters']} models seen in {fp['queries']} queries; pinned accuracy "
                 f"{target.targets[0]:.4f}, latency {target.targets[1]:.3g} ms")
+        if cfg.tag:
+            return self._tagged(oracle, pool, ctx, fp, probes, signature)
         ref = fp.get("reference")
         if ref and ref["asks"]:
             return self._filtered(oracle, pool, ctx, fp, ref)
@@ -522,6 +587,40 @@ class FingerprintAttack(KnockoffAttack):
         return {**info, "mode": "fingerprint", "fingerprint": fp, "filter": out,
                 "notes": [*info.get("notes", []), note]}
 
+    def _tagged(self, oracle, pool, ctx, fp, probes, signature):
+        """The tagging attacker's extraction (see the module docstring): KnockoffNets' random policy
+        through a :class:`ProbeTag`, then the kept (image, answer) pairs go to the extraction's oracle."""
+        from .common import QueryOracle
+
+        target, n = oracle.target, len(probes.q)
+        max_batch = target.max_batch
+        if n >= max_batch:
+            raise AttackError(f"fingerprint.tag: {n} probes fill the zoo's batch of {max_batch}: lower --set probes=")
+        images, _ = tag_images(oracle.budget, n, max_batch)
+        if images < 1:
+            raise AttackError(f"fingerprint.tag: the budget {oracle.budget} does not cover one request of {n} probes "
+                              "and an image: raise --set budgets=...")
+        tag = ProbeTag(target, probes, signature, max_batch - n, self.config.signature_tol)
+        inner = QueryOracle(tag, "probabilities", images, oracle.num_classes, max_batch - n)
+        info = super().collect(inner, pool, ctx)
+        xs, ys = inner.transfer_set()
+        keep = np.concatenate(tag.kept)
+        fallback = not keep.any()
+        x, y = (xs, ys) if fallback else (xs[keep], ys[keep])
+        oracle.target = _Replay(y)  # no query: the zoo's kept answers
+        oracle(x)
+        oracle.target, oracle.calls, oracle.victim_s = target, inner.calls, inner.victim_s
+        out = {"probes": n, "requests": tag.requests, "kept_requests": tag.kept_requests, "images": tag.images,
+               "queries": tag.images + n * tag.requests, "kept": int(keep.sum()), "kept_share": float(keep.mean()),
+               "fallback": fallback}
+        ctx.say(f"tag: {tag.requests} requests of {n} probes + up to {max_batch - n} images; the victim answered "
+                f"{tag.kept_requests} ({out['kept']} images kept)" + (" (none: training on every answer)"
+                                                                      if fallback else ""))
+        note = (f"tag: {tag.requests} requests carried the {n} probes; {tag.kept_requests} came back with the "
+                f"victim's signature, {out['kept']} images kept" + ("; none did, so the clone trained on every answer"
+                                                                    if fallback else ""))
+        return {**info, "mode": "fingerprint", "fingerprint": fp, "tag": out, "notes": [*info.get("notes", []), note]}
+
     def _run(self, target, data, seed, say):
         res = super()._run(target, data, seed, say)
         fp = res.extra.get("fingerprint")
@@ -534,6 +633,10 @@ class FingerprintAttack(KnockoffAttack):
         if filt:  # the oracle counted the kept answers; every ask of every image is a query
             res.metrics["queries"] = float(filt["queries"])
             res.metrics["filter_kept"] = float(filt["kept"])
+        tag = res.extra.get("tag")
+        if tag:  # the oracle counted the kept images; every image and probe sent is a query
+            res.metrics["queries"] = float(tag["queries"])
+            res.metrics["tag_kept"] = float(tag["kept"])
         if fp and "identification_acc" in fp:
             res.metrics["identification_acc"] = fp["identification_acc"]
             res.metrics["victim_identified"] = float(fp["victim_identified"])
