@@ -72,15 +72,17 @@ def onnx_files(trained, tmp_path_factory):
 def test_onnx_int8_encoder_is_qdq_with_int8_kernels(onnx_files):
     root, conv, info, _ = onnx_files
     assert info["opset"] >= 17
-    assert info["op_counts"]["Conv"] == 3 and info["op_counts"]["QuantizeLinear"] >= 4
+    assert info["op_counts"]["Conv"] == 4 and info["op_counts"]["QuantizeLinear"] >= 4  # 3 + the im2col copy
+    assert len(info["rewrites"]) == 1 and "1x1 conv over its im2col" in info["rewrites"][0]
     assert info["input"]["shape"] == [None, 1, 28, 28] and info["output"]["shape"] == [None, 8, 7, 7]
     assert info["output"]["quant"] == {"scale": 1 / 256, "zero_point": -128}  # TFLite sigmoid grid
     assert check_onnx(root / "enc.int8.onnx") == {"ok": True}
     ops = ort_op_counts(root / "enc.int8.onnx")
     assert ops["com.microsoft:QLinearConv"] == 3 and ops["com.microsoft:QLinearSigmoid"] == 1
-    assert not any(k.split(":")[-1] in V.FLOAT_MAC_OPS for k in ops)
+    # the one float MAC op left is the one-hot copy that builds the first conv's im2col
+    assert sum(v for k, v in ops.items() if k.split(":")[-1] in V.FLOAT_MAC_OPS) == 1
     checks = V.static_checks(root / "enc.int8.onnx", "onnx", "int8")
-    assert checks["int8_kernels"] is True
+    assert checks["int8_kernels"] is True and checks["pixel_copy_convs"] == 1
     assert V.static_checks(root / "enc.float.onnx", "onnx", "float")["ort_op_counts"]  # float: no verdict
 
 
@@ -326,36 +328,37 @@ def test_export_run_writes_verified_artifacts_and_manifest(tmp_path):
 # ------------------------------------------------------------------ exact export-time rewrites
 
 
-def _qdq_first_conv(c_in: int, seed: int = 0):
+def _qdq_first_conv(c_in: int, seed: int = 0, kernel=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1), dilations=(1, 1)):
     """input (float) -> Q -> DQ -> Conv (per-channel int8 weights) -> Relu -> Q -> DQ: a QDQ graph
     as the exporter writes an int8 encoder's first layer."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
+    kh, kw = kernel
+    oh, ow = ((12 + pads[i] + pads[i + 2] - dilations[i] * (k - 1) - 1) // strides[i] + 1 for i, k in enumerate(kernel))
     inits = [numpy_helper.from_array(v, k) for k, v in {
-        "s_in": np.float32(0.02), "zp_in": np.int8(-7), "w": rng.integers(-127, 128, (16, c_in, 3, 3), dtype=np.int8),
+        "s_in": np.float32(0.02), "zp_in": np.int8(-7), "w": rng.integers(-127, 128, (16, c_in, kh, kw), dtype=np.int8),
         "s_w": rng.uniform(0.001, 0.01, 16).astype(np.float32), "zp_w": np.zeros(16, np.int8),
         "b": rng.normal(0, 0.1, 16).astype(np.float32), "s_out": np.float32(0.05), "zp_out": np.int8(-128)}.items()]
     nodes = [helper.make_node("QuantizeLinear", ["input", "s_in", "zp_in"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "s_in", "zp_in"], ["xf"]),
              helper.make_node("DequantizeLinear", ["w", "s_w", "zp_w"], ["wf"], axis=0),
-             helper.make_node("Conv", ["xf", "wf", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["xf", "wf", "b"], ["c"], pads=list(pads), strides=list(strides),
+                              dilations=list(dilations), kernel_shape=[kh, kw]),
              helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("QuantizeLinear", ["r", "s_out", "zp_out"], ["rq"]),
              helper.make_node("DequantizeLinear", ["rq", "s_out", "zp_out"], ["out"])]
     g = helper.make_graph(nodes, "first", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", c_in, 12, 12])],
-                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 16, 12, 12])], inits)
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 16, oh, ow])], inits)
     # the exporter also writes value_info for the weight and the quantised input: the rewrite must drop them
-    g.value_info.extend([helper.make_tensor_value_info("w", TensorProto.INT8, [16, c_in, 3, 3]),
+    g.value_info.extend([helper.make_tensor_value_info("w", TensorProto.INT8, [16, c_in, kh, kw]),
                          helper.make_tensor_value_info("xq", TensorProto.INT8, ["N", c_in, 12, 12]),
-                         helper.make_tensor_value_info("wf", TensorProto.FLOAT, [16, c_in, 3, 3])])
+                         helper.make_tensor_value_info("wf", TensorProto.FLOAT, [16, c_in, kh, kw])])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
 
 
 @pytest.mark.parametrize("c_in, padded", [(1, 4), (3, 4), (4, None), (6, 8)])
 def test_padding_the_first_convs_channels_keeps_every_output_bit(c_in, padded):
-    import onnxruntime as ort
-
     from qdefend.export.onnx import pad_first_conv_channels
 
     model = _qdq_first_conv(c_in)
@@ -364,6 +367,14 @@ def test_padding_the_first_convs_channels_keeps_every_output_bit(c_in, padded):
     assert (note is None) == (padded is None)
     if padded:
         assert f"{c_in} -> {padded}" in note and "Pad" in [n.op_type for n in model.graph.node]
+    _same_outputs(before, model, c_in)
+    onnx_checker_full(model)
+
+
+def _same_outputs(before: bytes, model, c_in: int) -> None:
+    """onnxruntime gives the same output bits before and after a rewrite (12x12 inputs)."""
+    import onnxruntime as ort
+
     x = (np.random.default_rng(1).random((5, c_in, 12, 12), dtype=np.float32) * 6 - 3)
     x[0, :, :3] = 0.0  # zeros quantise to the input zero point, the value the padding uses
     outs = []
@@ -371,7 +382,27 @@ def test_padding_the_first_convs_channels_keeps_every_output_bit(c_in, padded):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         outs.append(ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0])
-    assert np.array_equal(outs[0], outs[1])
+    assert outs[0].shape == outs[1].shape and np.array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("c_in, conv, channels", [
+    (1, {}, "9 -> 12"), (1, {"pads": (0, 0, 0, 0)}, "9 -> 12"), (1, {"strides": (2, 2)}, "9 -> 12"),
+    (1, {"dilations": (2, 2), "pads": (2, 2, 2, 2)}, "9 -> 12"), (1, {"kernel": (2, 3), "pads": (0, 1, 1, 1)}, "6 -> 8"),
+    (1, {"kernel": (4, 4), "pads": (1, 2, 2, 1)}, "16 -> 16"), (3, {}, None), (1, {"kernel": (1, 1), "pads": (0,) * 4}, None)])
+def test_the_first_conv_as_a_1x1_conv_over_its_im2col_keeps_every_output_bit(c_in, conv, channels):
+    from qdefend.export.onnx import im2col_first_conv, pixel_copy_convs
+
+    model = _qdq_first_conv(c_in, **conv)
+    before = model.SerializeToString()
+    note = im2col_first_conv(model)
+    assert pixel_copy_convs(model) == (channels is not None)  # the one-hot copy, and not the int8 conv
+    if channels is None:  # 27 > 16 products a pixel, or a 1x1 conv already: left alone
+        assert note is None and model.SerializeToString() == before
+        return
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert f"{channels} channels" in note and len(convs) == 2  # the one-hot float copy, then the 1x1 conv
+    assert [a.ints for a in convs[1].attribute] == [[1, 1]]
+    _same_outputs(before, model, c_in)
     onnx_checker_full(model)
 
 
@@ -390,3 +421,26 @@ def test_the_rewrite_leaves_a_conv_not_fed_by_the_graph_input_alone():
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
     q.input[0] = "elsewhere"
     assert pad_first_conv_channels(model) is None
+
+
+def test_a_float_conv_that_computes_is_not_a_pixel_copy():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qdefend.export.onnx import pixel_copy_convs
+
+    def model(w, bias=False):
+        inits = [numpy_helper.from_array(w.astype(np.float32), "w")] + (
+            [numpy_helper.from_array(np.zeros(len(w), np.float32), "b")] if bias else [])
+        node = helper.make_node("Conv", ["x", "w"] + (["b"] if bias else []), ["y"], kernel_shape=[3, 3])
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, len(w), 3, 3])], inits)
+        return helper.make_model(g)
+
+    onehot = np.zeros((12, 1, 3, 3))
+    onehot.reshape(12, 9)[np.arange(9), np.arange(9)] = 1
+    assert pixel_copy_convs(model(onehot)) == 1
+    assert pixel_copy_convs(model(onehot, bias=True)) == 0
+    assert pixel_copy_convs(model(onehot * 0.5)) == 0  # scales: computes
+    two = onehot.copy()
+    two[0, 0, 1, 1] = 1  # sums two pixels
+    assert pixel_copy_convs(model(two)) == 0

@@ -75,7 +75,8 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLik
 
     input/output are manifest tensor specs; for an int8 graph their "quant" is the grid the graph
     quantises its float input onto / its output lies on (see :func:`io_quant`). pad_channels: for
-    an int8 graph, apply the exact :func:`pad_first_conv_channels` ("rewrites" lists it).
+    an int8 graph, apply the exact :func:`im2col_first_conv` where it applies, else
+    :func:`pad_first_conv_channels` ("rewrites" lists what was done).
     """
     kind = graph_kind(module)
     if kind == "prepared":
@@ -99,7 +100,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLik
     model = onnx.load(str(path))
     _unshare_weight_qparams(model)
     rewrites = []
-    if pad_channels and kind != "float" and (note := pad_first_conv_channels(model)):
+    if pad_channels and kind != "float" and (note := im2col_first_conv(model) or pad_first_conv_channels(model)):
         rewrites.append(note)
     _strip_metadata(model)
     onnx.save(model, str(path))
@@ -161,6 +162,55 @@ def _unshare_weight_qparams(model) -> int:
 
 
 PAD_CHANNELS_TO = 4  # int8 dot products take 4 bytes at a time (x86 VNNI vpdpbusd, ARM sdot)
+IM2COL_MAX_K = 16  # the first conv's in_channels x kernel area up to which the graph does its im2col
+
+
+def _first_qdq_conv(model):
+    """(conv, q_x, dq_w, weight) of a QDQ graph's first conv when it is fed by the quantised graph
+    input (graph input -> Q -> DQ -> Conv) with an int8 initializer weight and no groups; else None."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    by_out = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    conv = next((n for n in g.node if n.op_type == "Conv"), None)  # the graph's first conv, only
+    if conv is None:
+        return None
+    dq_x, dq_w = by_out.get(conv.input[0]), by_out.get(conv.input[1])
+    q_x = by_out.get(dq_x.input[0]) if dq_x is not None and dq_x.op_type == "DequantizeLinear" else None
+    if (q_x is None or q_x.op_type != "QuantizeLinear" or q_x.input[0] != g.input[0].name or dq_w is None
+            or dq_w.op_type != "DequantizeLinear" or dq_w.input[0] not in inits
+            or any(a.name == "group" and a.i != 1 for a in conv.attribute)):
+        return None  # not fed by the quantised graph input, or grouped
+    return conv, q_x, dq_w, numpy_helper.to_array(inits[dq_w.input[0]])
+
+
+def _set_weight(model, dq_w, w) -> None:
+    from onnx import numpy_helper
+
+    t = next(t for t in model.graph.initializer if t.name == dq_w.input[0])
+    t.CopyFrom(numpy_helper.from_array(w, dq_w.input[0]))
+
+
+def _insert_before(model, node, new_nodes, stale) -> None:
+    """Insert `new_nodes` ahead of `node`, and drop value_info of the `stale` (reshaped) tensors."""
+    g = model.graph
+    at = list(g.node).index(node)
+    for k, n in enumerate(new_nodes):
+        g.node.insert(at + k, n)
+    keep = [v for v in g.value_info if v.name not in stale]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+
+
+def _channel_pad(model, name: str, src: str, dst: str, rank: int, extra: int):
+    """A Pad node filling `extra` float channels of 0.0 after the existing ones (axis 1)."""
+    from onnx import helper, numpy_helper
+
+    pads = np.zeros(2 * rank, np.int64)
+    pads[rank + 1] = extra
+    model.graph.initializer.append(numpy_helper.from_array(pads, name))
+    return helper.make_node("Pad", [src, name], [dst], mode="constant")
 
 
 def pad_first_conv_channels(model, to: int = PAD_CHANNELS_TO) -> str | None:
@@ -173,40 +223,99 @@ def pad_first_conv_channels(model, to: int = PAD_CHANNELS_TO) -> str | None:
     (onnxruntime computes (x - x_zp) * (w - w_zp)). With one input channel the im2col GEMM has
     K = 9, below the 4-byte groups of the int8 kernels; at K = 36 onnxruntime's QLinearConv took
     0.54 ms less of the encoder's 7.2 ms (batch 64, 1 thread, Zen 4 VNNI, same output bits)."""
-    from onnx import helper, numpy_helper
-
-    g = model.graph
-    by_out = {o: n for n in g.node for o in n.output}
-    inits = {t.name: t for t in g.initializer}
-    inp = g.input[0].name
-    conv = next((n for n in g.node if n.op_type == "Conv"), None)  # the graph's first conv, only
-    if conv is None:
+    found = _first_qdq_conv(model)
+    if found is None:
         return None
-    dq_x, dq_w = by_out.get(conv.input[0]), by_out.get(conv.input[1])
-    q_x = by_out.get(dq_x.input[0]) if dq_x is not None and dq_x.op_type == "DequantizeLinear" else None
-    if (q_x is None or q_x.op_type != "QuantizeLinear" or q_x.input[0] != inp or dq_w is None
-            or dq_w.op_type != "DequantizeLinear" or dq_w.input[0] not in inits
-            or any(a.name == "group" and a.i != 1 for a in conv.attribute)):
-        return None  # not fed by the quantised graph input, or grouped
-    w = numpy_helper.to_array(inits[dq_w.input[0]])
+    conv, q_x, dq_w, w = found
     c = w.shape[1]
     if c % to == 0:
         return None
     new = -(-c // to) * to
     wp = np.zeros((w.shape[0], new, *w.shape[2:]), w.dtype)
     wp[:, :c] = w
-    inits[dq_w.input[0]].CopyFrom(numpy_helper.from_array(wp, dq_w.input[0]))
-    pads = np.zeros(2 * len(w.shape), np.int64)
-    pads[len(w.shape) + 1] = new - c  # after the existing channels
-    g.initializer.append(numpy_helper.from_array(pads, "first_conv_channel_pads"))
+    _set_weight(model, dq_w, wp)
+    inp = q_x.input[0]
     q_x.input[0] = "input_channels_padded"
-    g.node.insert(list(g.node).index(q_x), helper.make_node(
-        "Pad", [inp, "first_conv_channel_pads"], ["input_channels_padded"], mode="constant"))
-    stale = {q_x.output[0], dq_x.output[0], dq_w.input[0], dq_w.output[0]}  # reshaped: left to inference
-    keep = [v for v in g.value_info if v.name not in stale]
-    del g.value_info[:]
-    g.value_info.extend(keep)
+    _insert_before(model, q_x, [_channel_pad(model, "first_conv_channel_pads", inp, "input_channels_padded",
+                                             len(w.shape), new - c)],
+                   _reshaped(q_x, conv, dq_w))
     return f"first conv input channels padded {c} -> {new} with zero weights (exact)"
+
+
+def _reshaped(q_x, conv, dq_w) -> set[str]:
+    """The tensors a rewrite of the first conv's input channels reshapes (their value_info is stale)."""
+    return {q_x.output[0], conv.input[0], dq_w.input[0], dq_w.output[0]}
+
+
+def im2col_first_conv(model, max_k: int = IM2COL_MAX_K, to: int = PAD_CHANNELS_TO) -> str | None:
+    """Turn a QDQ graph's first conv (as :func:`pad_first_conv_channels` finds it) into a 1x1
+    conv over its own im2col, built in the graph before the input is quantised by a float Conv
+    with one-hot kernels: one output channel per kernel offset (dy, dx) and input channel, which
+    copies the pixel that offset reads (the original conv's pads, strides and dilations), plus
+    all-zero kernels up to a multiple of `to` channels. The 1x1 conv's weights are the kernel's,
+    laid out the same way ((dy, dx), then input channel), zero for the filled channels. Returns
+    what it did, or None where it does not apply: no such conv, a 1x1 kernel, in_channels x
+    kernel area above `max_k` (the copies would cost more than they save), or auto_pad.
+
+    Exact: a one-hot kernel's sum is the pixel itself (x * 1 plus products with 0), the padded
+    pixels and filled channels are 0.0, which quantises to the input zero point the conv's own
+    padding uses, so each output is the same sum of the same int32 products (x - x_zp) * (w -
+    w_zp). Why: with one input channel a 3x3 conv is a K = 9 GEMM per output pixel; padded to 4
+    channels it is K = 36 (27 of them zero), and onnxruntime's QLinearConv spends most of its time
+    on those products. As a 1x1 conv over 12 channels it does a third of them; the float copy is a
+    small conv (12 outputs of K = 9) that onnxruntime runs in its NCHWc kernels."""
+    from onnx import helper, numpy_helper
+
+    found = _first_qdq_conv(model)
+    if found is None:
+        return None
+    conv, q_x, dq_w, w = found
+    if w.ndim != 4:
+        return None
+    o, c, kh, kw = w.shape
+    k = c * kh * kw
+    if k > max_k or (kh, kw) == (1, 1) or any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET")
+                                              for a in conv.attribute):
+        return None
+    kp = -(-k // to) * to
+    onehot = np.zeros((kp, c, kh, kw), np.float32)
+    for dy in range(kh):
+        for dx in range(kw):
+            for ci in range(c):
+                onehot[(dy * kw + dx) * c + ci, ci, dy, dx] = 1.0
+    model.graph.initializer.append(numpy_helper.from_array(onehot, "im2col_onehot"))
+    copy = helper.make_node("Conv", [q_x.input[0], "im2col_onehot"], ["im2col"], kernel_shape=[kh, kw],
+                            **{a.name: list(a.ints) for a in conv.attribute if a.name in ("pads", "strides", "dilations")})
+    q_x.input[0] = "im2col"
+    w1 = np.zeros((o, kp, 1, 1), w.dtype)
+    w1[:, :k, 0, 0] = w.transpose(0, 2, 3, 1).reshape(o, k)  # channel (dy * kw + dx) * c + input channel
+    _set_weight(model, dq_w, w1)
+    stale = _reshaped(q_x, conv, dq_w)
+    for a in list(conv.attribute):
+        if a.name in ("pads", "strides", "dilations"):
+            conv.attribute.remove(a)
+        elif a.name == "kernel_shape":
+            a.ints[:] = [1, 1]
+    _insert_before(model, q_x, [copy], stale)
+    return (f"first conv ({c} input channel{'s' * (c > 1)}, {kh}x{kw}) as a 1x1 conv over its im2col (a one-hot "
+            f"float conv before the input is quantised), {k} -> {kp} channels with zero weights (exact)")
+
+
+def pixel_copy_convs(model) -> int:
+    """How many Conv nodes of `model` only copy pixels (as :func:`im2col_first_conv` writes them):
+    an initializer weight of 0s and 1s with at most one 1 per output channel, and no bias. They
+    run as float convs, but multiply by nothing but 0 and 1."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    n = 0
+    for node in model.graph.node:
+        if node.op_type != "Conv" or len(node.input) > 2 or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if w.dtype.kind == "f" and np.isin(w, (0.0, 1.0)).all() and (w.reshape(len(w), -1).sum(1) <= 1).all():
+            n += 1
+    return n
 
 
 def _spec(value_info, grid: dict | None, dynamic_batch: bool) -> dict[str, Any]:

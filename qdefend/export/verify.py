@@ -30,7 +30,7 @@ import torch
 
 from qdefend.errors import QdefendError
 
-from .onnx import check_onnx, ort_op_counts
+from .onnx import check_onnx, ort_op_counts, pixel_copy_convs
 from .tflite import tflite_report
 
 __all__ = [
@@ -53,8 +53,13 @@ def static_checks(path, fmt: str, precision: str) -> dict[str, Any]:
         counts = ort_op_counts(path)
         out: dict[str, Any] = {"onnx_checker": check_onnx(path), "ort_op_counts": counts}
         if precision == "int8":
+            import onnx
+
+            copies = pixel_copy_convs(onnx.load(str(path)))  # float convs that only copy pixels (im2col)
             out["int8_kernels"] = (sum(v for k, v in counts.items() if _op(k) in INT8_MAC_OPS) > 0
-                                   and not any(_op(k) in FLOAT_MAC_OPS for k in counts))
+                                   and sum(v for k, v in counts.items() if _op(k) in FLOAT_MAC_OPS) <= copies)
+            if copies:
+                out["pixel_copy_convs"] = copies
         return out
     if fmt == "tflite":
         rep = tflite_report(path)
