@@ -200,6 +200,8 @@ def test_simulated_release_is_what_the_device_sends(small_run):
 def test_attack_strength_cache_serves_the_artifacts_features(small_run, tmp_path):
     from conftest import load_benchmark
 
+    from qdefend.edge.manifest import sha256_file
+
     root, run = small_run
     gen = load_benchmark("attack_strength")
     bench = next(gen)
@@ -218,7 +220,9 @@ def test_attack_strength_cache_serves_the_artifacts_features(small_run, tmp_path
                                                              "oracle_epochs": 0}))
         assert row["cell"] == "default" and row["attacker"]["attacker_images"] == 300 and row["metrics"]["mse"] > 0
         assert (tmp_path / "rows" / "small--default.json").is_file() and "cpu" in row["machine"]
-        assert "| small | default | 300 | 1 |" in bench.table([row])
+        sha = sha256_file(root / "artifacts" / "encoder.int8.tflite")
+        assert row["artifact_sha256"] == sha  # the rows say which artifact they attacked
+        assert f"| small | {sha[:8]} | default | 300 | 1 |" in bench.table([row])
     finally:
         gen.close()
 
