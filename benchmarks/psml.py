@@ -606,7 +606,7 @@ def seed_summary(by_seed: dict[str, dict], seeds: list[int]) -> list[dict]:
             runs = [r[key]["attacks"][a] for _, r in got if a in r[key]["attacks"]]
             attacks[a] = {"fidelity": [x["fidelity"] for x in runs], "clone_acc": [x["clone_acc"] for x in runs],
                           "victim_missed": sum(not x.get("victim_identified") for x in runs),
-                          # per seed; None where no filtering ran (no other model seen at its pin)
+                          # per seed; None where neither a filter (R asks) nor a tag ran
                           "kept": [_kept(x) for x in runs],
                           "asks": [x["filter"]["asks"] if (x.get("filter") or {}).get("asks") else None for x in runs]}
         out.append({"noise": key.split("@", 1)[1], "key": key, "seeds": [s for s, _ in got],
