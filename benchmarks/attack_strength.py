@@ -99,9 +99,6 @@ def build_cache(run_dir: str, artifact: str, name: str, cache_dir: Path) -> Path
     cfg = RunConfig.load(RunPaths(run_dir).config)
     data = load_dataset(cfg.data)
     target = open_target(run_dir, artifact)
-    from qdefend.edge.manifest import sha256_file
-
-    sha = sha256_file(Path(run_dir) / "artifacts" / artifact)
     parts = {"aux": data.aux, "train": data.train, "test": data.test}
     arrays: dict[str, np.ndarray] = {}
     t0 = time.perf_counter()
@@ -110,7 +107,8 @@ def build_cache(run_dir: str, artifact: str, name: str, cache_dir: Path) -> Path
         arrays[f"{k}_images"] = split.images[:n]
         arrays[f"{k}_labels"] = split.labels[:n]
         arrays[f"{k}_z"] = target.encoder_output(split.images[:n])
-    meta = {"run": str(run_dir), "artifact": artifact, "sha256": sha, "name": name, "release": target.release, "wire": target.wire,
+    meta = {"run": str(run_dir), "artifact": artifact, "sha256": target.runtime.entry["sha256"],  # checked at open
+            "name": name, "release": target.release, "wire": target.wire,
             "feature_shape": list(target.feature_shape), "input_shape": list(target.input_shape),
             "num_classes": data.num_classes, "class_names": list(data.class_names), "dataset": data.name,
             "normalization": data.normalization.to_dict(), "notes": target.notes,
@@ -195,8 +193,8 @@ def run_cell(job: tuple[str, str, str, dict]) -> dict[str, Any]:
     atk = build_attack(attack, preset=preset, **params)
     t0 = time.perf_counter()
     res = atk.run(t, data, seed=0)
-    row = {"target": t.meta["name"], "artifact": t.meta["artifact"], "artifact_sha256": t.meta.get("sha256"), "cell": cell, "attack": attack,
-           "preset": preset or "default", "config": res.config, "metrics": res.metrics,
+    row = {"target": t.meta["name"], "artifact": t.meta["artifact"], "artifact_sha256": t.meta.get("sha256"),
+           "cell": cell, "attack": attack, "preset": preset or "default", "config": res.config, "metrics": res.metrics,
            "training": res.extra.get("training"), "attacker": res.extra.get("attacker"),
            "seconds": round(time.perf_counter() - t0, 1)}
     if attack == "gan":
@@ -297,8 +295,8 @@ def plot(rows: list[dict]) -> None:
                 ax.set_xscale("log")
                 ax.set_xlabel(axis)
                 ax.set_ylabel("decoder MSE on private images (lower = stronger)")
-        order = ["plain-preset", "plain-50", "cem-batch256", "fast-preset", "gan-fast-t40", "gan-fast-lr1e-4", "gan-fast",
-                 "default", "gan"]
+        order = ["plain-preset", "plain-50", "cem-batch256", "fast-preset", "gan-fast-t40", "gan-fast-lr1e-4",
+                 "gan-fast", "default", "gan"]
         labels = [c for c in order if any(_row(rows, t, c) for t in targets)]
         have = [(i, _row(rows, target, c)) for i, c in enumerate(labels) if _row(rows, target, c)]
         width = 0.8 / len(targets)

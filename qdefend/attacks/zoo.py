@@ -72,12 +72,8 @@ class ZooTarget(Target):
         self.samples = 0  # images sent (queries)
         self._t0 = time.monotonic()
         self._rng = np.random.default_rng(seed)
-        self._max_batch = (self.client.manifest().get("limits") or {}).get("max_batch", 256)
-
-    @property
-    def max_batch(self) -> int:
-        """The most images the zoo takes in one request (its manifest's limits)."""
-        return int(self._max_batch)
+        # the most images the zoo takes in one request (its manifest's limits)
+        self.max_batch = int((self.client.manifest().get("limits") or {}).get("max_batch", 256))
 
     # ------------------------------------------------------------------ the wire
 
@@ -111,8 +107,8 @@ class ZooTarget(Target):
     def ask(self, features, targets: tuple[float, float] | None) -> np.ndarray:
         """Probabilities for already encoded ``features`` (runtime.Features) under ``targets``, one
         request per server batch; raises :class:`Refused` when the zoo refuses the targets."""
-        out = [self._post(features.q[i:i + self._max_batch], features.scale, features.zero_point, targets)
-               for i in range(0, len(features.q), self._max_batch)]
+        out = [self._post(features.q[i:i + self.max_batch], features.scale, features.zero_point, targets)
+               for i in range(0, len(features.q), self.max_batch)]
         return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
 
     # ------------------------------------------------------------------ the Target interface
@@ -123,8 +119,8 @@ class ZooTarget(Target):
     def predict_proba(self, images01: np.ndarray) -> np.ndarray:
         f = self.encode(images01)
         out = []
-        for i in range(0, len(f.q), self._max_batch):
-            chunk = type(f)(f.q[i:i + self._max_batch], f.scale, f.zero_point, f.bits)
+        for i in range(0, len(f.q), self.max_batch):
+            chunk = type(f)(f.q[i:i + self.max_batch], f.scale, f.zero_point, f.bits)
             for _ in range(100):  # a sampled target the zoo refuses: draw again (bounded)
                 try:
                     out.append(self.ask(chunk, self._current()))

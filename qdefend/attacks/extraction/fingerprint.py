@@ -232,6 +232,17 @@ class Fingerprinter:
         return [(math.exp(a), math.exp(b), c) for a, b, c in _runs(points, math.log(lo), math.log(hi))]
 
 
+def _ask_pinned(target: Any, feats) -> np.ndarray:
+    """The zoo's answers to encoded ``feats`` at the pinned targets; a refusal is an AttackError."""
+    from qdefend.attacks.zoo import Refused
+
+    try:
+        return target.ask(feats, target.targets)
+    except Refused:
+        raise AttackError(f"zoo target: the zoo refuses the pinned targets {target.targets}: pin "
+                          "reachable ones") from None
+
+
 class MajorityVote:
     """The pinned zoo target asked ``votes`` times per image; each image keeps its most frequent
     answer (answers within ``tol`` are one). What the extraction oracle queries when ``vote`` > 1."""
@@ -241,14 +252,8 @@ class MajorityVote:
         self.images = self.split = 0  # images answered; of them, those whose asks did not all agree
 
     def predict_proba(self, images01: np.ndarray) -> np.ndarray:
-        from qdefend.attacks.zoo import Refused
-
         feats = self.target.encode(images01)
-        try:
-            asks = np.stack([self.target.ask(feats, self.target.targets) for _ in range(self.votes)])
-        except Refused:
-            raise AttackError(f"zoo target: the zoo refuses the pinned targets {self.target.targets}: pin "
-                              "reachable ones") from None
+        asks = np.stack([_ask_pinned(self.target, feats) for _ in range(self.votes)])
         out = np.empty_like(asks[0])
         for i in range(asks.shape[1]):
             out[i], agreed = _mode(asks[:, i], self.tol)
@@ -301,16 +306,10 @@ class ProbeTag:
         self.images = self.requests = self.kept_requests = 0
 
     def predict_proba(self, images01: np.ndarray) -> np.ndarray:
-        from qdefend.attacks.zoo import Refused
-
         f, n, out = self.target.encode(images01), len(self.probes.q), []
         for i in range(0, len(f.q), self.room):
             q = np.concatenate([self.probes.q, f.q[i:i + self.room]])
-            try:
-                ans = self.target.ask(type(f)(q, f.scale, f.zero_point, f.bits), self.target.targets)
-            except Refused:
-                raise AttackError(f"zoo target: the zoo refuses the pinned targets {self.target.targets}: pin "
-                                  "reachable ones") from None
+            ans = _ask_pinned(self.target, type(f)(q, f.scale, f.zero_point, f.bits))
             ok = bool(np.abs(ans[:n] - self.signature).max() <= self.tol)
             self.kept.append(np.full(len(ans) - n, ok))
             self.requests, self.kept_requests = self.requests + 1, self.kept_requests + ok
@@ -324,6 +323,19 @@ def tag_images(budget: int, probes: int, max_batch: int) -> tuple[int, int]:
     ``probes`` of them the probes, images + probes x requests <= budget."""
     requests = -(-budget // max_batch)
     return min(budget - probes * requests, requests * (max_batch - probes)), requests
+
+
+def _hand_over(oracle, inner, keep: np.ndarray, first: np.ndarray | None = None) -> bool:
+    """Give the extraction's ``oracle`` the kept (image, answer) pairs that ``inner`` collected,
+    without asking the zoo again, and ``inner``'s call count and time; with none kept, every image
+    with ``first`` (default: the answers as collected). Returns whether it fell back."""
+    xs, ys = inner.transfer_set()
+    fallback = not keep.any()
+    x, y = (xs, ys if first is None else first) if fallback else (xs[keep], ys[keep])
+    target, oracle.target = oracle.target, _Replay(y)
+    oracle(x)
+    oracle.target, oracle.calls, oracle.victim_s = target, inner.calls, inner.victim_s
+    return fallback
 
 
 class _Replay:
@@ -569,13 +581,8 @@ class FingerprintAttack(KnockoffAttack):
         filt = ReferenceFilter(target, asks, (ref["accuracy"], ref["latency_ms"]), self.config.signature_tol)
         inner = QueryOracle(filt, "probabilities", images, oracle.num_classes, oracle.batch)
         info = super().collect(inner, pool, ctx)
-        xs, ys = inner.transfer_set()
         keep = np.concatenate(filt.kept)
-        fallback = not keep.any()
-        x, y = (xs, np.concatenate(filt.first)) if fallback else (xs[keep], ys[keep])
-        oracle.target = _Replay(y)  # no query: the zoo's kept answers
-        oracle(x)
-        oracle.target, oracle.calls, oracle.victim_s = target, inner.calls, inner.victim_s
+        fallback = _hand_over(oracle, inner, keep, np.concatenate(filt.first))
         out = {**ref, "images": filt.images, "queries": filt.images * (asks + 1), "kept": int(keep.sum()),
                "kept_share": float(keep.mean()), "fallback": fallback}
         ctx.say(f"filter: {filt.images} images x ({asks} + 1 reference) asks; {out['kept']} answers differ from the "
@@ -603,13 +610,8 @@ class FingerprintAttack(KnockoffAttack):
         tag = ProbeTag(target, probes, signature, max_batch - n, self.config.signature_tol)
         inner = QueryOracle(tag, "probabilities", images, oracle.num_classes, max_batch - n)
         info = super().collect(inner, pool, ctx)
-        xs, ys = inner.transfer_set()
         keep = np.concatenate(tag.kept)
-        fallback = not keep.any()
-        x, y = (xs, ys) if fallback else (xs[keep], ys[keep])
-        oracle.target = _Replay(y)  # no query: the zoo's kept answers
-        oracle(x)
-        oracle.target, oracle.calls, oracle.victim_s = target, inner.calls, inner.victim_s
+        fallback = _hand_over(oracle, inner, keep)
         out = {"probes": n, "requests": tag.requests, "kept_requests": tag.kept_requests, "images": tag.images,
                "queries": tag.images + n * tag.requests, "kept": int(keep.sum()), "kept_share": float(keep.mean()),
                "fallback": fallback}
