@@ -53,6 +53,22 @@ def test_ratios_goal_and_table_from_fixed_medians(latency):
     assert "litert {'threads=1': 1.5} MISSED" in text and "onnxruntime {'threads=1': 2.5} met" in text
 
 
+def test_share_of_peak_pairs_the_encoder_and_peak_samples_of_each_round(latency):
+    """Peak and encoder are timed in the same rounds; the share is the median of each round's
+    ratio, so a round where the whole machine ran slow counts as one round, not as a slow peak."""
+    m, k, n = 100, 10, 10  # 10,000 MACs per peak call
+    rows = [_row("litert", "int8", 10, 1, 1.0), _row("litert", "float", 10, 1, 3.0), _row("onnxruntime", "int8", 10, 2, 1.0)]
+    samples = {("litert", "int8", 10, 1): [1e-6, 2e-6, 1e-6],  # 1,000 MACs per image: 10, 5, 10 GMAC/s
+               ("litert-gemm-peak", "int8", m, 1): [1e-6, 2e-6, 2e-6]}  # 10, 5, 5 GMAC/s
+    eff = latency.efficiency(rows, samples, 1000, mkn=(m, k, n))
+    assert len(eff) == 1  # no float row, and no ORT peak was timed
+    (e,) = eff
+    assert e["encoder_gmac_per_s"] == 10.0 and e["peak_gmac_per_s"] == 5.0
+    assert e["share_of_peak"] == 1.0 and e["met"] is True  # ratios 1, 1, 2 (a ratio of medians says 2)
+    assert e["peak_p10_p90"] == [5.0, 9.0] and e["peak_best_gmac_per_s"] == 10.0
+    assert e["share_of_best_peak"] == 1.0  # the encoder's median 10 against the best 10
+
+
 def test_cli_lists_are_checked(latency):
     args = latency.parse_args(["run", "--batches", "64,1,64", "--threads", "2"])
     assert args.batches == [1, 64] and args.threads == [2] and args.repeats >= 1

@@ -118,7 +118,8 @@ def tflite_file(trained, tmp_path_factory):
 def test_tflite_encoder_is_fully_int8_and_matches_torch(trained, onnx_files, tflite_file):
     enc, _, x = trained
     path, rep = tflite_file
-    assert rep["int8_convs"] is True and len(rep["convs"]) == 3
+    assert rep["int8_convs"] is True and len(rep["convs"]) == 4  # the first conv as its im2col + a 1x1 conv
+    assert rep["rewrites"] and "im2col" in rep["rewrites"][0]
     assert rep["input"]["dtype"] == "int8" and rep["output"]["dtype"] == "int8"
     assert rep["input"]["shape"] == [None, 1, 28, 28]
     assert rep["output"]["quant"] == {"scale": 1 / 256, "zero_point": -128}
@@ -154,7 +155,7 @@ def test_tflite_batch_is_dynamic_in_every_tensor_not_the_example_batch(trained, 
     tensors = {t["index"]: t for t in it.get_tensor_details()}
     (i,), (o,) = it.get_input_details(), it.get_output_details()
     acts = {i["index"]} | {k for op in it._get_ops_details() for k in op["outputs"]}
-    assert o["index"] in acts and len(acts) == 9  # input, 2 transposes, 3 convs, 2 pools, sigmoid
+    assert o["index"] in acts and len(acts) == 10  # input, 2 transposes, 4 convs (im2col), 2 pools, sigmoid
     for k in sorted(acts):
         t = tensors[k]
         assert t["shape_signature"][0] == -1 and t["shape"][0] == i["shape"][0] == 1, t
@@ -404,6 +405,51 @@ def test_the_first_conv_as_a_1x1_conv_over_its_im2col_keeps_every_output_bit(c_i
     assert [a.ints for a in convs[1].attribute] == [[1, 1]]
     _same_outputs(before, model, c_in)
     onnx_checker_full(model)
+
+
+def _tflite_outputs(path, x: np.ndarray, delegate: bool) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    kind = OpResolverType.AUTO if delegate else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    it = Interpreter(model_path=str(path), num_threads=1, experimental_op_resolver_type=kind)
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    it.resize_tensor_input(i["index"], list(x.shape))
+    it.allocate_tensors()
+    it.set_tensor(i["index"], x)
+    it.invoke()
+    return it.get_tensor(o["index"])
+
+
+@pytest.mark.parametrize("c_in, conv, channels", [
+    (1, {"kernel_size": 3, "padding": 1}, 9), (1, {"kernel_size": 3, "stride": 2, "dilation": 2, "padding": 2}, 9),
+    (1, {"kernel_size": (2, 3)}, 6), (2, {"kernel_size": 2, "padding": 1}, 8), (3, {"kernel_size": 3, "padding": 1}, None)])
+def test_tflite_first_conv_as_a_1x1_conv_over_its_int8_im2col_keeps_every_output_bit(tmp_path, c_in, conv, channels):
+    """litert writes a 1-channel conv as DEPTHWISE_CONV_2D (and a 2-channel one as CONV_2D); the
+    rewrite's int8 one-hot copy and 1x1 conv give the same bits, with XNNPACK and without it."""
+    import shutil
+
+    from qdefend.export.tflite import im2col_first_conv, tflite_report
+
+    torch.manual_seed(c_in)
+    model = torch.nn.Sequential(torch.nn.Conv2d(c_in, 16, **conv), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 1)).eval()
+    x = torch.randn(64, c_in, 12, 12)
+    prepared = quant.prepare_ptq(model, x[:2])
+    quant.calibrate(prepared, [x])
+    before, after = tmp_path / "before.tflite", tmp_path / "after.tflite"
+    assert export_tflite(prepared, x[:2], before, im2col=False)["rewrites"] == []
+    shutil.copy(before, after)
+    note = im2col_first_conv(after)
+    if channels is None:  # 27 products a pixel: left alone
+        assert note is None and after.read_bytes() == before.read_bytes()
+        return
+    assert f"{channels} channels" in note and im2col_first_conv(after) is None  # not twice
+    rep = tflite_report(after)
+    assert rep["int8_convs"] and rep["op_counts"].get("DEPTHWISE_CONV_2D", 0) == 0 and len(rep["convs"]) == 3
+    q = np.random.default_rng(1).integers(-128, 128, (9, c_in, 12, 12), dtype=np.int8)
+    q[0], q[1] = -128, 127  # the extremes: |x - zp| up to 255 through the one-hot rescale
+    for delegate in (True, False):
+        a, b = _tflite_outputs(before, q, delegate), _tflite_outputs(after, q, delegate)
+        assert a.shape == b.shape and np.array_equal(a, b)
 
 
 def onnx_checker_full(model) -> None:

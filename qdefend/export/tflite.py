@@ -22,6 +22,10 @@ conversion :func:`_make_batch_dynamic` rewrites the stored shapes, with the batc
 tensors found by asking the TFLite kernels themselves (allocate at two batches, see which
 tensors follow). Kernels recompute every shape at allocate_tensors, so the ops, weights and int8
 outputs are exactly those litert wrote; only the shape metadata changes.
+
+Then :func:`im2col_first_conv` makes the first conv (one input channel: litert writes a
+DEPTHWISE_CONV_2D with depth multiplier = out channels) a 1x1 CONV_2D over its im2col, as the
+ONNX exporter does (``qdefend.export.onnx.im2col_first_conv``), here with an int8 one-hot conv.
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ from torch import nn
 from qdefend import quant
 from qdefend.errors import QdefendError
 
-from .onnx import _batch_example, graph_kind
+from .onnx import IM2COL_MAX_K, _batch_example, graph_kind
 
-__all__ = ["CONV_OPS", "export_tflite", "tflite_report"]
+__all__ = ["CONV_OPS", "export_tflite", "im2col_first_conv", "tflite_report"]
 
 CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
 
@@ -74,9 +78,10 @@ def _has_folded_weights(gm: nn.Module) -> bool:
 
 
 def export_tflite(prepared_or_float: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
-                  int8: bool = True, dynamic_batch: bool = True) -> dict[str, Any]:
+                  int8: bool = True, dynamic_batch: bool = True, im2col: bool = True) -> dict[str, Any]:
     """Write a .tflite of a QAT/PTQ-prepared graph, an int8 graph converted with
-    fold_quantize=False, or (int8=False) a float module; returns :func:`tflite_report`.
+    fold_quantize=False, or (int8=False) a float module; returns :func:`tflite_report`, with
+    "rewrites" (what :func:`im2col_first_conv` did, when `im2col` and it applies).
 
     A prepared graph is converted here (a copy; the argument is left as it is).
     """
@@ -106,7 +111,10 @@ def export_tflite(prepared_or_float: nn.Module, example: torch.Tensor, path: str
         edge.export(str(path))
     if dynamic_batch:
         _make_batch_dynamic(path)
-    return tflite_report(path)
+    rewrites = []
+    if int8 and im2col and (note := im2col_first_conv(path)):
+        rewrites.append(note)
+    return {**tflite_report(path), "rewrites": rewrites}
 
 
 _PROBE_BATCHES = (3, 5)
@@ -165,6 +173,126 @@ def _make_batch_dynamic(path: Path) -> list[int]:
         changed.append(k)
     fbu.write_model(model, str(path))
     return changed
+
+
+def _opcode(model, code: int) -> int:
+    """The index of builtin operator `code` in the model's operator codes (added if missing)."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    for i, c in enumerate(model.operatorCodes):
+        if max(c.builtinCode, c.deprecatedBuiltinCode) == code:
+            return i
+    c = fb.OperatorCodeT()
+    c.builtinCode, c.deprecatedBuiltinCode, c.version = code, min(code, 127), 3  # 3: per-channel int8
+    model.operatorCodes.append(c)
+    return len(model.operatorCodes) - 1
+
+
+def _add_tensor(model, name: str, shape, signature, ttype: int, data: np.ndarray | None,
+                scale, zero_point, axis: int = 0) -> int:
+    """Append a quantised tensor (a constant when `data` is given) to the first subgraph."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    sg = model.subgraphs[0]
+    t = fb.TensorT()
+    t.name, t.type, t.buffer = name.encode(), ttype, 0
+    t.shape = np.asarray(shape, np.int32)
+    if signature is not None:
+        t.shapeSignature = np.asarray(signature, np.int32)
+    if data is not None:
+        b = fb.BufferT()
+        b.data = np.frombuffer(np.ascontiguousarray(data).tobytes(), np.uint8).copy()
+        model.buffers.append(b)
+        t.buffer = len(model.buffers) - 1
+    q = fb.QuantizationParametersT()
+    q.scale, q.zeroPoint = np.asarray(scale, np.float32), np.asarray(zero_point, np.int64)
+    q.quantizedDimension = axis
+    t.quantization = q
+    sg.tensors.append(t)
+    return len(sg.tensors) - 1
+
+
+def im2col_first_conv(path: str | os.PathLike, max_k: int = IM2COL_MAX_K) -> str | None:
+    """Rewrite an int8 .tflite in place: its first conv with few inputs per output pixel (a
+    DEPTHWISE_CONV_2D over one input channel, as litert writes a 1-channel conv, or a CONV_2D with
+    in_channels x kernel area <= `max_k`) becomes an int8 CONV_2D with one-hot kernels that
+    copies the pixels each output reads into in_channels x kernel area channels (the original
+    padding, strides and dilations), then a 1x1 CONV_2D with the original weights laid out the same
+    way ((dy, dx), then input channel), its bias, output quantisation and fused activation.
+    Returns what it did, or None where it does not apply.
+
+    Exact: the copy's weights are 127 at scale 1/127 and its output has the input's scale and
+    zero point, so each copied value is (x - zp) * 127 * (1/127) + zp, which rounds back to x
+    (|x - zp| <= 255, the rescale is within 1e-7 of 1), and its padding is the input zero point,
+    as the original conv's; the 1x1 conv then sums the same int32 products. Why: XNNPACK runs a
+    3x3 conv over one channel as an indirect GEMM whose 9 taps each take a whole group of input
+    bytes, so the first conv (3% of the encoder's MACs) took 23% of its time; a 1x1 conv is a
+    plain GEMM."""
+    from ai_edge_litert import schema_py_generated as fb
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    model = fbu.read_model(str(path))
+    sg = model.subgraphs[0]
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    B = fb.BuiltinOperator
+    at = next((k for k, op in enumerate(sg.operators) if codes[op.opcodeIndex] in (B.CONV_2D, B.DEPTHWISE_CONV_2D)), None)
+    if at is None:
+        return None
+    op = sg.operators[at]
+    depthwise = codes[op.opcodeIndex] == B.DEPTHWISE_CONV_2D
+    x_i, w_i, b_i = (int(i) for i in op.inputs)
+    X, W, Y = sg.tensors[x_i], sg.tensors[w_i], sg.tensors[int(op.outputs[0])]
+    data = model.buffers[W.buffer].data if W.buffer else None
+    if (X.type != fb.TensorType.INT8 or W.type != fb.TensorType.INT8 or data is None or b_i < 0
+            or X.quantization is None or len(X.quantization.scale) != 1 or W.name == b"im2col_onehot"):
+        return None  # not an int8 conv with constant weights and a bias, or rewritten already
+    if depthwise:  # weights [1, kh, kw, out]: a full conv only over one input channel
+        _, kh, kw, out = (int(v) for v in W.shape)
+        c = int(X.shape[3])
+        w = np.frombuffer(bytes(data), np.int8).reshape(kh, kw, out).transpose(2, 0, 1)[..., None]
+        if c != 1:
+            return None
+    else:  # weights [out, kh, kw, in]
+        out, kh, kw, c = (int(v) for v in W.shape)
+        w = np.frombuffer(bytes(data), np.int8).reshape(out, kh, kw, c)
+    k = c * kh * kw
+    if k > max_k or (kh, kw) == (1, 1) or any(int(v) != 0 for v in W.quantization.zeroPoint):
+        return None
+    opt = op.builtinOptions
+    onehot = np.zeros((k, kh, kw, c), np.int8)  # channel (dy * kw + dx) * c + input channel
+    for dy in range(kh):
+        for dx in range(kw):
+            for ci in range(c):
+                onehot[(dy * kw + dx) * c + ci, dy, dx, ci] = 127
+    s_x, zp_x = float(X.quantization.scale[0]), int(X.quantization.zeroPoint[0])
+    shape = [*(int(v) for v in Y.shape[:3]), k]
+    sig = None if Y.shapeSignature is None or not len(Y.shapeSignature) else [*(int(v) for v in Y.shapeSignature[:3]), k]
+    w_copy = _add_tensor(model, "im2col_onehot", onehot.shape, None, fb.TensorType.INT8, onehot, [1 / 127] * k, [0] * k)
+    b_copy = _add_tensor(model, "im2col_onehot_bias", [k], None, fb.TensorType.INT32, np.zeros(k, np.int32),
+                         [s_x / 127] * k, [0] * k)
+    col = _add_tensor(model, "im2col", shape, sig, fb.TensorType.INT8, None, [s_x], [zp_x])
+    scale = np.broadcast_to(np.asarray(W.quantization.scale, np.float32), (out,))
+    w1 = _add_tensor(model, "im2col_conv_weights", [out, 1, 1, k], None, fb.TensorType.INT8,
+                     w.reshape(out, k), scale, [0] * out)
+
+    def conv(inputs, outputs, padding, strides, dilations, act) -> Any:
+        o = fb.OperatorT()
+        o.opcodeIndex, o.builtinOptionsType = _opcode(model, B.CONV_2D), fb.BuiltinOptions.Conv2DOptions
+        c2 = fb.Conv2DOptionsT()
+        c2.padding, (c2.strideH, c2.strideW), (c2.dilationHFactor, c2.dilationWFactor) = padding, strides, dilations
+        c2.fusedActivationFunction = act
+        o.builtinOptions, o.inputs, o.outputs = c2, np.asarray(inputs, np.int32), np.asarray(outputs, np.int32)
+        return o
+
+    copy = conv([x_i, w_copy, b_copy], [col], opt.padding, (opt.strideH, opt.strideW),
+                (opt.dilationHFactor, opt.dilationWFactor), fb.ActivationFunctionType.NONE)
+    gemm = conv([col, w1, b_i], [int(op.outputs[0])], fb.Padding.VALID, (1, 1), (1, 1), opt.fusedActivationFunction)
+    sg.operators[at:at + 1] = [copy, gemm]
+    if not any(w_i in o.inputs for o in sg.operators):  # the old weights, now unused
+        model.buffers[W.buffer].data = None
+    fbu.write_model(model, str(path))
+    return (f"first conv ({c} input channel{'s' * (c > 1)}, {kh}x{kw}) as a 1x1 conv over its im2col "
+            f"(an int8 one-hot conv, {k} channels) (exact)")
 
 
 def _interpreter(path: str | os.PathLike):
