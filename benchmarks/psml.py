@@ -1,7 +1,8 @@
 """PSML on Fashion-MNIST: a served model zoo, its fingerprint-then-extract attack, and the noise defense.
 
     python benchmarks/psml.py [--runs-dir runs/psml] [--out benchmarks/results/psml] [--budget 5000]
-        [--noises gaussian:0.02 ... drop:0.8,mid] [--attackers steady,center,vote3,filter,tag] [--load-requests 1500]
+        [--noises gaussian:0.02 ... drop:0.8,mid/image] [--attackers steady,center,vote3,filter,seq,tag]
+        [--load-requests 1500]
         [--clients 2] [--size full|quick] [--threads 1] [--seeds 0,1,2] [--force]
 
 The zoo: int8 QAT heads over one int8 encoder (``qdefend serve --zoo``). ``base`` is the reference
@@ -31,9 +32,14 @@ clone), seed 0; fidelity is always to the zoo's most accurate head (the victim) 
   pin: the point of the victim's band that answers steadiest), ``center`` (pins the band's
   middle), ``vote3`` (steady pin, 3 asks an image), ``filter`` (steady pin, ``filter=auto``:
   each image asked R times at the pin plus once at a pin only a lower model answers, keeping the
-  answers that differ from that model's) and ``tag`` (steady pin, ``tag=true``: every request
-  carries the 8 probes, whose answers name the head that answered it; the requests the victim
-  answered are kept; see ``qdefend.attacks.extraction.fingerprint``).
+  answers that differ from that model's), ``seq`` (steady pin, ``filter=seq``: the same, but each
+  image asked at the pin only until an answer differs, for as many images as the budget lasts)
+  and ``tag`` (steady pin, ``tag=true``: every request carries the 8 probes, whose answers name
+  the head that answered it; the requests the victim answered are kept; see
+  ``qdefend.attacks.extraction.fingerprint``). A noise spec ending in ``/image`` draws the noise
+  per image (each image of a request answered by its own pick), which defeats the tag; there the
+  attackers fingerprint with one probe image an ask (``ATTACKER_PER_IMAGE``), since 8 probes would
+  come back from several heads at once and look like models never seen.
   Protection = the undefended ``fingerprint`` row minus the *best* of these attackers (the worst
   case for the defense). Goodput is measured first, under a bounded loopback load of
   legitimate users only: ``--clients`` threads post ``--load-requests`` one-image requests with
@@ -81,12 +87,15 @@ SIZES = {
 }
 ZOO = ("low", "mid", "high", "adam", "top")
 ATTACKER = {"probes": 8, "repeats": 3}
+ATTACKER_PER_IMAGE = {**ATTACKER, "probes": 1}  # noise drawn per image: one probe an ask, a pure answer
 ATTACKERS = {"steady": {"pin": "steady"}, "center": {"pin": "center"}, "vote3": {"pin": "steady", "vote": 3},
-             "filter": {"pin": "steady", "filter": "auto"}, "tag": {"pin": "steady", "tag": True}}
+             "filter": {"pin": "steady", "filter": "auto"}, "seq": {"pin": "steady", "filter": "seq"},
+             "tag": {"pin": "steady", "tag": True}}
 # a drop level may name a member (``drop:0.6,mid``: to mid's profiled accuracy)
 NOISES = ("gaussian:0.02", "gaussian:0.03", "gaussian:0.05", "gaussian:0.08", "gaussian:0.12", "drop:0.9",
           "drop:0.3,mid", "drop:0.5,mid", "drop:0.6,mid", "drop:0.7,mid", "drop:0.75,mid", "drop:0.8,mid",
-          "drop:0.9,mid", "drop:0.95,high")
+          "drop:0.85,mid", "drop:0.9,mid", "drop:0.95,high", "drop:0.8,mid/image", "drop:0.85,mid/image",
+          "drop:0.9,mid/image")
 CURVE = (250, 500, 1000, 2000)  # the single model's extra budgets: what fewer answers of the victim are worth
 USERS_STREAM = 7919  # goodput_load's targets: a random stream apart from the zoo's noise of the same seed
 GOAL = {"fidelity_cut": 0.04, "goodput": 0.80}  # the issue's target: a >= 4-point cut at >= 80% goodput
@@ -130,12 +139,13 @@ def parse_args(argv):
 
 
 def resolve_noise(spec: str, accuracy: dict[str, float]) -> str:
-    """``drop:P,NAME`` -> ``drop:P,<NAME's accuracy>``; other specs unchanged."""
-    dist, _, values = spec.partition(":")
+    """``drop:P,NAME[/image]`` -> ``drop:P,<NAME's accuracy>[/image]``; other specs unchanged."""
+    body, slash, per = spec.partition("/")
+    dist, _, values = body.partition(":")
     head, sep, level = values.partition(",")
     if dist != "drop" or not sep or level not in accuracy:
         return spec
-    return f"drop:{head},{accuracy[level]:.6f}"
+    return f"drop:{head},{accuracy[level]:.6f}{slash}{per}"
 
 
 # ------------------------------------------------------------------------------ the zoo
@@ -269,8 +279,10 @@ def attack(server: Server, base: Path, data, mode: str, budget: int, accuracy_ra
 
     target = open_zoo_target(base, f"zoo:{server.url}", truth=ZooEvaluator(server.zoo), deadline_s=1800, seed=seed)
     budgets = sorted({b for b in CURVE if b < budget} | {budget}) if curve else [budget]
+    per_image = getattr(server.zoo.policy.noise, "per", "request") == "image"
     atk = build_attack("fingerprint", mode=mode, budgets=budgets, accuracy_range=accuracy_range,
-                       **ATTACKER, **(ATTACKERS[attacker] if mode == "fingerprint" else {}))
+                       **(ATTACKER_PER_IMAGE if per_image else ATTACKER),
+                       **(ATTACKERS[attacker] if mode == "fingerprint" else {}))
     t0 = time.perf_counter()
     res = atk.run(target, data, seed=seed, progress=lambda m: print(f"    {m}", file=sys.stderr, flush=True))
     fp = res.extra.get("fingerprint") or {}
@@ -289,6 +301,7 @@ def attack(server: Server, base: Path, data, mode: str, budget: int, accuracy_ra
             "victim_identified": res.metrics.get("victim_identified"), "vote": res.extra.get("vote"),
             "filter": res.extra.get("filter"), "tag": res.extra.get("tag"), "reference_member": fp.get("reference_member"),
             "pinned": fp.get("pinned"), "clusters": fp.get("clusters"), "pin_candidates": fp.get("pin_candidates"),
+            "probes": atk.config.probes,
             "best_head_share_at_pin": share, "fidelity_to": res.extra.get("fidelity_to"),
             "curve": [{k: c[k] for k in ("queries", "clone_acc", "fidelity")} for c in res.extra["curve"]],
             "http_requests": target.requests, "wall_s": round(time.perf_counter() - t0, 1)}
@@ -322,12 +335,14 @@ def defense_keys(rows: dict) -> list[str]:
 
 def _noise(key: str) -> tuple[str, float]:
     """``defense@drop:0.3,mid`` -> ("drop to mid", 0.3): the family (what the sweep keeps fixed)
-    and the swept scale (the accuracy scale, or a drop's probability)."""
-    dist, _, values = key.split("@", 1)[1].partition(":")
+    and the swept scale (the accuracy scale, or a drop's probability); ``/image``: ", per image"."""
+    body, _, per = key.split("@", 1)[1].partition("/")
+    dist, _, values = body.partition(":")
     scale, *rest = values.split(",")
+    each = f", per {per}" if per else ""
     if dist == "drop":
-        return f"drop to {rest[0]}" if rest else "drop to the second best", float(scale)
-    return (f"{dist}, latency {rest[0]}" if rest and float(rest[0]) else dist), float(scale)
+        return (f"drop to {rest[0]}" if rest else "drop to the second best") + each, float(scale)
+    return (f"{dist}, latency {rest[0]}" if rest and float(rest[0]) else dist) + each, float(scale)
 
 
 def protection(rows: dict, key: str) -> dict | None:
@@ -429,7 +444,7 @@ def plot(rows: dict, path: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(7.6, 5.4))
     dists = list(dict.fromkeys(_noise(k)[0] for k in keys))
-    for color, dist in zip(("C0", "C3", "C2", "C1", "C4"), dists):
+    for color, dist in zip(("C0", "C3", "C2", "C1", "C4", "C5", "C6", "C8"), dists):
         ks = [k for k in keys if _noise(k)[0] == dist]
         gp = [100 * g0["goodput"]] + [100 * rows[k]["goodput"]["goodput"] for k in ks]
         prot = [protection(rows, k) for k in ks]
@@ -510,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     roots = build_zoo(args.runs_dir, args.size, say)
     members = [f"{roots[k]}:int8" for k in ZOO]
-    settings = {"size": args.size, "budget": args.budget, "attacker": ATTACKER, "load_requests": args.load_requests,
+    settings = {"size": args.size, "budget": args.budget, "attacker": ATTACKER,
+                "attacker_per_image_noise": ATTACKER_PER_IMAGE, "load_requests": args.load_requests,
                 "clients": args.clients, "threads": args.threads, "members": members, "attackers": args.attackers,
                 "schema": 3}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -718,7 +734,7 @@ def seeds_plot(summary: list[dict], path: Path) -> Path | None:
     fam = lambda p: _noise(p["key"])  # noqa: E731
     dists = list(dict.fromkeys(fam(p)[0] for p in points))
     g0 = _stats(none["goodput"])
-    for color, dist in zip(("C0", "C3", "C2", "C1", "C4"), dists):
+    for color, dist in zip(("C0", "C3", "C2", "C1", "C4", "C5", "C6", "C8"), dists):
         ps = sorted((p for p in points if fam(p)[0] == dist), key=lambda p: fam(p)[1])
         gm = [g0] + [_stats(p["goodput"]) for p in ps]
         cm = [(0.0, 0.0)] + [_stats(p["fidelity_cut"]) for p in ps]

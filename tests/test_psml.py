@@ -129,6 +129,35 @@ def test_target_noise_parses_and_blurs_the_selection_in_proportion():
     assert [same[0].select(t) for _ in range(30)] == [same[1].select(t) for _ in range(30)]
 
 
+def test_noise_drawn_per_image_answers_each_image_with_its_own_pick(narrow_members, token_file, probes):
+    n = TargetNoise.parse("drop:0.6/image")
+    assert (n.per, n.spec()) == ("image", "drop:0.6/image") and TargetNoise.parse("drop:0.6/request").per == "request"
+    assert TargetNoise.parse("gaussian:0.02/image").spec() == "gaussian:0.02,0/image"
+    with pytest.raises(QdefendError, match="/request or /image"):
+        TargetNoise.parse("drop:0.6/often")
+    seen = {}
+    for noise in ("drop:0.5/image", "drop:0.5"):
+        server, svc = _zoo_server(narrow_members, token_file, noise=noise, seed=1)
+        try:
+            target = _target(server, svc, narrow_members)
+            ev = target.truth
+            feats = target.encode(probes)
+            want = [ev.probabilities(i, feats.q, feats.scale, feats.zero_point, target.sha256) for i in range(3)]
+            rows = []
+            for _ in range(20):  # the upper end of c's band: each image answered by b or c
+                p = target.ask(feats, (0.88, 1000.0))
+                rows.append([next(i for i in (1, 2) if np.array_equal(p[k], want[i][k])) for k in range(len(p))])
+            seen[noise] = (np.array(rows), svc.goodput.snapshot())
+        finally:
+            server.stop()
+    per_image, snap = seen["drop:0.5/image"]
+    mixed = [len(set(r)) > 1 for r in per_image]
+    assert sum(mixed) >= 15 and 0.3 <= (per_image == 1).mean() <= 0.7  # 6 images: all alike in 3% of asks
+    assert snap["requests"] == 20 and snap["missed_accuracy"] == sum((r == 1).any() for r in per_image)
+    per_request, _ = seen["drop:0.5"]
+    assert all(len(set(r)) == 1 for r in per_request) and len({r[0] for r in per_request}) == 2
+
+
 def test_drop_noise_moves_only_targets_above_its_level():
     n = TargetNoise.parse("drop:0.6")
     assert (n.dist, n.accuracy, n.drop_to) == ("drop", 0.6, None) and n.spec() == "drop:0.6"
@@ -491,6 +520,17 @@ def test_benchmark_table_verdict_and_plot_from_fixed_rows(psml_bench, tmp_path):
     assert psml_bench.plot(rows, tmp_path / "p.png").stat().st_size > 10_000
 
 
+def test_benchmark_noise_specs_name_members_and_keep_the_per_image_suffix(psml_bench):
+    acc = {"mid": 0.7789}
+    assert psml_bench.resolve_noise("drop:0.8,mid/image", acc) == "drop:0.8,0.778900/image"
+    assert psml_bench.resolve_noise("drop:0.8,mid", acc) == "drop:0.8,0.778900"
+    assert psml_bench.resolve_noise("gaussian:0.05/image", acc) == "gaussian:0.05/image"
+    assert TargetNoise.parse(psml_bench.resolve_noise("drop:0.8,mid/image", acc)).per == "image"
+    assert psml_bench._noise("defense@drop:0.8,mid/image") == ("drop to mid, per image", 0.8)
+    assert psml_bench._noise("defense@drop:0.8,mid") == ("drop to mid", 0.8)
+    assert psml_bench._noise("defense@gaussian:0.05") == ("gaussian", 0.05)
+
+
 def test_benchmark_across_seeds_uses_each_seeds_best_attacker_and_reports_the_worst(psml_bench, tmp_path):
     row, load = _row, _load
 
@@ -542,11 +582,12 @@ def test_filter_is_paid_for_and_checked():
                       ({"vote": 3, "filter": 3}, "needs mode=fingerprint and vote=1"),
                       ({"filter": 3, "budgets": [500, 1000]}, "give one budget.*--set budgets=1000"),
                       ({"filter": 3, "budgets": [3]}, "asks each image 4 times, more than the budget 3"),
-                      ({"filter": "often"}, "number of asks an image or auto.*--set filter=3"),
+                      ({"filter": "often"}, "number of asks an image, auto or seq.*--set filter=3"),
                       ({"filter": -1}, "fingerprint.filter must be")]:
         with pytest.raises(AttackError, match=words):
             build_attack("fingerprint", **kw)
     assert build_attack("fingerprint", filter="auto", budgets=[500]).config.filter == "auto"
+    assert build_attack("fingerprint", filter="seq", budgets=[500]).config.filter == "seq"
 
 
 def _collect_behind_drop(narrow_members, token_file, pool_size, **attack):
@@ -618,6 +659,50 @@ def test_reference_filter_keeps_the_first_answer_that_differs_from_the_reference
     f = ReferenceFilter(Zoo([b, b, b]), 2, (0.6, 1000.0), 1e-4)  # nothing differs: dropped
     assert f.predict_proba(np.zeros((2, 1))).tolist() == b.tolist() and not f.kept[0].any()
     assert f.first[0].tolist() == b.tolist() and f.images == 2
+
+
+def test_sequential_filter_stops_asking_an_image_once_it_differs_and_keeps_to_its_budget():
+    from qdefend.attacks.extraction.fingerprint import SequentialFilter
+    from qdefend.edge.runtime import Features
+
+    a, b, c = np.eye(3)
+
+    class Zoo:  # one answer per row asked, scripted per ask: the reference ask, then asks at the pin
+        targets = (0.9, 10.0)
+
+        def __init__(self, answers):
+            self.answers, self.asked = iter(answers), []
+
+        def encode(self, x):
+            return Features(np.zeros((len(x), 4), np.int8), 0.1, 0)
+
+        def ask(self, feats, targets):
+            self.asked.append((len(feats.q), targets))
+            return np.stack(next(self.answers)[:len(feats.q)])
+
+    zoo = Zoo([[b, b, b], [b, c, b], [a, b], [b]])  # reference b; image 1 differs first, then image 0
+    f = SequentialFilter(zoo, 3, (0.6, 1000.0), 1e-4, budget=100)
+    out = f.predict_proba(np.zeros((3, 1)))
+    assert out.tolist() == [a.tolist(), c.tolist(), b.tolist()] and f.kept[0].tolist() == [True, True, False]
+    assert [n for n, _ in zoo.asked] == [3, 3, 2, 1] and f.spent == 9 and f.images == 3  # 3 asks at most
+    assert zoo.asked[0][1] == (0.6, 1000.0) and f.first[0].tolist() == [b.tolist(), c.tolist(), b.tolist()]
+    zoo = Zoo([[b, b], [b, b], [c]])  # budget 5: the reference (2), the pin (2), then one image more
+    f = SequentialFilter(zoo, 8, (0.6, 1000.0), 1e-4, budget=5)
+    assert f.predict_proba(np.zeros((2, 1))).tolist() == [c.tolist(), b.tolist()] and f.spent == 5
+    assert f.predict_proba(np.zeros((2, 1))).tolist() == [[0, 0, 0]] * 2  # nothing left: not asked, dropped
+    assert np.concatenate(f.kept).tolist() == [True, False, False, False] and f.images == 2
+
+
+def test_sequential_filtering_attacker_spends_its_budget_on_the_victims_answers(narrow_members, token_file):
+    """The same drop:0.7 zoo as the filter's test: one reference ask an image, then asks at the pin
+    until c answers; every ask is paid for, and every kept answer is c's."""
+    info, ys, best, samples, requests = _collect_behind_drop(narrow_members, token_file, 600, filter="seq",
+                                                             query_batch=40)
+    fp, filt = info["fingerprint"], info["filter"]
+    assert fp["victim_identified"] and filt["sequential"] and filt["asks"] == 16
+    assert filt["queries"] == 480 and samples == fp["queries"] + 480  # the whole budget, each ask paid for
+    assert 0 < filt["kept"] == len(ys) <= filt["images"] < 240 and not filt["fallback"]
+    assert all(np.abs(best - y).max(1).min() <= 1e-6 for y in ys)
 
 
 @pytest.mark.slow

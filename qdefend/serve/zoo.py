@@ -41,6 +41,13 @@ protected members (those above TO) to the member at TO, wherever in their bands 
 draw on anyone else (raising a target would cost no goodput either: a more accurate member still
 meets it, but it never moves the attacker off the best member).
 
+A draw is made per request (default) or, with the spec's ``/image`` suffix (``drop:0.85/image``),
+per image: each image of a request is then answered by the member its own draw picks, as if each
+were its own query (PSML's queries are single inputs; a request batching several is the client's
+choice). Per request, every image of a request shares one member, and an attacker that sends
+known probe images along with its queries learns from their answers which member answered the rest
+(the tagging attacker, ``qdefend.attacks.extraction.fingerprint``); per image, it cannot.
+
 Goodput (:class:`Goodput`) = the share of requests carrying targets that were answered within
 their latency target (server time from the request's arrival at the handler to its answer) by a
 model meeting their accuracy target; refused requests count as missed.
@@ -75,6 +82,7 @@ __all__ = ["ACCURACY_HEADER", "LATENCY_HEADER", "Profile", "Targets", "TargetNoi
 ACCURACY_HEADER = "X-Qdefend-Accuracy"
 LATENCY_HEADER = "X-Qdefend-Latency-Ms"
 NOISE_DISTS = ("gaussian", "uniform", "drop")
+NOISE_PER = ("request", "image")  # target noise drawn once per request, or once per image of it
 
 
 @dataclass(frozen=True)
@@ -130,9 +138,11 @@ class TargetNoise:
     accuracy: float = 0.0
     latency: float = 0.0
     drop_to: float | None = None
+    per: str = "request"  # a draw per request, or per image ("/image")
 
     def __post_init__(self):
         check_choice(self.dist, "--target-noise distribution", NOISE_DISTS, fix="--target-noise gaussian:0.02")
+        check_choice(self.per, "--target-noise draw (the /SUFFIX)", NOISE_PER, fix="--target-noise drop:0.6/image")
         what = "probability" if self.dist == "drop" else "scale"
         check_number(self.accuracy, f"--target-noise accuracy {what}", lo=0, hi=1,
                      fix="--target-noise drop:0.6" if self.dist == "drop" else "--target-noise gaussian:0.02")
@@ -144,9 +154,14 @@ class TargetNoise:
     @classmethod
     def parse(cls, text: str | None) -> "TargetNoise | None":
         """``gaussian:0.02`` (accuracy scale; latency 0), ``uniform:0.02,0.1`` (accuracy, latency),
-        ``drop:0.6`` (probability; to the second-best member) or ``drop:0.6,0.77`` (to 0.77)."""
+        ``drop:0.6`` (probability; to the second-best member) or ``drop:0.6,0.77`` (to 0.77); a
+        ``/image`` suffix draws per image, ``/request`` (the default) per request."""
         if not text:
             return None
+        text, _, per = text.partition("/")
+        if per and per not in NOISE_PER:
+            raise QdefendError(f"--target-noise {text}/{per}: the suffix says how often the noise is drawn, "
+                               f"/{' or /'.join(NOISE_PER)}: e.g. --target-noise drop:0.6/image")
         dist, _, scales = text.partition(":")
         try:
             values = [float(v) for v in scales.split(",")] if scales else []
@@ -158,13 +173,14 @@ class TargetNoise:
                                "gaussian:0.02 or drop:0.6")
         second = values[1] if len(values) > 1 else None
         if dist == "drop":
-            return cls(dist, values[0], 0.0, second)
-        return cls(dist, values[0], second or 0.0)
+            return cls(dist, values[0], 0.0, second, per or "request")
+        return cls(dist, values[0], second or 0.0, per=per or "request")
 
     def spec(self) -> str:
+        per = "" if self.per == "request" else f"/{self.per}"
         if self.dist == "drop":
-            return f"drop:{self.accuracy:g}" + ("" if self.drop_to is None else f",{self.drop_to:g}")
-        return f"{self.dist}:{self.accuracy:g},{self.latency:g}"
+            return f"drop:{self.accuracy:g}" + ("" if self.drop_to is None else f",{self.drop_to:g}") + per
+        return f"{self.dist}:{self.accuracy:g},{self.latency:g}" + per
 
     def apply(self, t: Targets, rng: np.random.Generator, drop_to: float = 0.0) -> Targets:
         if self.dist == "drop":
@@ -220,6 +236,13 @@ class SelectionPolicy:
             noisy = self.noise.apply(t, self._rng, self.drop_to)
         i = self.select_clean(noisy)
         return i if i is not None else clean
+
+    def select_each(self, t: Targets, n: int) -> list[int | None]:
+        """The member for each of `n` images of a request: one :meth:`select` for all of them, or
+        one each when the noise is drawn per image."""
+        if self.noise is None or self.noise.per == "request" or n == 1:
+            return [self.select(t)] * n
+        return [self.select(t) for _ in range(n)]
 
     def meets(self, i: int, t: Targets) -> bool:
         """Whether member `i`'s profiled accuracy meets the request's (clean) accuracy target."""
@@ -362,24 +385,39 @@ class ZooService:
                                     "head of this zoo reads: update the device's bundle", "encoder")
 
     def infer(self, msg: Message, targets: Targets | None = None) -> dict[str, Any]:
-        """Check `msg`, pick the member for `targets` and answer with it (the member is not named).
-        The chosen member's index is in the answer's ``_member`` (the app removes it)."""
+        """Check `msg`, pick the member for `targets` and answer with it (the member is not named);
+        with noise drawn per image, each image's own member answers it. The chosen members'
+        indices, one per image, are in the answer's ``_member`` (the app removes it)."""
         t = targets or Targets()
         self.check(msg)
-        i = self.policy.select(t)
-        if i is None:
+        picks = self.policy.select_each(t, len(msg.q))
+        if picks[0] is None:  # refusal depends on the clean targets only: all or none
             raise RequestError(422, f"no model of this zoo meets {ACCURACY_HEADER} {t.accuracy:g}: ask for a lower "
                                     "accuracy", "zoo_accuracy")
-        res = self.services[i].infer(msg)
+        members = sorted(set(picks))
+        if len(members) == 1:
+            res = self.services[members[0]].infer(msg)
+        else:
+            res = {"labels": [None] * len(picks), "classes": [None] * len(picks), "probabilities": [None] * len(picks)}
+            for i in members:
+                rows = [k for k, m in enumerate(picks) if m == i]
+                part = self.services[i].infer(Message(msg.q[rows], msg.scale, msg.zero_point, msg.encoder_sha256,
+                                                      msg.bits))
+                for key in ("labels", "classes", "probabilities"):
+                    for k, v in zip(rows, part[key]):
+                        res[key][k] = v
+                res["encoder"] = part["encoder"]
         res.pop("head", None)
-        res["_member"] = i
+        res["_member"] = picks
         return res
 
-    def account(self, t: Targets, member: int | None, elapsed_ms: float) -> str | None:
-        """Record one answered (member) or refused (None) request with targets; returns its outcome."""
+    def account(self, t: Targets, member: int | list[int] | None, elapsed_ms: float) -> str | None:
+        """Record one answered (its member, or each image's) or refused (None) request with targets;
+        returns its outcome. A request meets its accuracy target when every image's member does."""
         if not t.given:
             return None
-        met = None if member is None else self.policy.meets(member, t)
+        members = [member] if isinstance(member, int) else member
+        met = None if members is None else all(self.policy.meets(i, t) for i in members)
         outcome = self.goodput.outcome(t, met, elapsed_ms)
         self.goodput.record(outcome)
         return outcome
