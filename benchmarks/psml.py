@@ -24,8 +24,9 @@ clone), seed 0; fidelity is always to the zoo's most accurate head (the victim) 
   with a clone per budget in ``CURVE`` too (what fewer answers of the victim are worth);
 * ``naive``: the whole zoo, each request with targets drawn uniformly from the target box
   (accuracy in [0.5, 1], latency log-uniform in [0.05, 1000] ms; a refused draw is drawn again);
-* ``fingerprint``: the whole zoo, fingerprint (8 probes, majority of 3 asks per target) then
-  extract at the pinned targets; ``fingerprint+vote3``: the same, each extraction image asked 3
+* ``fingerprint``: the whole zoo, fingerprint (8 probes, majority of 3 asks per target, 16 single
+  asks at the top of the served range and at each pin candidate: ``ATTACKER``) then extract at
+  the pinned targets; ``fingerprint+vote3``: the same, each extraction image asked 3
   times and its most frequent answer kept (budget // 3 images);
 * ``defense@SPEC``: the same attackers on the zoo with ``--target-noise SPEC`` (accuracy noise
   only; in ``drop:P,NAME`` the level is member NAME's profiled accuracy): ``steady`` (the default
@@ -86,7 +87,9 @@ SIZES = {
               "verify_images": 500, "accuracy_range": [0.0, 1.0]},
 }
 ZOO = ("low", "mid", "high", "adam", "top")
-ATTACKER = {"probes": 8, "repeats": 3}
+# 16 single asks at the top of the served range and at each pin candidate: where noise leaves the
+# best head 1 ask in 8, 3 asks (the attack's default) miss it in about a third of the runs
+ATTACKER = {"probes": 8, "repeats": 3, "pin_repeats": 16}
 ATTACKER_PER_IMAGE = {**ATTACKER, "probes": 1}  # noise drawn per image: one probe an ask, a pure answer
 ATTACKERS = {"steady": {"pin": "steady"}, "center": {"pin": "center"}, "vote3": {"pin": "steady", "vote": 3},
              "filter": {"pin": "steady", "filter": "auto"}, "seq": {"pin": "steady", "filter": "seq"},
@@ -95,7 +98,7 @@ ATTACKERS = {"steady": {"pin": "steady"}, "center": {"pin": "center"}, "vote3": 
 NOISES = ("gaussian:0.02", "gaussian:0.03", "gaussian:0.05", "gaussian:0.08", "gaussian:0.12", "drop:0.9",
           "drop:0.3,mid", "drop:0.5,mid", "drop:0.6,mid", "drop:0.7,mid", "drop:0.75,mid", "drop:0.8,mid",
           "drop:0.85,mid", "drop:0.9,mid", "drop:0.95,high", "drop:0.8,mid/image", "drop:0.85,mid/image",
-          "drop:0.9,mid/image")
+          "drop:0.875,mid/image", "drop:0.9,mid/image")
 CURVE = (250, 500, 1000, 2000)  # the single model's extra budgets: what fewer answers of the victim are worth
 USERS_STREAM = 7919  # goodput_load's targets: a random stream apart from the zoo's noise of the same seed
 GOAL = {"fidelity_cut": 0.04, "goodput": 0.80}  # the target: a >= 4-point cut at >= 80% goodput

@@ -454,6 +454,7 @@ def _qdefend(*args):
     ([], "add --zoo"),
     (["--zoo", "--workers", "2"], "one process"),
     (["--zoo", "--target-noise", "laplace:0.1"], "--target-noise"),
+    (["--zoo", "--target-noise", "drop:0.5/often"], "/request or /image"),
 ])
 def test_cli_refuses_bad_zoo_settings_on_one_line(members, extra, words):
     p = _qdefend("serve", *members[:2], "--insecure-no-auth", "--head", "float", *extra)

@@ -515,8 +515,12 @@ def _reference(fp: Fingerprinter, served, victim: int, lo: float, hi: float, pin
     ref = near.most_common(1)[0][0] if near else below[-1] if below else None
     at_pin = [c for a, lat, c in fp.seen if a == pin_acc]  # the pin candidates' and the latency scan's asks
     share = float(np.mean([c == victim for c in at_pin]))
-    asks = {"auto": lambda: filter_asks(share), "seq": lambda: MAX_SEQ_ASKS * (share < 1)}.get(
-        cfg.filter, lambda: int(cfg.filter))()
+    if cfg.filter == "auto":
+        asks = filter_asks(share)
+    elif cfg.filter == "seq":  # the most asks an image; none when the victim answered every ask
+        asks = MAX_SEQ_ASKS if share < 1 else 0
+    else:
+        asks = int(cfg.filter)
     out = {"victim_share_at_pin": share, "pin_asks_seen": len(at_pin), "asks": asks, "auto": cfg.filter == "auto",
            "sequential": cfg.filter == "seq", "cluster": ref}
     if ref is None or asks == 0:
