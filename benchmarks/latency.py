@@ -16,8 +16,9 @@ qdefend. Inputs are the first images of the run's test split, normalised as the 
 
 Timing: every configuration is warmed up, then sampled with ``time.perf_counter`` round-robin
 (one sample of each configuration per round, in a shuffled order), so CPU contention from other
-processes hits every configuration alike; a sample averages enough back-to-back calls to last
->= 5 ms. Medians with p10/p90 are reported, and ratios are taken within this one run. Output: a
+processes hits every configuration alike; a sample follows one untimed call (the steady state,
+not the cache misses the previous configuration left) and averages enough back-to-back calls to
+last >= 5 ms. Medians with p10/p90 are reported, and ratios are taken within this one run. Output: a
 JSON file (machine, load average at start and end, per-configuration stats, int8-vs-float and
 vs-torch ratios, the goals) and a printed table. ``--profile`` adds ONNX Runtime per-node times
 (int8 and float, largest batch, 1 thread, the runtime's int8 mode), its GEMM kernels on this CPU
