@@ -240,6 +240,17 @@ def _reshaped(q_x, conv, dq_w) -> set[str]:
     return {q_x.output[0], conv.input[0], dq_w.input[0], dq_w.output[0]}
 
 
+def im2col_kernels(c: int, kh: int, kw: int) -> np.ndarray:
+    """The one-hot kernels (c * kh * kw, c, kh, kw) of an im2col as a conv: output channel
+    (dy * kw + dx) * c + ci copies input channel ci at offset (dy, dx). A weight (out, c, kh, kw)
+    laid out the same way, ``w.transpose(0, 2, 3, 1).reshape(out, -1)``, is its 1x1 conv."""
+    k = c * kh * kw
+    onehot = np.zeros((k, c, kh, kw), np.float32)
+    dy, dx, ci = np.meshgrid(np.arange(kh), np.arange(kw), np.arange(c), indexing="ij")
+    onehot[((dy * kw + dx) * c + ci).ravel(), ci.ravel(), dy.ravel(), dx.ravel()] = 1.0
+    return onehot
+
+
 def im2col_first_conv(model, max_k: int = IM2COL_MAX_K, to: int = PAD_CHANNELS_TO) -> str | None:
     """Turn a QDQ graph's first conv (as :func:`pad_first_conv_channels` finds it) into a 1x1
     conv over its own im2col, built in the graph before the input is quantised by a float Conv
@@ -272,10 +283,7 @@ def im2col_first_conv(model, max_k: int = IM2COL_MAX_K, to: int = PAD_CHANNELS_T
         return None
     kp = -(-k // to) * to
     onehot = np.zeros((kp, c, kh, kw), np.float32)
-    for dy in range(kh):
-        for dx in range(kw):
-            for ci in range(c):
-                onehot[(dy * kw + dx) * c + ci, ci, dy, dx] = 1.0
+    onehot[:k] = im2col_kernels(c, kh, kw)
     model.graph.initializer.append(numpy_helper.from_array(onehot, "im2col_onehot"))
     copy = helper.make_node("Conv", [q_x.input[0], "im2col_onehot"], ["im2col"], kernel_shape=[kh, kw],
                             **{a.name: list(a.ints) for a in conv.attribute if a.name in ("pads", "strides", "dilations")})

@@ -43,7 +43,7 @@ from torch import nn
 from qdefend import quant
 from qdefend.errors import QdefendError
 
-from .onnx import IM2COL_MAX_K, _batch_example, graph_kind
+from .onnx import IM2COL_MAX_K, _batch_example, graph_kind, im2col_kernels
 
 __all__ = ["CONV_OPS", "export_tflite", "im2col_first_conv", "tflite_report"]
 
@@ -259,11 +259,7 @@ def im2col_first_conv(path: str | os.PathLike, max_k: int = IM2COL_MAX_K) -> str
     if k > max_k or (kh, kw) == (1, 1) or any(int(v) != 0 for v in W.quantization.zeroPoint):
         return None
     opt = op.builtinOptions
-    onehot = np.zeros((k, kh, kw, c), np.int8)  # channel (dy * kw + dx) * c + input channel
-    for dy in range(kh):
-        for dx in range(kw):
-            for ci in range(c):
-                onehot[(dy * kw + dx) * c + ci, dy, dx, ci] = 127
+    onehot = (127 * im2col_kernels(c, kh, kw).transpose(0, 2, 3, 1)).astype(np.int8)  # [out, kh, kw, in]
     s_x, zp_x = float(X.quantization.scale[0]), int(X.quantization.zeroPoint[0])
     shape = [*(int(v) for v in Y.shape[:3]), k]
     sig = None if Y.shapeSignature is None or not len(Y.shapeSignature) else [*(int(v) for v in Y.shapeSignature[:3]), k]

@@ -243,14 +243,17 @@ class Fingerprinter:
         return [(math.exp(a), math.exp(b), c) for a, b, c in _runs(points, math.log(lo), math.log(hi))]
 
 
-def _ask_pinned(target: Any, feats) -> np.ndarray:
-    """The zoo's answers to encoded ``feats`` at the pinned targets; a refusal is an AttackError."""
+def _ask_pinned(target: Any, feats, reference: tuple[float, float] | None = None,
+                at: tuple[float, float] | None = None) -> np.ndarray:
+    """The zoo's answers to encoded ``feats`` at the pinned targets (or ``at``: a filter's
+    ``reference`` pin); a refusal is an AttackError naming the pins."""
     from qdefend.attacks.zoo import Refused
 
     try:
-        return target.ask(feats, target.targets)
+        return target.ask(feats, at or target.targets)
     except Refused:
-        raise AttackError(f"zoo target: the zoo refuses the pinned targets {target.targets}: pin "
+        also = "" if reference is None else f" or the reference pin {reference}"
+        raise AttackError(f"zoo target: the zoo refuses the pinned targets {target.targets}{also}: pin "
                           "reachable ones") from None
 
 
@@ -287,15 +290,9 @@ class ReferenceFilter:
         self.images = 0
 
     def predict_proba(self, images01: np.ndarray) -> np.ndarray:
-        from qdefend.attacks.zoo import Refused
-
         feats = self.target.encode(images01)
-        try:
-            pinned = np.stack([self.target.ask(feats, self.target.targets) for _ in range(self.asks)])
-            ref = self.target.ask(feats, self.reference)
-        except Refused:
-            raise AttackError(f"zoo target: the zoo refuses the pinned targets {self.target.targets} or the reference "
-                              f"pin {self.reference}: pin reachable ones") from None
+        pinned = np.stack([_ask_pinned(self.target, feats, self.reference) for _ in range(self.asks)])
+        ref = _ask_pinned(self.target, feats, self.reference, at=self.reference)
         differs = np.abs(pinned - ref[None]).max(2) > self.tol  # (asks, images)
         keep = differs.any(0)
         out = np.where(keep[:, None], pinned[differs.argmax(0), np.arange(len(ref))], ref)
@@ -319,15 +316,10 @@ class SequentialFilter:
         self.images = self.spent = 0  # images asked at the reference pin; asks made in all
         self.width = 0  # the answers' width (classes), from the first answer
 
-    def _ask(self, f, rows: np.ndarray, targets: tuple[float, float]) -> np.ndarray:
-        from qdefend.attacks.zoo import Refused
-
+    def _ask(self, f, rows: np.ndarray, at: tuple[float, float] | None = None) -> np.ndarray:
+        """Ask the zoo about images ``rows`` of ``f`` at the pin (or ``at``), and pay for them."""
         self.spent += len(rows)
-        try:
-            return self.target.ask(type(f)(f.q[rows], f.scale, f.zero_point, f.bits), targets)
-        except Refused:
-            raise AttackError(f"zoo target: the zoo refuses the pinned targets {self.target.targets} or the reference "
-                              f"pin {self.reference}: pin reachable ones") from None
+        return _ask_pinned(self.target, type(f)(f.q[rows], f.scale, f.zero_point, f.bits), self.reference, at)
 
     def predict_proba(self, images01: np.ndarray) -> np.ndarray:
         f = self.target.encode(images01)
@@ -336,7 +328,7 @@ class SequentialFilter:
         keep = np.zeros(n, bool)
         out = np.zeros((n, self.width), np.float32)
         if len(asked):
-            ref = self._ask(f, asked, self.reference)
+            ref = self._ask(f, asked, at=self.reference)
             self.width = ref.shape[1]
             out = np.zeros((n, ref.shape[1]), np.float32)
             out[asked] = ref
@@ -346,7 +338,7 @@ class SequentialFilter:
                 todo = todo[:max(0, self.budget - self.spent)]
                 if not len(todo):
                     break
-                ans = self._ask(f, todo, self.target.targets)
+                ans = self._ask(f, todo)
                 if k == 0:
                     first[todo] = ans
                 differs = np.abs(ans - out[todo]).max(1) > self.tol
