@@ -9,15 +9,18 @@ test images (the last 1,000 of the test set):
       the attacker also holds victim training images, ``overlap``), plus the default ``infer_time``
       9,000;
   (c) the plain decoder (He et al.) vs the residual one (CEM's ``res_normN8C64``), the CEM code's
-      own batch 256 / lr 1e-3 (``cem-batch256``) vs the default batch 64 / lr 2e-3, and the
-      ``fast`` CPU preset the demo runs;
+      own batch 256 / lr 1e-3 (``cem-batch256``) vs the default batch 64 / lr 2e-3, the ``fast``
+      CPU preset the demo runs, and the attacker's images augmented (``augment-*``: mirrored and/or
+      shifted copies queried too, :func:`qdefend.attacks.attacker.augmented_views`);
   (d) the decoder vs decoder + GAN refinement (``gan``, CEM's train_gan.py schedule).
 
 Features are computed once per target through the artifact (``qdefend.edge.runtime``) and kept
 in ``CACHE/NAME.npz`` (the encoder's outputs for every image the grid uses, the manifest's release
 steps and wire grid), so the grid can run on another machine, a GPU one say, with only torch and
 numpy: :class:`CachedTarget` applies the release and the wire exactly as the runtime does (the same
-numpy functions, the same seeds), so its features are the artifact's, bit for bit.
+numpy functions, the same seeds), so its features are the artifact's, bit for bit. Images outside
+the cache (augmented views) are answered by the run's artifact itself (the same sha256), so
+those cells need the run on the machine.
 
     python benchmarks/attack_strength.py cache --run runs/demo --name undefended
     python benchmarks/attack_strength.py cache --run runs/noise --name noise-0.1
@@ -57,16 +60,25 @@ N_TRAIN_IMAGES = 15000  # victim training images the cache holds (20k attacker i
 # name -> (attack, preset, params): every cell of the grid
 def cells() -> dict[str, tuple[str, str | None, dict[str, Any]]]:
     c: dict[str, tuple[str, str | None, dict[str, Any]]] = {"default": ("decoder", None, {})}
+    # the default without the mirrored views (qdefend.attacks.attacker.augmented_views): the default
+    # before they were added, and the decoder the epoch and data axes below were measured with
+    none = {"augment": "none"}
+    c["no-augment"] = ("decoder", None, none)
     c["cem-batch256"] = ("decoder", "cem", {})  # the CEM code's batch 256 / lr 1e-3
     for e in (10, 20, 100):
-        c[f"epochs-{e}"] = ("decoder", None, {"epochs": e})
+        c[f"epochs-{e}"] = ("decoder", None, {"epochs": e, **none})
+    c["epochs-100-flip"] = ("decoder", None, {"epochs": 100})  # the default at twice its epochs
     for n in (1000, 2500, 5000, 10000, 20000):
-        c[f"train_time-{n}"] = ("decoder", None, {"protocol": "train_time", "aux_size": n, "overlap": n > 5000})
+        c[f"train_time-{n}"] = ("decoder", None, {"protocol": "train_time", "aux_size": n, "overlap": n > 5000, **none})
+    for n in (10000, 20000):  # the default's data doubled, within one protocol
+        c[f"train_time-{n}-flip"] = ("decoder", None, {"protocol": "train_time", "aux_size": n, "overlap": True})
+    c["augment-flip+shift-4"] = ("decoder", None, {"augment": "flip+shift", "views": 4})
     # fewer epochs at another lr / batch: a cheaper schedule only counts if it reaches the default's MSE
-    c["epochs-25-batch128"] = ("decoder", None, {"epochs": 25, "batch_size": 128, "lr": 1.4e-3})
-    c["plain-50"] = ("decoder", None, {"arch": "plain", "blocks": 0, "width": 32})
+    c["epochs-25-batch128"] = ("decoder", None, {"epochs": 25, "batch_size": 128, "lr": 1.4e-3, **none})
+    c["plain-50"] = ("decoder", None, {"arch": "plain", "blocks": 0, "width": 32, **none})
     c["plain-preset"] = ("decoder", "plain", {})
     c["fast-preset"] = ("decoder", "fast", {})
+    c["fast-preset-flip+shift-4"] = ("decoder", "fast", {"augment": "flip+shift", "views": 4})
     c["gan"] = ("gan", None, {})
     c["gan-fast"] = ("gan", "fast", {})  # the fast decoder refined for 20 epochs: the CPU check of (d)
     # the fast preset's former generator schedule (cosine period 40 epochs: lr still 5e-4 / 2 at the
@@ -77,7 +89,7 @@ def cells() -> dict[str, tuple[str, str | None, dict[str, Any]]]:
 
 
 AXES = {
-    "epochs": [("epochs-10", 10), ("epochs-20", 20), ("default", 50), ("epochs-100", 100)],
+    "epochs (no mirrored views)": [("epochs-10", 10), ("epochs-20", 20), ("no-augment", 50), ("epochs-100", 100)],
     "attacker images (train_time)": [(f"train_time-{n}", n) for n in (1000, 2500, 5000, 10000, 20000)],
 }
 
@@ -130,11 +142,32 @@ class CachedTarget(Target):
     def encoder_output(self, images01):
         x = np.asarray(images01)
         u8 = np.rint(x * 255).astype(np.uint8) if x.dtype != np.uint8 else x
-        try:
-            rows = [self._index[_key(im)] for im in u8]
-        except KeyError:
-            raise ValueError("an image outside the cache was asked for: rebuild it with `cache`") from None
-        return self._z[rows] if rows else np.zeros((0, *self.feature_shape), np.float32)
+        rows = [self._index.get(_key(im)) for im in u8]
+        if not rows:
+            return np.zeros((0, *self.feature_shape), np.float32)
+        if all(r is not None for r in rows):
+            return self._z[rows]
+        # images outside the cache (an attacker's augmented views): the run's artifact answers them
+        miss = np.array([r is None for r in rows])
+        out = np.empty((len(rows), *self.feature_shape), np.float32)
+        out[~miss] = self._z[[r for r in rows if r is not None]]
+        out[miss] = self._live().encoder_output(x[miss])
+        return out
+
+    def _live(self) -> Target:
+        if getattr(self, "_live_target", None) is None:
+            from qdefend.attacks.targets import open_target
+
+            try:
+                t = open_target(self.meta["run"], self.meta["artifact"])
+            except Exception as e:  # the run is not on this machine
+                raise ValueError(f"an image outside the cache was asked for and the cache's run "
+                                 f"{self.meta['run']} cannot answer it ({e}): run the grid where the run is") from None
+            if t.runtime.entry["sha256"] != self.meta.get("sha256"):
+                raise ValueError(f"{self.meta['run']}/{self.meta['artifact']} is not the artifact the cache was made "
+                                 "from (sha256 differs): rebuild the cache with `cache`")
+            self._live_target = t
+        return self._live_target
 
     @classmethod
     def load(cls, path: Path) -> "CachedTarget":
@@ -192,7 +225,8 @@ def run_cell(job: tuple[str, str, str, dict]) -> dict[str, Any]:
         params["device"] = device
     atk = build_attack(attack, preset=preset, **params)
     t0 = time.perf_counter()
-    res = atk.run(t, data, seed=0)
+    tag = f"[{t.meta['name']} {cell}]"
+    res = atk.run(t, data, seed=0, progress=lambda m: print(f"{tag} {m}", flush=True))
     row = {"target": t.meta["name"], "artifact": t.meta["artifact"], "artifact_sha256": t.meta.get("sha256"),
            "cell": cell, "attack": attack, "preset": preset or "default", "config": res.config, "metrics": res.metrics,
            "training": res.extra.get("training"), "attacker": res.extra.get("attacker"),
@@ -206,7 +240,7 @@ def run_cell(job: tuple[str, str, str, dict]) -> dict[str, Any]:
     from qdefend.plainjson import plain
 
     (ROWS / f"{t.meta['name']}--{cell}.json").write_text(json.dumps(plain(row), indent=1) + "\n")
-    print(f"[{t.meta['name']} {cell}] mse {res.metrics['mse']:.5f} ssim {res.metrics['ssim']:.4f} "
+    print(f"{tag} mse {res.metrics['mse']:.5f} ssim {res.metrics['ssim']:.4f} "
           f"converged {bool(res.metrics.get('converged'))} in {row['seconds']:.0f} s", flush=True)
     return row
 
@@ -295,8 +329,8 @@ def plot(rows: list[dict]) -> None:
                 ax.set_xscale("log")
                 ax.set_xlabel(axis)
                 ax.set_ylabel("decoder MSE on private images (lower = stronger)")
-        order = ["plain-preset", "plain-50", "cem-batch256", "fast-preset", "gan-fast-t40", "gan-fast-lr1e-4",
-                 "gan-fast", "default", "gan"]
+        order = ["plain-preset", "plain-50", "cem-batch256", "fast-preset", "fast-preset-flip+shift-4", "gan-fast-t40",
+                 "gan-fast-lr1e-4", "gan-fast", "no-augment", "default", "augment-flip+shift-4", "gan"]
         labels = [c for c in order if any(_row(rows, t, c) for t in targets)]
         have = [(i, _row(rows, target, c)) for i, c in enumerate(labels) if _row(rows, target, c)]
         width = 0.8 / len(targets)
@@ -317,7 +351,7 @@ def plot(rows: list[dict]) -> None:
     # originals / decoder / GAN reconstructions
     panels = []
     for target in targets:
-        for cell in ("fast-preset", "gan-fast-t40", "gan-fast", "default", "gan"):
+        for cell in ("fast-preset", "gan-fast-t40", "gan-fast", "no-augment", "default", "gan"):
             p, row = ROWS / f"{target}--{cell}.npz", _row(rows, target, cell)
             if p.is_file():
                 sha = (row or {}).get("artifact_sha256")

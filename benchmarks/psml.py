@@ -3,7 +3,7 @@
     python benchmarks/psml.py [--runs-dir runs/psml] [--out benchmarks/results/psml] [--budget 5000]
         [--noises gaussian:0.02 ... drop:0.8,mid/image] [--attackers steady,center,vote3,filter,seq,tag]
         [--load-requests 1500]
-        [--clients 2] [--size full|quick] [--threads 1] [--seeds 0,1,2] [--force]
+        [--clients 2] [--size full|quick] [--threads 1] [--seeds 0,1,2] [--zoo low,mid,high,adam,top] [--force]
 
 The zoo: int8 QAT heads over one int8 encoder (``qdefend serve --zoo``). ``base`` is the reference
 split trained on few images (``data.limit_train`` 3,000, 1 epoch), which makes the encoder; every
@@ -11,8 +11,10 @@ member is a head-only fine-tune of it (``--from base --set train.freeze=encoder`
 encoders are byte-identical to base's), see ``SIZES``: ``low``, ``mid``, ``high`` and ``top`` on
 1,500, 8,000, 25,000 and all 50,000 training images with SGD, and ``adam``, all 50,000 images
 with Adam (another optimizer and seed: a head about as accurate as ``top`` that disagrees with
-it more than the nested-data heads do). Each run is trained and exported unless already done
-(``qdefend.stages``).
+it more than the nested-data heads do). ``--zoo`` serves other heads: ``upper`` (14,000 images,
+Adam) sits between ``mid`` and ``high`` in accuracy, with errors less like ``top``'s than the SGD
+heads' (another optimizer and seed), and is served only when named. Each run is trained and exported
+unless already done (``qdefend.stages``).
 
 Each row starts a real server in this process (uvicorn on 127.0.0.1, port from the OS; the
 operator's :class:`qdefend.serve.zoo.ZooEvaluator` scores the attack) and attacks it over HTTP
@@ -80,12 +82,15 @@ _ADAM = {"optimizer": "adam", "lr": 0.001, "weight_decay": 0.0}
 # are head-only fine-tunes of it
 SIZES = {
     "full": {"runs": {"base": (3000, 1, 0, _SGD), "low": (1500, 1, 1, _SGD), "mid": (8000, 1, 1, _SGD),
-                      "high": (25000, 1, 3, _SGD), "adam": (None, 2, 11, _ADAM), "top": (None, 2, 2, _SGD)},
+                      "upper": (14000, 1, 4, _ADAM), "high": (25000, 1, 3, _SGD), "adam": (None, 2, 11, _ADAM),
+                      "top": (None, 2, 2, _SGD)},
              "verify_images": None, "accuracy_range": [0.5, 1.0]},
     "quick": {"runs": {"base": (512, 1, 0, _SGD), "low": (256, 1, 1, _SGD), "mid": (512, 1, 1, _SGD),
-                       "high": (1024, 1, 3, _SGD), "adam": (2048, 1, 11, _ADAM), "top": (2048, 1, 2, _SGD)},
+                       "upper": (768, 1, 4, _ADAM), "high": (1024, 1, 3, _SGD), "adam": (2048, 1, 11, _ADAM),
+                       "top": (2048, 1, 2, _SGD)},
               "verify_images": 500, "accuracy_range": [0.0, 1.0]},
 }
+# the default zoo; --zoo picks others among SIZES' heads (``upper``, between mid and high, is not in it)
 ZOO = ("low", "mid", "high", "adam", "top")
 # 16 single asks at the top of the served range and at each pin candidate: where noise leaves the
 # best head 1 ask in 8, 3 asks (the attack's default) miss it in about a third of the runs
@@ -114,12 +119,19 @@ def parse_args(argv):
     p.add_argument("--load-requests", type=int, default=1500)
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--size", choices=tuple(SIZES), default="full")
+    p.add_argument("--zoo", default=",".join(ZOO),
+                   help="comma-separated heads served, among: "
+                        + ", ".join(k for k in SIZES["full"]["runs"] if k != "base"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds (zoo noise, attack, load): the defense rows per seed, to psml-seeds.*")
     p.add_argument("--force", action="store_true")
     a = p.parse_args(argv)
     a.attackers = [s for s in a.attackers.split(",") if s]
+    a.zoo = [s for s in a.zoo.split(",") if s]
+    heads = [k for k in SIZES["full"]["runs"] if k != "base"]
+    if len(a.zoo) < 2 or len(set(a.zoo)) < len(a.zoo) or any(k not in heads for k in a.zoo) or "top" not in a.zoo:
+        p.error(f"--zoo {','.join(a.zoo)}: name two or more different heads among {', '.join(heads)}, top included")
     bad = [s for s in a.attackers if s not in ATTACKERS]
     if bad:
         p.error(f"--attackers {','.join(bad)}: choose among {', '.join(ATTACKERS)}")
@@ -135,7 +147,7 @@ def parse_args(argv):
 
     try:
         for spec in a.noises:
-            TargetNoise.parse(resolve_noise(spec, {k: 0.5 for k in ZOO}))
+            TargetNoise.parse(resolve_noise(spec, {k: 0.5 for k in a.zoo}))
     except QdefendError as e:
         p.error(str(e))
     return a
@@ -154,12 +166,14 @@ def resolve_noise(spec: str, accuracy: dict[str, float]) -> str:
 # ------------------------------------------------------------------------------ the zoo
 
 
-def build_zoo(runs_dir: Path, size: str, say) -> dict[str, Path]:
+def build_zoo(runs_dir: Path, size: str, say, heads=ZOO) -> dict[str, Path]:
+    """Train and export ``base`` and the ``heads`` (SIZES[size]) not yet done; their run folders."""
     from qdefend.stages import ensure_exported, ensure_trained
 
     s = SIZES[size]
-    roots = {k: runs_dir / k for k in s["runs"]}
-    for name, (images, epochs, seed, opt) in s["runs"].items():
+    runs = {k: v for k, v in s["runs"].items() if k == "base" or k in heads}
+    roots = {k: runs_dir / k for k in runs}
+    for name, (images, epochs, seed, opt) in runs.items():
         cfg = {"data": {"limit_train": images}, "train": {"epochs": epochs, "seed": seed, **opt}}
         if name != "base":
             cfg["init_from"] = str(roots["base"])
@@ -526,8 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     t_start = time.perf_counter()
-    roots = build_zoo(args.runs_dir, args.size, say)
-    members = [f"{roots[k]}:int8" for k in ZOO]
+    roots = build_zoo(args.runs_dir, args.size, say, args.zoo)
+    members = [f"{roots[k]}:int8" for k in args.zoo]
     settings = {"size": args.size, "budget": args.budget, "attacker": ATTACKER,
                 "attacker_per_image_noise": ATTACKER_PER_IMAGE, "load_requests": args.load_requests,
                 "clients": args.clients, "threads": args.threads, "members": members, "attackers": args.attackers,
@@ -552,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [("naive", members, None, "naive", None), ("fingerprint", members, None, "fingerprint", "steady"),
             ("fingerprint+vote3", members, None, "fingerprint", "vote3"), ("goodput@0", members, None, None, None)]
     jobs += [(f"defense@{spec}", members, spec, "fingerprint", None) for spec in args.noises]
-    named = {k: m for k, m in zip(ZOO, members)}
+    named = {k: m for k, m in zip(args.zoo, members)}
     for key, zoo_members, noise, mode, attacker in [("zoo", members, None, None, None)] + jobs:
         if key == "zoo":  # profiles, agreement and the best head, from the undefended zoo
             if profiles:
@@ -790,7 +804,7 @@ def main_seeds(args, argv, roots: dict, members: list[str], settings: dict, say,
             profiles = server.zoo.describe()["members"]
         finally:
             server.stop()
-    named = {k: m for k, m in zip(ZOO, members)}
+    named = {k: m for k, m in zip(args.zoo, members)}
     accuracy = {k: next(p["accuracy"] for p in profiles if p["name"] == m) for k, m in named.items()}
     for seed in args.seeds:  # seed-major: an interrupted sweep leaves whole seeds
         rows = by_seed.setdefault(str(seed), {})

@@ -103,9 +103,17 @@ def test_gain_verdict_says_what_a_defense_buys():
 def test_the_demo_says_how_far_its_lighter_preset_is_from_full_strength(tmp_path):
     from qdefend.attacks.report import preset_gap
 
-    rows = [{"target": "undefended", "cell": "default", "metrics": {"mse": 0.0100, "ssim": 0.75}},
-            {"target": "undefended", "cell": "fast-preset", "metrics": {"mse": 0.0110, "ssim": 0.72}},
-            {"target": "noise-0.1", "cell": "default", "metrics": {"mse": 0.5, "ssim": 0.1}}]
+    from dataclasses import asdict
+
+    from qdefend.attacks.inversion.decoder import DecoderConfig
+
+    today = asdict(DecoderConfig())
+    rows = [{"target": "undefended", "cell": "default", "config": {**today, "augment": "none"},  # an older default
+             "metrics": {"mse": 0.0200, "ssim": 0.70}},
+            {"target": "undefended", "cell": "fast-preset", "metrics": {"mse": 0.0300, "ssim": 0.60}},
+            {"target": "undefended-b", "cell": "default", "config": today, "metrics": {"mse": 0.0100, "ssim": 0.75}},
+            {"target": "undefended-b", "cell": "fast-preset", "metrics": {"mse": 0.0110, "ssim": 0.72}},
+            {"target": "noise-0.1", "cell": "default", "config": today, "metrics": {"mse": 0.5, "ssim": 0.1}}]
     path = tmp_path / "attack_strength.json"
     path.write_text(json.dumps({"rows": rows}))
     text = preset_gap("decoder", "fast", path)
@@ -115,7 +123,8 @@ def test_the_demo_says_how_far_its_lighter_preset_is_from_full_strength(tmp_path
     # the default path is the checked-in benchmark result: the demo must find it from the package
     measured = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "attack_strength" /
                            "attack_strength.json").read_text())["rows"]
-    full = next(r for r in measured if r["target"] == "undefended" and r["cell"] == "default")["metrics"]["mse"]
+    full = next(r for r in measured if r["target"].startswith("undefended") and r["cell"] == "default"
+                and r["config"].get("augment") == today["augment"])["metrics"]["mse"]
     assert f"vs {full:.4f} at full strength" in preset_gap("decoder", "fast")
 
 
@@ -214,11 +223,15 @@ def test_attack_strength_cache_serves_the_artifacts_features(small_run, tmp_path
         x = data.test.floats(slice(0, 50))
         assert np.array_equal(t.features(x, seed=3), real.features(x, seed=3))
         assert np.array_equal(t.encoder_output(x), real.encoder_output(x))
+        # images outside the cache (an attacker's augmented views) are answered by the run's artifact
+        mixed = np.concatenate([x[:5], x[5:20, ..., ::-1]])
+        assert np.array_equal(t.features(mixed, seed=3), real.features(mixed, seed=3))
         bench.ROWS = tmp_path / "rows"
         row = bench.run_cell((str(path), "default", "cpu", {"epochs": 1, "blocks": 0, "width": 8, "n_eval": 50,
                                                              "protocol": "train_time", "aux_size": 300,
-                                                             "oracle_epochs": 0}))
+                                                             "oracle_epochs": 0, "augment": "flip"}))
         assert row["cell"] == "default" and row["attacker"]["attacker_images"] == 300 and row["metrics"]["mse"] > 0
+        assert row["training"]["views"] == 2
         assert (tmp_path / "rows" / "small--default.json").is_file() and "cpu" in row["machine"]
         sha = sha256_file(root / "artifacts" / "encoder.int8.tflite")
         assert row["artifact_sha256"] == sha  # the rows say which artifact they attacked

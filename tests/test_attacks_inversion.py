@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qdefend.attacks import AttackError, build_attack
-from qdefend.attacks.attacker import AttackerData, attacker_split
+from qdefend.attacks.attacker import AttackerData, attacker_split, augmented_views
 from qdefend.decoders import ResBlock
 from qdefend.attacks.inversion.decoder import (DecoderConfig, InverseNet, ResDecoder, build_decoder, decode,
                                                train_decoder)
@@ -78,6 +78,55 @@ def test_fresh_release_noise_is_drawn_for_every_batch(data):
     train_decoder(build_decoder(cfg, (8, 7, 7), (1, 28, 28)), z, x, cfg, 0, simulate=simulate)
     assert len(seen) == 4 and all(not torch.equal(seen[0], s) for s in seen[1:])
     assert abs(float(torch.cat(seen).std()) - 0.1) < 0.005
+
+
+def _is_shift_of(img, orig, s):
+    pad = np.pad(orig, ((0, 0), (s, s), (s, s)))
+    return any(np.array_equal(img, np.roll(pad, (-dy, -dx), (1, 2))[:, s:-s, s:-s])
+               for dy in range(-s, s + 1) for dx in range(-s, s + 1))
+
+
+def test_augmented_views_flip_and_shift_real_images(data):
+    x = data.aux.floats(slice(0, 50))
+    rng = np.random.default_rng(0)
+    flip = augmented_views(x, "flip", 1, 2, rng)
+    assert flip.shape == (1, *x.shape) and np.array_equal(flip[0], x[..., ::-1])
+    shift = augmented_views(x, "shift", 3, 2, rng)
+    assert shift.shape == (3, *x.shape)
+    # each view is its image moved by at most 2 pixels each way, the border zero-filled
+    assert all(_is_shift_of(img, orig, 2) for v in shift for img, orig in zip(v, x))
+    assert (shift != x).any(axis=(2, 3, 4)).mean() > 0.8  # 24 of 25 shifts move the image
+    both = augmented_views(x, "flip+shift", 2, 1, rng)
+    mirrored = [not _is_shift_of(img, orig, 1) and _is_shift_of(img[..., ::-1], orig, 1)
+                for v in both for img, orig in zip(v, x)]
+    assert all(_is_shift_of(img, orig, 1) or _is_shift_of(img[..., ::-1], orig, 1) for v in both for img, orig in zip(v, x))
+    assert 0.3 < np.mean(mirrored) < 0.7
+    with pytest.raises(AttackError, match="augment=flip gives one more view"):
+        augmented_views(x, "flip", 2, 2, rng)
+    with pytest.raises(AttackError, match="decoder.augment must be one of"):
+        DecoderConfig(augment="rotate")
+    with pytest.raises(AttackError, match="views=2"):
+        DecoderConfig(augment="flip", views=3)
+
+
+def test_decoder_trains_on_views_one_random_view_an_image_per_step(data):
+    x = data.aux.floats(slice(0, 64))
+    z = np.zeros((64, 8, 7, 7), np.float32)
+    z2 = np.ones((64, 8, 7, 7), np.float32)  # the second view's features: marked
+    seen = []
+
+    def simulate(zb, g):
+        seen.append(zb.clone())
+        return zb
+
+    cfg = DecoderConfig(arch="plain", blocks=0, width=4, epochs=3, batch_size=32, patience=0, device="cpu")
+    _, rec = train_decoder(build_decoder(cfg, (8, 7, 7), (1, 28, 28)), [z, z2], [x, x[..., ::-1]], cfg, 0,
+                           simulate=simulate)
+    marks = torch.cat([s.flatten(1)[:, 0] for s in seen])
+    assert rec["views"] == 2 and len(seen) == 6 and len(marks) == 3 * 64  # the same steps as one view
+    assert 0.35 < float(marks.mean()) < 0.65  # each image in a view drawn at random
+    with pytest.raises(ValueError, match="same number of views"):
+        train_decoder(build_decoder(cfg, (8, 7, 7), (1, 28, 28)), [z, z2], [x], cfg, 0)
 
 
 # ------------------------------------------------------------------ GAN

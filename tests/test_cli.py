@@ -41,6 +41,8 @@ def test_list_commands(capsys):
         (["attack", "{tmp}/nothing", "--attack", "decoder", "--set", "attacker.protocol=test_time"],
          "protocol must be one of infer_time, train_time"),
         (["attack", "{tmp}/nothing", "--attack", "gan", "--set", "decoder_preset=huge"], "decoder_preset must be one of"),
+        (["attack", "{tmp}/nothing", "--attack", "decoder", "--set", "augment=flip", "--set", "views=3"],
+         "augment=flip gives 2 views of an image"),
     ],
 )
 def test_user_mistakes_get_one_line(argv, needle, tmp_path, capsys):

@@ -532,6 +532,16 @@ def test_benchmark_noise_specs_name_members_and_keep_the_per_image_suffix(psml_b
     assert psml_bench._noise("defense@gaussian:0.05") == ("gaussian", 0.05)
 
 
+def test_benchmark_zoo_choice_is_checked(psml_bench, capsys):
+    a = psml_bench.parse_args(["--zoo", "low,mid,upper,high,adam,top", "--noises", "drop:0.9,upper/image"])
+    assert a.zoo == ["low", "mid", "upper", "high", "adam", "top"]
+    assert psml_bench.parse_args([]).zoo == list(psml_bench.ZOO)
+    for bad in ("mid,huge,top", "mid,high", "top", "mid,mid,top"):
+        with pytest.raises(SystemExit):
+            psml_bench.parse_args(["--zoo", bad])
+        assert "top included" in capsys.readouterr().err
+
+
 def test_benchmark_across_seeds_uses_each_seeds_best_attacker_and_reports_the_worst(psml_bench, tmp_path):
     row, load = _row, _load
 

@@ -62,7 +62,7 @@ RESULT_VERSION = 1
 # 50 epochs on 9,000 images): read its MSEs as lower bounds on what leaks at each cut.
 DECODER_BUDGET = {"arch": "plain", "blocks": 0, "epochs": 5, "aux_size": 2000, "protocol": "train_time",
                   "batch_size": 64, "lr": 2e-3, "width": 16, "n_eval": 500, "oracle_epochs": 0, "keep_images": 8,
-                  "weight_decay": 0.0, "patience": 0, "device": "cpu"}
+                  "weight_decay": 0.0, "patience": 0, "device": "cpu", "augment": "none"}
 
 
 @dataclass

@@ -27,9 +27,12 @@ import numpy as np
 
 from .base import AttackError, check_choice, check_positive
 
-__all__ = ["PROTOCOLS", "AttackerData", "AttackerSplit", "attacker_split", "ATTACKER_FIELDS"]
+__all__ = ["PROTOCOLS", "AUGMENTS", "AttackerData", "AttackerSplit", "attacker_split", "augmented_views",
+           "ATTACKER_FIELDS"]
 
 PROTOCOLS = ("infer_time", "train_time")
+# what the attacker does to its own images to make more (features, image) pairs: augmented_views
+AUGMENTS = ("none", "flip", "shift", "flip+shift")
 # the fields of AttackerData: `--set attacker.aux_size=20000` and `--set aux_size=20000` both set them
 ATTACKER_FIELDS = ("protocol", "aux_size", "overlap", "n_eval", "holdout")
 
@@ -112,3 +115,39 @@ def attacker_split(data: Any, cfg: AttackerData) -> AttackerSplit:
     return AttackerSplit(x_train=pool[: len(pool) - n_hold], x_holdout=pool[len(pool) - n_hold:],
                          eval_idx=eval_idx, x_eval=data.test.floats(eval_idx), pool=pool,
                          pool_labels=np.asarray(labels), describe=desc)
+
+
+def augmented_views(x: np.ndarray, kind: str, n: int, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` augmented copies of the attacker's images ``x`` (N, C, H, W) in [0,1]: (n, N, C, H, W).
+
+    The attacker queries the target with them as with its own images, so each copy adds (features,
+    image) pairs at the cost of N queries, and no training steps (a step takes, per image, one of its
+    views at random). ``flip``: the mirror image (one copy; a second would repeat it). ``shift``: a
+    translation by up to ``max_shift`` pixels each way, the border zero-filled (torchvision's
+    RandomCrop with that padding). ``flip+shift``: a random shift, mirrored with probability 1/2. The
+    CEM and ResSFL attackers train on flipped and cropped/rotated copies of their images in the same
+    way (their data loaders' training transforms)."""
+    if kind not in AUGMENTS or kind == "none":
+        raise AttackError(f"augment must be one of {', '.join(AUGMENTS[1:])}, got {kind!r}")
+    if kind == "flip" and n > 1:
+        raise AttackError(f"augment=flip gives one more view of each image, not {n}: use views=2, or "
+                          "augment=flip+shift for more")
+    x = np.asarray(x, np.float32)
+    out = np.empty((n, *x.shape), np.float32)
+    s = int(max_shift)
+    for v in range(n):
+        if kind == "flip":
+            out[v] = x[..., ::-1]
+            continue
+        dy, dx = rng.integers(-s, s + 1, size=(2, len(x)))
+        padded = np.pad(x, ((0, 0), (0, 0), (s, s), (s, s)))
+        h, w = x.shape[-2:]
+        for oy in range(-s, s + 1):
+            for ox in range(-s, s + 1):
+                m = (dy == oy) & (dx == ox)
+                if m.any():
+                    out[v, m] = padded[m, :, s + oy:s + oy + h, s + ox:s + ox + w]
+        if kind == "flip+shift":
+            m = rng.random(len(x)) < 0.5
+            out[v, m] = out[v, m][..., ::-1]
+    return out

@@ -67,10 +67,15 @@ def preset_gap(attack: str, preset: str, results: Path = STRENGTH_RESULTS) -> st
     two were in benchmarks/attack_strength.py on the undefended artifact (when its results are here)."""
     head = (f"{attack} runs its lighter '{preset}' preset here, not the full-strength default "
             f"(`qdefend attack RUN --attack {attack}`), to fit 2 CPU cores")
+    # full strength: a "default" cell on an undefended artifact run with today's default settings
+    # (an older default's row does not count), and the preset's cell on the same artifact
+    today = {k: v for k, v in asdict(ATTACKS.get(attack).config_cls()).items() if k != "device"}
     try:
-        rows = [r for r in json.loads(results.read_text())["rows"] if r.get("target") == "undefended"]
-        full = next(r for r in rows if r["cell"] == "default")["metrics"]
-        lite = next(r for r in rows if r["cell"] == f"{preset}-preset")["metrics"]
+        rows = [r for r in json.loads(results.read_text())["rows"] if str(r.get("target", "")).startswith("undefended")]
+        full_row = next(r for r in rows if r["cell"] == "default"
+                        and all(r.get("config", {}).get(k) == v for k, v in today.items()))
+        full = full_row["metrics"]
+        lite = next(r for r in rows if r["target"] == full_row["target"] and r["cell"] == f"{preset}-preset")["metrics"]
     except (OSError, ValueError, KeyError, StopIteration):
         return head + "; its distance from full strength is measured by benchmarks/attack_strength.py"
     return (head + f"; measured on the undefended int8 TFLite artifact (benchmarks/attack_strength.py): MSE "

@@ -220,7 +220,7 @@ class GanAttack(Attack):
         metrics.update({"decoder_mse": float(dec_err.mean()), "converged": float(record["converged"]),
                         "sharpness": sharpness(recon) / ref, "decoder_sharpness": sharpness(dec_recon) / ref})
         extra.update({"attacker": split.describe, "training": record, "decoder_training": dec_record,
-                      "noise": feats["noise"], "queries": int(len(split.pool)),
+                      "noise": feats["noise"], "queries": feats["queries"],
                       "sharpness_note": "mean absolute neighbour difference of the reconstructions / the originals'"})
         if not record["converged"]:
             extra.setdefault("notes", []).append(
