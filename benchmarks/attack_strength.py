@@ -23,6 +23,10 @@ the cache (augmented views) are answered by the run's artifact itself (the same 
 those cells need the run on the machine.
 
     python benchmarks/attack_strength.py cache --run runs/demo --name undefended
+    # the artifact the undefended-0ece820e rows attacked is kept here (its config, manifest and
+    # encoder.int8.tflite, 110 KB), so later cells run against the same one on any machine:
+    python benchmarks/attack_strength.py cache --name undefended-0ece820e \
+        --run benchmarks/results/attack_strength/artifact-0ece820e
     python benchmarks/attack_strength.py cache --run runs/noise --name noise-0.1
     python benchmarks/attack_strength.py grid --device cuda --jobs 6     # or --device cpu (hours)
     python benchmarks/attack_strength.py grid --cells default,fast-preset --targets undefended   # a part
