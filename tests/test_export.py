@@ -201,7 +201,11 @@ def test_int8_head_with_repeated_channel_counts_runs_exact_in_onnxruntime(traine
     grid, pre = V.output_grids(conv)
     assert pre is None
     assert V.lsb_parity(ref, got, grid)["max_abs_lsb"] <= 2
-    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.99
+    # a class may flip only where the two best logits are within the 2-LSB error of each other
+    # (without VNNI the exact path still rounds a few logits differently: 3 of 256 on a Zen 3)
+    flip = ref.argmax(1) != got.argmax(1)
+    top2 = np.sort(V._codes(ref, grid)[flip], 1)[:, -2:]
+    assert flip.mean() <= 0.02 and (top2[:, 1] - top2[:, 0] <= 4).all()
 
 
 def test_pre_activation_lsb_counts_steps_behind_a_sigmoid():
@@ -378,10 +382,14 @@ def _same_outputs(before: bytes, model, c_in: int) -> None:
 
     x = (np.random.default_rng(1).random((5, c_in, 12, 12), dtype=np.float32) * 6 - 3)
     x[0, :, :3] = 0.0  # zeros quantise to the input zero point, the value the padding uses
+    from qdefend.export.onnx import ORT_SESSION_CONFIG
+
     outs = []
     for blob in (before, model.SerializeToString()):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        for k, v in ORT_SESSION_CONFIG.items():  # exact int8 kernels: without VNNI the fast ones saturate
+            so.add_session_config_entry(k, v)   # pair sums, which depend on how the channels pair up
         outs.append(ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0])
     assert outs[0].shape == outs[1].shape and np.array_equal(outs[0], outs[1])
 
