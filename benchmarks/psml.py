@@ -92,6 +92,7 @@ SIZES = {
 }
 # the default zoo; --zoo picks others among SIZES' heads (``upper``, between mid and high, is not in it)
 ZOO = ("low", "mid", "high", "adam", "top")
+HEADS = tuple(k for k in SIZES["full"]["runs"] if k != "base")
 # 16 single asks at the top of the served range and at each pin candidate: where noise leaves the
 # best head 1 ask in 8, 3 asks (the attack's default) miss it in about a third of the runs
 ATTACKER = {"probes": 8, "repeats": 3, "pin_repeats": 16}
@@ -120,8 +121,7 @@ def parse_args(argv):
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--size", choices=tuple(SIZES), default="full")
     p.add_argument("--zoo", default=",".join(ZOO),
-                   help="comma-separated heads served, among: "
-                        + ", ".join(k for k in SIZES["full"]["runs"] if k != "base"))
+                   help="comma-separated heads served, among: " + ", ".join(HEADS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds (zoo noise, attack, load): the defense rows per seed, to psml-seeds.*")
@@ -129,9 +129,8 @@ def parse_args(argv):
     a = p.parse_args(argv)
     a.attackers = [s for s in a.attackers.split(",") if s]
     a.zoo = [s for s in a.zoo.split(",") if s]
-    heads = [k for k in SIZES["full"]["runs"] if k != "base"]
-    if len(a.zoo) < 2 or len(set(a.zoo)) < len(a.zoo) or any(k not in heads for k in a.zoo) or "top" not in a.zoo:
-        p.error(f"--zoo {','.join(a.zoo)}: name two or more different heads among {', '.join(heads)}, top included")
+    if len(a.zoo) < 2 or len(set(a.zoo)) < len(a.zoo) or any(k not in HEADS for k in a.zoo) or "top" not in a.zoo:
+        p.error(f"--zoo {','.join(a.zoo)}: name two or more different heads among {', '.join(HEADS)}, top included")
     bad = [s for s in a.attackers if s not in ATTACKERS]
     if bad:
         p.error(f"--attackers {','.join(bad)}: choose among {', '.join(ATTACKERS)}")

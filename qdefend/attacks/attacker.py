@@ -135,13 +135,13 @@ def augmented_views(x: np.ndarray, kind: str, n: int, max_shift: int, rng: np.ra
     x = np.asarray(x, np.float32)
     out = np.empty((n, *x.shape), np.float32)
     s = int(max_shift)
+    padded = np.pad(x, ((0, 0), (0, 0), (s, s), (s, s))) if kind != "flip" else None
+    h, w = x.shape[-2:]
     for v in range(n):
         if kind == "flip":
             out[v] = x[..., ::-1]
             continue
         dy, dx = rng.integers(-s, s + 1, size=(2, len(x)))
-        padded = np.pad(x, ((0, 0), (0, 0), (s, s), (s, s)))
-        h, w = x.shape[-2:]
         for oy in range(-s, s + 1):
             for ox in range(-s, s + 1):
                 m = (dy == oy) & (dx == ox)

@@ -60,7 +60,7 @@ ARCHS = ("res", "plain")
 class DecoderConfig(AttackerData):
     """Decoder attack settings; the defaults are CEM's attacker (``res_normN8C64``, 50 epochs, at
     batch 64 / lr 2e-3) on 9,000 attacker images (infer_time) and their mirror images (``augment``
-    flip: 18,000 queries, the same steps). ``--preset plain`` is the lighter plain
+    flip: 17,100 queries, the same steps). ``--preset plain`` is the lighter plain
     decoder, ``fast`` a CPU budget and ``cem`` the CEM code's batch 256 / lr 1e-3 (each measured
     against the default in benchmarks/attack_strength.py), ``quick`` tests."""
 
