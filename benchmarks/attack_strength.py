@@ -92,9 +92,13 @@ def cells() -> dict[str, tuple[str, str | None, dict[str, Any]]]:
     return c
 
 
+# panel -> series (label suffix -> [(cell, x)]): the decoder without and with the mirror images
 AXES = {
-    "epochs (no mirrored views)": [("epochs-10", 10), ("epochs-20", 20), ("no-augment", 50), ("epochs-100", 100)],
-    "attacker images (train_time)": [(f"train_time-{n}", n) for n in (1000, 2500, 5000, 10000, 20000)],
+    "epochs": {"": [("epochs-10", 10), ("epochs-20", 20), ("no-augment", 50), ("epochs-100", 100)],
+               ", mirror images": [("default", 50), ("epochs-100-flip", 100)]},
+    "attacker images (train_time)": {
+        "": [(f"train_time-{n}", n) for n in (1000, 2500, 5000, 10000, 20000)],
+        ", mirror images": [(f"train_time-{n}-flip", n) for n in (10000, 20000)]},
 }
 
 
@@ -324,23 +328,26 @@ def plot(rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     targets = sorted({r["target"] for r in rows})
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     for target in targets:
-        for ax, (axis, pts) in zip(axes[:2], AXES.items()):
-            xs = [(v, _row(rows, target, c)) for c, v in pts if _row(rows, target, c)]
-            if xs:
-                ax.plot([v for v, _ in xs], [r["metrics"]["mse"] for _, r in xs], "o-", label=target)
-                ax.set_xscale("log")
-                ax.set_xlabel(axis)
-                ax.set_ylabel("decoder MSE on private images (lower = stronger)")
+        for ax, (axis, series) in zip(axes[:2], AXES.items()):
+            for suffix, pts in series.items():
+                xs = [(v, _row(rows, target, c)) for c, v in pts if _row(rows, target, c)]
+                if xs:
+                    ax.plot([v for v, _ in xs], [r["metrics"]["mse"] for _, r in xs], "o-" if not suffix else "s--",
+                            color=f"C{targets.index(target)}", label=target + suffix)
+            ax.set_xscale("log")
+            ax.set_xlabel(axis)
+            ax.set_ylabel("decoder MSE (lower = stronger)")
         order = ["plain-preset", "plain-50", "cem-batch256", "fast-preset", "fast-preset-flip+shift-4", "gan-fast-t40",
                  "gan-fast-lr1e-4", "gan-fast", "no-augment", "default", "augment-flip+shift-4", "gan"]
         labels = [c for c in order if any(_row(rows, t, c) for t in targets)]
         have = [(i, _row(rows, target, c)) for i, c in enumerate(labels) if _row(rows, target, c)]
         width = 0.8 / len(targets)
         shift = (targets.index(target) - (len(targets) - 1) / 2) * width
-        axes[2].bar([i + shift for i, _ in have], [r["metrics"]["mse"] for _, r in have], width=width, label=target)
-        axes[2].set_xticks(np.arange(len(labels)), labels, rotation=20)
+        axes[2].bar([i + shift for i, _ in have], [r["metrics"]["mse"] for _, r in have], width=width, label=target,
+                    color=f"C{targets.index(target)}")
+        axes[2].set_xticks(np.arange(len(labels)), labels, rotation=35, ha="right", fontsize=8)
         axes[2].set_ylabel("MSE")
     axes[0].set_title("(a) epochs")
     axes[1].set_title("(b) attacker images")
