@@ -329,13 +329,14 @@ def plot(rows: list[dict]) -> None:
 
     targets = sorted({r["target"] for r in rows})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    for target in targets:
+    for t, target in enumerate(targets):
+        color = f"C{t}"  # one colour per target in every panel
         for ax, (axis, series) in zip(axes[:2], AXES.items()):
             for suffix, pts in series.items():
                 xs = [(v, _row(rows, target, c)) for c, v in pts if _row(rows, target, c)]
                 if xs:
                     ax.plot([v for v, _ in xs], [r["metrics"]["mse"] for _, r in xs], "o-" if not suffix else "s--",
-                            color=f"C{targets.index(target)}", label=target + suffix)
+                            color=color, label=target + suffix)
             ax.set_xscale("log")
             ax.set_xlabel(axis)
             ax.set_ylabel("decoder MSE (lower = stronger)")
@@ -344,9 +345,9 @@ def plot(rows: list[dict]) -> None:
         labels = [c for c in order if any(_row(rows, t, c) for t in targets)]
         have = [(i, _row(rows, target, c)) for i, c in enumerate(labels) if _row(rows, target, c)]
         width = 0.8 / len(targets)
-        shift = (targets.index(target) - (len(targets) - 1) / 2) * width
+        shift = (t - (len(targets) - 1) / 2) * width
         axes[2].bar([i + shift for i, _ in have], [r["metrics"]["mse"] for _, r in have], width=width, label=target,
-                    color=f"C{targets.index(target)}")
+                    color=color)
         axes[2].set_xticks(np.arange(len(labels)), labels, rotation=35, ha="right", fontsize=8)
         axes[2].set_ylabel("MSE")
     axes[0].set_title("(a) epochs")
