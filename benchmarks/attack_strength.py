@@ -328,6 +328,9 @@ def plot(rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     targets = sorted({r["target"] for r in rows})
+    order = ["plain-preset", "plain-50", "cem-batch256", "fast-preset", "fast-preset-flip+shift-4", "gan-fast-t40",
+             "gan-fast-lr1e-4", "gan-fast", "no-augment", "default", "augment-flip+shift-4", "gan"]
+    labels = [c for c in order if any(_row(rows, target, c) for target in targets)]  # bar groups, any target
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     for t, target in enumerate(targets):
         color = f"C{t}"  # one colour per target in every panel
@@ -340,16 +343,13 @@ def plot(rows: list[dict]) -> None:
             ax.set_xscale("log")
             ax.set_xlabel(axis)
             ax.set_ylabel("decoder MSE (lower = stronger)")
-        order = ["plain-preset", "plain-50", "cem-batch256", "fast-preset", "fast-preset-flip+shift-4", "gan-fast-t40",
-                 "gan-fast-lr1e-4", "gan-fast", "no-augment", "default", "augment-flip+shift-4", "gan"]
-        labels = [c for c in order if any(_row(rows, t, c) for t in targets)]
         have = [(i, _row(rows, target, c)) for i, c in enumerate(labels) if _row(rows, target, c)]
         width = 0.8 / len(targets)
         shift = (t - (len(targets) - 1) / 2) * width
         axes[2].bar([i + shift for i, _ in have], [r["metrics"]["mse"] for _, r in have], width=width, label=target,
                     color=color)
-        axes[2].set_xticks(np.arange(len(labels)), labels, rotation=35, ha="right", fontsize=8)
-        axes[2].set_ylabel("MSE")
+    axes[2].set_xticks(np.arange(len(labels)), labels, rotation=35, ha="right", fontsize=8)
+    axes[2].set_ylabel("MSE")
     axes[0].set_title("(a) epochs")
     axes[1].set_title("(b) attacker images")
     axes[2].set_title("(c, d) decoder and GAN")

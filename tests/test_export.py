@@ -378,19 +378,11 @@ def test_padding_the_first_convs_channels_keeps_every_output_bit(c_in, padded):
 
 def _same_outputs(before: bytes, model, c_in: int) -> None:
     """onnxruntime gives the same output bits before and after a rewrite (12x12 inputs)."""
-    import onnxruntime as ort
-
     x = (np.random.default_rng(1).random((5, c_in, 12, 12), dtype=np.float32) * 6 - 3)
     x[0, :, :3] = 0.0  # zeros quantise to the input zero point, the value the padding uses
-    from qdefend.export.onnx import ORT_SESSION_CONFIG
-
-    outs = []
-    for blob in (before, model.SerializeToString()):
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        for k, v in ORT_SESSION_CONFIG.items():  # exact int8 kernels: without VNNI the fast ones saturate
-            so.add_session_config_entry(k, v)   # pair sums, which depend on how the channels pair up
-        outs.append(ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0])
+    # the runtime's session: exact int8 kernels (without VNNI the fast ones saturate pair sums,
+    # which depend on how the channels pair up)
+    outs = [ort_session(blob).run(None, {"input": x})[0] for blob in (before, model.SerializeToString())]
     assert outs[0].shape == outs[1].shape and np.array_equal(outs[0], outs[1])
 
 

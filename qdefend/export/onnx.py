@@ -368,9 +368,10 @@ def check_onnx(path: str | os.PathLike) -> dict[str, Any]:
         return {"ok": False, "error": str(e).splitlines()[0][:300]}
 
 
-def ort_session(path: str | os.PathLike, *, threads: int | None = 1, level: str = "all",
+def ort_session(path: str | os.PathLike | bytes, *, threads: int | None = 1, level: str = "all",
                 optimized_path: str | os.PathLike | None = None):
-    """An onnxruntime CPU session with the settings qdefend uses (see the module docstring)."""
+    """An onnxruntime CPU session with the settings qdefend uses (see the module docstring), for a
+    model file or a serialized model (bytes)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -386,7 +387,8 @@ def ort_session(path: str | os.PathLike, *, threads: int | None = 1, level: str 
         so.intra_op_num_threads = threads
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
 def ort_op_counts(path: str | os.PathLike, *, level: str = "all") -> dict[str, int]:
