@@ -542,6 +542,17 @@ def test_benchmark_zoo_choice_is_checked(psml_bench, capsys):
         assert "top included" in capsys.readouterr().err
 
 
+def test_benchmark_latency_resolution_defaults_to_the_servers_and_is_checked(psml_bench, capsys):
+    from qdefend.serve.service import ServeConfig
+
+    assert psml_bench.parse_args([]).latency_resolution_ms == ServeConfig.latency_resolution_ms
+    assert psml_bench.parse_args(["--latency-resolution-ms", "1"]).latency_resolution_ms == 1.0
+    for bad in ("0", "-0.5", "nan"):
+        with pytest.raises(SystemExit):
+            psml_bench.parse_args(["--latency-resolution-ms", bad])
+        assert "--latency-resolution-ms" in capsys.readouterr().err
+
+
 def test_benchmark_across_seeds_uses_each_seeds_best_attacker_and_reports_the_worst(psml_bench, tmp_path):
     row, load = _row, _load
 
