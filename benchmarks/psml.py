@@ -14,8 +14,7 @@ encoders are byte-identical to base's), see ``SIZES``: ``low``, ``mid``, ``high`
 with Adam (another optimizer and seed: a head about as accurate as ``top`` that disagrees with
 it more than the nested-data heads do). ``--zoo`` serves other heads: ``upper`` (14,000 images,
 SGD, another seed) sits between ``mid`` and ``high`` in accuracy (a drop level near 80%), and is
-served only when named. Each run is trained and exported
-unless already done (``qdefend.stages``).
+served only when named. Each run is trained and exported unless already done (``qdefend.stages``).
 
 Each row starts a real server in this process (uvicorn on 127.0.0.1, port from the OS; the
 operator's :class:`qdefend.serve.zoo.ZooEvaluator` scores the attack) and attacks it over HTTP
