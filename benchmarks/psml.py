@@ -108,10 +108,11 @@ NOISES = ("gaussian:0.02", "gaussian:0.03", "gaussian:0.05", "gaussian:0.08", "g
 CURVE = (250, 500, 1000, 2000)  # the single model's extra budgets: what fewer answers of the victim are worth
 USERS_STREAM = 7919  # goodput_load's targets: a random stream apart from the zoo's noise of the same seed
 GOAL = {"fidelity_cut": 0.04, "goodput": 0.80}  # the issue's target: a >= 4-point cut at >= 80% goodput
-LATENCY_RESOLUTION_MS = 0.25  # qdefend serve's default (ServeConfig.latency_resolution_ms)
 
 
 def parse_args(argv):
+    from qdefend.serve.service import ServeConfig
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs-dir", type=Path, default=Path("runs/psml"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/psml"))
@@ -124,7 +125,7 @@ def parse_args(argv):
     p.add_argument("--zoo", default=",".join(ZOO),
                    help="comma-separated heads served, among: " + ", ".join(HEADS))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--latency-resolution-ms", type=float, default=LATENCY_RESOLUTION_MS,
+    p.add_argument("--latency-resolution-ms", type=float, default=ServeConfig.latency_resolution_ms,
                    help="the zoo's latency profiles are rounded up to this (qdefend serve's flag): on a busy "
                         "machine a coarser step keeps one head's slow profile from reordering the zoo")
     p.add_argument("--seeds", default=None,
@@ -191,15 +192,15 @@ def build_zoo(runs_dir: Path, size: str, say, heads=ZOO) -> dict[str, Path]:
 class Server:
     """A zoo behind uvicorn in a thread on 127.0.0.1 (port from the OS)."""
 
-    def __init__(self, members: list[str], noise: str | None, threads: int, seed: int = 0,
-                 latency_resolution_ms: float = LATENCY_RESOLUTION_MS):
+    def __init__(self, members: list[str], noise: str | None, args, seed: int = 0):
+        """``args``: the benchmark's, for the server's ``threads`` and ``latency_resolution_ms``."""
         import uvicorn
 
         from qdefend.serve.app import create_app
         from qdefend.serve.service import ServeConfig
 
-        cfg = ServeConfig(run=members[0].rsplit(":", 1)[0], zoo=members, insecure_no_auth=True, threads=threads,
-                          target_noise=noise, zoo_seed=seed, latency_resolution_ms=latency_resolution_ms)
+        cfg = ServeConfig(run=members[0].rsplit(":", 1)[0], zoo=members, insecure_no_auth=True, threads=args.threads,
+                          target_noise=noise, zoo_seed=seed, latency_resolution_ms=args.latency_resolution_ms)
         app = create_app(cfg)
         self.zoo = app.state.service
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False))
@@ -507,7 +508,7 @@ def measure_row(key: str, members: list[str], noise: str | None, mode: str | Non
     the attacks."""
     tag = tag or f"[{key}]"
     say(f"{tag} serving {len(members)} head(s), noise {noise or 'none'}")
-    server = Server(members, noise, args.threads, seed=seed, latency_resolution_ms=args.latency_resolution_ms)
+    server = Server(members, noise, args, seed=seed)
     try:
         rng_acc = SIZES[args.size]["accuracy_range"]
         served = [{k: m[k] for k in ("name", "accuracy", "latency_ms", "measured_ms")}
@@ -542,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     from qdefend.config import RunConfig
     from qdefend.data import load_dataset
     from qdefend.machine import load_average, machine_info
+    from qdefend.serve.service import ServeConfig
 
     torch.set_num_threads(args.threads)
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -552,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
                 "attacker_per_image_noise": ATTACKER_PER_IMAGE, "load_requests": args.load_requests,
                 "clients": args.clients, "threads": args.threads, "members": members, "attackers": args.attackers,
                 "schema": 3}
-    if args.latency_resolution_ms != LATENCY_RESOLUTION_MS:  # recorded when set, so older rows still resume
+    if args.latency_resolution_ms != ServeConfig.latency_resolution_ms:  # recorded when set: older rows resume
         settings["latency_resolution_ms"] = args.latency_resolution_ms
     args.out.mkdir(parents=True, exist_ok=True)
     if args.seeds is not None:
@@ -579,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         if key == "zoo":  # profiles, agreement and the best head, from the undefended zoo
             if profiles:
                 continue
-            server = Server(members, None, args.threads, latency_resolution_ms=args.latency_resolution_ms)
+            server = Server(members, None, args)
             try:
                 profiles = server.zoo.describe()["members"]
                 for prof, agree in zip(profiles, agreement(server, roots["base"], data)):
@@ -599,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     if "single" not in rows:  # the best head alone: the exposed single model
         best = max(profiles, key=lambda p: p["accuracy"])["name"]
         say(f"[single] serving {best} alone")
-        server = Server([best], None, args.threads, latency_resolution_ms=args.latency_resolution_ms)
+        server = Server([best], None, args)
         try:
             rows["single"] = attack(server, roots["base"], data, "naive", args.budget,
                                     SIZES[args.size]["accuracy_range"], curve=True)
@@ -807,7 +809,7 @@ def main_seeds(args, argv, roots: dict, members: list[str], settings: dict, say,
         _write_json(path, res)
 
     if not profiles:
-        server = Server(members, None, args.threads, latency_resolution_ms=args.latency_resolution_ms)
+        server = Server(members, None, args)
         try:
             profiles = server.zoo.describe()["members"]
         finally:
